@@ -1,0 +1,1 @@
+"""scaletune: tune hyperparameters on small proxies, transfer them to the target."""
