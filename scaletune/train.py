@@ -1,0 +1,236 @@
+"""The one training loop used by trials, benchmarks and checks: schedules, eval, divergence, flops."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaletune.data.base import Dataset, Task
+from scaletune.hparams import HParams
+from scaletune.parametrize import make_optimizer
+
+Schedule = Literal["cosine", "linear", "wsd", "constant"]
+SCHEDULES: tuple[str, ...] = ("cosine", "linear", "wsd", "constant")
+Status = Literal["completed", "diverged", "stopped"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long and how a run trains; the warmup fraction is a tuned value and lives in HParams."""
+
+    steps: int
+    batch_size: int
+    eval_every: int
+    schedule: Schedule = "cosine"
+    grad_clip: float | None = 1.0
+    decay_frac: float = 0.2
+    eval_batches: int | None = None
+    min_lr_frac: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise ValueError("steps, batch_size and eval_every must be positive integers, got "
+                             f"{self.steps}, {self.batch_size}, {self.eval_every}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {list(SCHEDULES)}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if not 0.0 <= self.decay_frac <= 1.0:
+            raise ValueError(f"decay_frac must lie in [0, 1], got {self.decay_frac}")
+        if not 0.0 <= self.min_lr_frac <= 1.0:
+            raise ValueError(f"min_lr_frac must lie in [0, 1], got {self.min_lr_frac}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be positive or None, got {self.eval_batches}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Budget:
+        return cls(**d)
+
+
+def lr_factor(step: int, budget: Budget, warmup_frac: float) -> float:
+    """Multiplier on every group's base LR for the update at ``step`` (0-based)."""
+    if not 0.0 <= warmup_frac < 1.0:
+        raise ValueError(f"warmup_frac must lie in [0, 1), got {warmup_frac}")
+    warmup = round(warmup_frac * budget.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    floor = budget.min_lr_frac
+    if budget.schedule == "constant":
+        return 1.0
+    if budget.schedule == "wsd":
+        cooldown = round(budget.decay_frac * budget.steps)
+        start = budget.steps - cooldown
+        if step < start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * (step - start + 1) / (cooldown + 1)
+    progress = (step - warmup) / max(1, budget.steps - warmup)
+    if budget.schedule == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def apply_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Scale each group relative to its own base LR, so muP's per-group ratios survive the schedule."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    step: int
+    samples: int
+    flops: float
+    train_loss: float
+    eval_loss: float
+
+
+Callback = Callable[[EvalPoint], bool | None]
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+@dataclass
+class TrainResult:
+    status: Status
+    steps: int
+    final_eval_loss: float | None
+    best_eval_loss: float | None
+    curve: list[EvalPoint] = field(default_factory=list)
+    diverged_step: int | None = None
+    flops: float = 0.0
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: non-finite floats become None."""
+        d = asdict(self)
+        d["final_eval_loss"] = _finite_or_none(self.final_eval_loss)
+        d["best_eval_loss"] = _finite_or_none(self.best_eval_loss)
+        d["curve"] = [{k: _finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(p).items()}
+                      for p in self.curve]
+        return d
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, task: Task) -> torch.Tensor:
+    """Cross-entropy in fp32; for ``lm`` averaged over every token."""
+    if task == "lm":
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return F.cross_entropy(logits.float(), targets)
+
+
+def _to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device.type != "cuda":
+        return batch[0].to(device), batch[1].to(device)
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)  # type: ignore[return-value]
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, max_batches: int | None,
+             device: torch.device) -> float:
+    """Mean loss per target (sample or token) over the held-out split, capped at ``max_batches``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in itertools.islice(dataset.eval_batches(batch_size), max_batches):
+        x, y = _to_device(batch, device)
+        with _autocast(device):
+            logits = model(x)
+        n = y.numel()
+        total += loss_fn(logits, y, dataset.spec.task).item() * n
+        count += n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the dataset's eval split yielded no batches")
+    return total / count
+
+
+def train(model: nn.Module, param_groups: list[dict[str, Any]], dataset: Dataset, budget: Budget,
+          hparams: HParams, optimizer: str, *, flops_per_sample: float, seed: int = 0,
+          device: str | torch.device | None = None, callback: Callback | None = None) -> TrainResult:
+    """Train ``model`` for ``budget.steps`` steps; divergence and early stops are outcomes, not errors."""
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    model.to(dev)
+    model.train()
+    opt = make_optimizer(param_groups, optimizer, hparams)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    task = dataset.spec.task
+    batches = dataset.train_batches(budget.batch_size, seed)
+
+    curve: list[EvalPoint] = []
+    status: Status = "completed"
+    diverged_step: int | None = None
+    window_loss, window_steps = 0.0, 0
+    steps_done = 0
+
+    def flops_at(step: int) -> float:
+        return float(step * budget.batch_size * flops_per_sample)
+
+    for step in range(budget.steps):
+        apply_lr_factor(opt, lr_factor(step, budget, hparams.warmup_frac))
+        x, y = _to_device(next(batches), dev)
+        with _autocast(dev):
+            logits = model(x)
+        loss = loss_fn(logits, y, task)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            status, diverged_step = "diverged", step + 1
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if budget.grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, budget.grad_clip)
+        opt.step()
+        steps_done = step + 1
+        window_loss += loss_value
+        window_steps += 1
+        if steps_done % budget.eval_every and steps_done != budget.steps:
+            continue
+        eval_loss = evaluate(model, dataset, budget.batch_size, budget.eval_batches, dev)
+        point = EvalPoint(step=steps_done, samples=steps_done * budget.batch_size, flops=flops_at(steps_done),
+                          train_loss=window_loss / window_steps, eval_loss=eval_loss)
+        window_loss, window_steps = 0.0, 0
+        if not math.isfinite(eval_loss):
+            status, diverged_step = "diverged", steps_done
+            break
+        curve.append(point)
+        if callback is not None and callback(point):
+            status = "stopped"
+            break
+
+    finite = [p.eval_loss for p in curve]
+    return TrainResult(
+        status=status,
+        steps=steps_done,
+        final_eval_loss=finite[-1] if finite else None,
+        best_eval_loss=min(finite) if finite else None,
+        curve=curve,
+        diverged_step=diverged_step,
+        flops=flops_at(steps_done),
+        seconds=time.perf_counter() - started,
+        device=str(dev),
+    )
