@@ -323,11 +323,11 @@ def _module_infos(model: nn.Module, base_model: nn.Module, roles: dict[str, tupl
     base_module_names, module_maxima = set(base_modules), _index_maxima(base_modules)
     for name, module in model.named_modules(remove_duplicate=False):
         weight = f"{name}.weight" if name else "weight"
-        if _owner_kind(module) in ("linear", "conv", "embedding") and weight in roles:
+        if weight in roles and _owner_kind(module) != "norm":
             cls, m_in, out_inf = roles[weight]
-            if cls is ParamClass.INPUT and out_inf:
+            if cls is ParamClass.INPUT and out_inf:  # any module whose own weight is input-like, e.g. a patch embed
                 infos.append(ModuleInfo(name, "input"))
-            elif cls is ParamClass.OUTPUT:
+            elif cls is ParamClass.OUTPUT and _owner_kind(module) in ("linear", "conv"):
                 infos.append(ModuleInfo(name, "output", m_in=m_in))
         if isinstance(getattr(module, "attn_scale", None), float) and hasattr(module, "head_dim"):
             base_attn = base_modules[_counterpart(name, base_module_names, module_maxima)]
