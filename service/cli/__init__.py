@@ -1,0 +1,23 @@
+"""The ``scaletune`` command line: one typer app, each command defined in the module for its area."""
+
+from __future__ import annotations
+
+import typer
+
+from service.cli import server
+
+app = typer.Typer(
+    name="scaletune",
+    help="Tune hyperparameters on small proxy models and transfer them to the large target.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command("up")(server.up)
+app.command("migrate")(server.migrate)
+app.command("api")(server.api)
+app.command("worker")(server.worker)
+app.command("reconciler")(server.reconciler)
+
+
+def main() -> None:
+    app(prog_name="scaletune")

@@ -1,0 +1,158 @@
+"""Commands that run the service: ``up`` (embedded), ``migrate``, ``api``, ``worker``, ``reconciler``.
+
+Service modules are imported inside each command so that ``--help`` stays instant (they pull in
+SQLAlchemy, Celery and, through the spec validation, torch).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from sqlalchemy.engine import make_url
+
+console = Console()
+error_console = Console(stderr=True)
+
+
+def _safe_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def parse_gpus(value: str | None, available: int) -> list[int]:
+    """``None``/``all`` -> every visible GPU; ``0,1`` -> those indices, each checked against what is visible."""
+    if value is None or value.strip().lower() == "all":
+        return list(range(available))
+    try:
+        gpus = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected 'all' or comma-separated GPU indices like 0,1; got {value!r}") from None
+    missing = [gpu for gpu in gpus if not 0 <= gpu < available]
+    if missing:
+        raise typer.BadParameter(f"GPU(s) {missing} not visible: this machine shows {available} CUDA device(s)")
+    return gpus
+
+
+def up(
+    host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for the HTTP API.")] = 8000,
+    no_auth: Annotated[bool, typer.Option(
+        "--no-auth",
+        help="Acknowledge serving without authentication. scaletune has no authentication yet, so the API is "
+             "open either way; this flag is required to bind a non-loopback --host.")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (one trial each at a time).")] = 1,
+) -> None:
+    """Run scaletune on this machine: API, worker(s) and reconciler, data under $SCALETUNE_HOME (./.scaletune).
+
+    Applies database migrations first. SQLite and a filesystem broker by default.
+
+    Set SCALETUNE_DATABASE_URL / SCALETUNE_BROKER_URL to use PostgreSQL / Redis instead.
+
+    Workers use queue gpu when CUDA is visible (one GPU each, round robin), else queue cpu. Ctrl-C stops all.
+
+    Example: scaletune up --port 8000 --workers 2
+    """
+    from service.embedded import run_up
+    from service.settings import Settings
+
+    if not _is_loopback(host) and not no_auth:
+        raise typer.BadParameter(
+            f"{host} is reachable from the network and scaletune has no authentication yet; "
+            "bind 127.0.0.1, or pass --no-auth to serve it open anyway.", param_hint="--host")
+    settings = Settings()
+    gpu_count = _cuda_device_count()
+    gpus = [i % gpu_count for i in range(workers)] if gpu_count else []
+    console.print(f"Starting scaletune (data in {settings.HOME.resolve()}, database {_safe_url(settings.DATABASE_URL)})")
+
+    def announce(url: str) -> None:
+        console.print(f"scaletune is up at {url}  (API docs: {url}/docs). Press Ctrl-C to stop.", style="bold green",
+                      markup=False)
+        console.file.flush()
+
+    raise typer.Exit(run_up(settings, host, port, workers, gpus, announce))
+
+
+def migrate() -> None:
+    """Apply the database migrations to SCALETUNE_DATABASE_URL (creates scaletune's and Optuna's tables).
+
+    Example: SCALETUNE_DATABASE_URL=postgresql://postgres@db/scaletune scaletune migrate
+    """
+    from service.db import upgrade_database
+    from service.settings import Settings
+
+    settings = Settings()
+    settings.ensure_dirs()
+    upgrade_database(settings.DATABASE_URL)
+    console.print(f"Database is at the latest revision: {_safe_url(settings.DATABASE_URL)}", markup=False)
+
+
+def api(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port for the HTTP API.")] = 8000,
+) -> None:
+    """Serve the HTTP API alone (production). There is no authentication yet: keep it on a private network.
+
+    Refuses to start until `scaletune migrate` has been run on the database.
+
+    Example: scaletune api --host 0.0.0.0 --port 8000
+    """
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.db import database_is_current
+    from service.settings import Settings
+
+    settings = Settings()
+    if not database_is_current(settings.DATABASE_URL):
+        error_console.print(
+            f"The database {_safe_url(settings.DATABASE_URL)} is not migrated to this version of scaletune. "
+            "Run `scaletune migrate` first.", style="red", markup=False)
+        raise typer.Exit(1)
+    uvicorn.run(create_app(settings), host=host, port=port)
+
+
+def worker(
+    queues: Annotated[str | None, typer.Option(
+        help="Comma-separated queues to consume; default gpu when CUDA is visible, else cpu.")] = None,
+    gpus: Annotated[str | None, typer.Option(
+        help="GPUs to use, 'all' or indices like 0,1; one worker process per GPU. Default: all visible.")] = None,
+) -> None:
+    """Run Celery worker processes that train trials: one per GPU (pinned, one trial at a time), else one on CPU.
+
+    Example: scaletune worker --queues gpu --gpus 0,1
+    """
+    from service.embedded import run_processes, worker_fleet
+
+    available = _cuda_device_count()
+    if gpus is not None and available == 0:
+        raise typer.BadParameter("no CUDA device is visible on this machine", param_hint="--gpus")
+    raise typer.Exit(run_processes(worker_fleet(parse_gpus(gpus, available), 1, queues)))
+
+
+def reconciler() -> None:
+    """Run the reconciler loop alone (production): re-queues lost work, fails stale trials, tops up studies.
+
+    Example: scaletune reconciler
+    """
+    from service.embedded import stop_on_signals
+    from service.reconcile import reconcile_forever
+    from service.settings import Settings
+
+    reconcile_forever(Settings(), stop_on_signals())
