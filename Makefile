@@ -1,0 +1,26 @@
+# `make up` runs scaletune on this machine; `make test` runs the test suite. Both install into .venv first.
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION := 2.13.0
+# Re-installs only when pyproject.toml changes, so repeated `make up` / `make test` start at once.
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install up test
+
+install: $(INSTALLED)
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first and pinned, so the editable install finds it satisfied instead of resolving a build of its own.
+$(INSTALLED): pyproject.toml | $(PY)
+	$(PIP) install torch==$(TORCH_VERSION)
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+up: $(INSTALLED)
+	$(VENV)/bin/scaletune up
+
+test: $(INSTALLED)
+	$(VENV)/bin/pytest -q
