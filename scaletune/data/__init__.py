@@ -1,0 +1,6 @@
+"""Datasets by name: ``get_dataset(name, args, data_root)`` gives deterministic CPU batches, ``dataset_spec`` the shapes."""
+
+from scaletune.data.base import Dataset, DataSpec
+from scaletune.data.registry import DataError, dataset_names, dataset_spec, get_dataset
+
+__all__ = ["DataError", "DataSpec", "Dataset", "dataset_names", "dataset_spec", "get_dataset"]
