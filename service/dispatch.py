@@ -1,0 +1,71 @@
+"""Keep each study's in-flight attempts at min(parallelism, remaining): idempotent, safe to call from anywhere."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import exists, func, select
+from sqlalchemy.orm import Session, aliased
+
+from service.db import SessionFactory, write_session
+from service.models import IN_FLIGHT, TERMINAL, EventType, Study, StudyStatus, TrialAttempt, TrialState, utcnow
+from service.queue import Enqueue
+from service.studies import add_event
+
+log = logging.getLogger(__name__)
+
+
+def _count_in_flight(session: Session, study_id: str) -> int:
+    return session.scalar(select(func.count()).where(TrialAttempt.study_id == study_id,
+                                                     TrialAttempt.state.in_(IN_FLIGHT))) or 0
+
+
+def _count_finished(session: Session, study_id: str) -> int:
+    """Terminal attempts that were not replaced by a retry: each is one finished trial."""
+    retry = aliased(TrialAttempt)
+    return session.scalar(select(func.count()).where(
+        TrialAttempt.study_id == study_id, TrialAttempt.state.in_(TERMINAL),
+        ~exists().where(retry.retry_of == TrialAttempt.id))) or 0
+
+
+def _complete_study(session: Session, study: Study) -> None:
+    has_value = study.best_value is not None
+    study.status = StudyStatus.completed if has_value else StudyStatus.failed
+    study.error = None if has_value else "no trial produced a value (all failed, diverged or were pruned)"
+    study.finished_at = utcnow()
+    add_event(session, study.id, EventType.study_finished,
+              {"status": study.status, "best_value": study.best_value, "best_params": study.best_params})
+
+
+def send_all(enqueue: Enqueue, attempt_ids: list[str], queue: str) -> None:
+    """Send tasks after commit; a failed send is only logged: the row stays queued and the reconciler re-sends it."""
+    for attempt_id in attempt_ids:
+        try:
+            enqueue(attempt_id, queue)
+        except Exception:
+            log.exception("could not send attempt %s to queue %s; the reconciler will retry", attempt_id, queue)
+
+
+def dispatch(session_factory: SessionFactory, study_id: str, enqueue: Enqueue) -> list[str]:
+    """Queue new attempts up to the target, or complete the study when every trial has finished.
+
+    The study row is locked for the whole count-then-insert (FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE
+    on SQLite), so concurrent callers cannot both top up. Returns the ids of the attempts it queued.
+    """
+    with write_session(session_factory) as session:
+        study = session.scalars(select(Study).where(Study.id == study_id).with_for_update()).one_or_none()
+        if study is None or study.status not in (StudyStatus.queued, StudyStatus.running):
+            return []
+        in_flight = _count_in_flight(session, study_id)
+        remaining = study.spec["n_trials"] - _count_finished(session, study_id)
+        if remaining <= 0 and in_flight == 0:
+            _complete_study(session, study)
+            return []
+        new = max(0, min(study.spec["parallelism"], remaining) - in_flight)
+        attempts = [TrialAttempt(study_id=study_id, state=TrialState.queued, intermediate=[]) for _ in range(new)]
+        session.add_all(attempts)
+        session.flush()
+        new_ids = [attempt.id for attempt in attempts]
+        queue = study.spec["queue"]
+    send_all(enqueue, new_ids, queue)
+    return new_ids

@@ -1,0 +1,116 @@
+"""Repair what a lost broker message, a killed worker or a restarted API left behind; the database is the truth."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import optuna
+from optuna.trial import TrialState as OptunaState
+from sqlalchemy import select, update
+
+from service.db import SessionFactory, create_db_engine, make_session_factory, write_session
+from service.dispatch import dispatch, send_all
+from service.models import UNFINISHED_STUDY, Study, TrialAttempt, TrialState, utcnow
+from service.optuna_study import get_storage
+from service.queue import Enqueue, make_celery, trial_sender
+from service.settings import Settings
+from service.studies import unfinished_study_ids
+from service.trials import WORKER_LOST, Outcome, finish_attempt, stale_attempt_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing the reconciler did: ``failed_stale``, ``retried``, ``resent`` or ``dispatched``."""
+
+    kind: str
+    study_id: str
+    attempt_id: str
+
+
+def _tell_optuna_failed(settings: Settings, study: Study, number: int | None) -> None:
+    if number is None:
+        return
+    optuna_study = optuna.load_study(study_name=study.optuna_study_name, storage=get_storage(settings.DATABASE_URL))
+    optuna_study.tell(number, state=OptunaState.FAIL, skip_if_finished=True)
+
+
+def fail_stale_attempts(session_factory: SessionFactory, enqueue: Enqueue, settings: Settings,
+                        now: datetime) -> list[Action]:
+    """Running attempts whose heartbeat is older than STALE_AFTER lost their worker: fail them, retry if allowed."""
+    with session_factory() as session:
+        stale = stale_attempt_ids(session, now - timedelta(seconds=settings.STALE_AFTER))
+    actions = []
+    for attempt_id in stale:
+        finished = finish_attempt(session_factory, attempt_id, Outcome(TrialState.failed, failure_reason=WORKER_LOST),
+                                  settings.MAX_RETRIES)
+        if finished is None:  # it finished on its own meanwhile
+            continue
+        study_id = finished.attempt.study_id
+        actions.append(Action("failed_stale", study_id, attempt_id))
+        with session_factory() as session:
+            study = session.get_one(Study, study_id)
+        _tell_optuna_failed(settings, study, finished.attempt.number)
+        if finished.retry is not None:
+            send_all(enqueue, [finished.retry.id], study.spec["queue"])
+            actions.append(Action("retried", study_id, finished.retry.id))
+    return actions
+
+
+def resend_lost_tasks(session_factory: SessionFactory, enqueue: Enqueue, settings: Settings,
+                      now: datetime) -> list[Action]:
+    """Queued attempts nobody claimed within REQUEUE_AFTER: send again (the claim is atomic, duplicates are harmless)."""
+    cutoff = now - timedelta(seconds=settings.REQUEUE_AFTER)
+    with write_session(session_factory) as session:
+        rows = session.execute(
+            select(TrialAttempt.id, TrialAttempt.study_id, Study.spec["queue"].as_string())
+            .join(Study, Study.id == TrialAttempt.study_id)
+            .where(TrialAttempt.state == TrialState.queued, TrialAttempt.queued_at < cutoff,
+                   Study.status.in_(UNFINISHED_STUDY))).all()
+        session.execute(update(TrialAttempt).where(TrialAttempt.id.in_([row[0] for row in rows]))
+                        .values(queued_at=now))
+    for attempt_id, _study_id, queue in rows:
+        send_all(enqueue, [attempt_id], queue)
+    return [Action("resent", study_id, attempt_id) for attempt_id, study_id, _queue in rows]
+
+
+def reconcile_once(session_factory: SessionFactory, enqueue: Enqueue, settings: Settings | None = None,
+                   now: datetime | None = None) -> list[Action]:
+    """One pass: fail stale attempts (and retry), re-send lost tasks, top up every unfinished study."""
+    settings = settings or Settings()
+    now = now or utcnow()
+    actions = fail_stale_attempts(session_factory, enqueue, settings, now)
+    actions += resend_lost_tasks(session_factory, enqueue, settings, now)
+    with session_factory() as session:
+        study_ids = unfinished_study_ids(session)
+    for study_id in study_ids:
+        actions += [Action("dispatched", study_id, attempt_id)
+                    for attempt_id in dispatch(session_factory, study_id, enqueue)]
+    return actions
+
+
+def reconcile_forever(settings: Settings, stop_event: threading.Event) -> None:
+    """Run ``reconcile_once`` every RECONCILE_INTERVAL seconds until ``stop_event`` is set.
+
+    A plain loop rather than Celery beat: beat needs its own process and schedule state and does not
+    run as simply on the filesystem broker, while this loop runs the same way as a thread in the API
+    or as the ``scaletune reconciler`` process, in embedded and production mode alike.
+    """
+    engine = create_db_engine(settings.DATABASE_URL)
+    session_factory = make_session_factory(engine)
+    enqueue = trial_sender(make_celery(settings))
+    try:
+        while not stop_event.is_set():
+            try:
+                actions = reconcile_once(session_factory, enqueue, settings)
+                if actions:
+                    log.info("reconciler: %s", ", ".join(f"{a.kind} {a.attempt_id}" for a in actions))
+            except Exception:
+                log.exception("reconcile pass failed; trying again in %.0f s", settings.RECONCILE_INTERVAL)
+            stop_event.wait(settings.RECONCILE_INTERVAL)
+    finally:
+        engine.dispose()

@@ -1,0 +1,78 @@
+"""Service configuration from the environment (prefix ``SCALETUNE_``); one object for API, workers and reconciler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def normalise_database_url(url: str) -> str:
+    """Use psycopg 3 for PostgreSQL whatever spelling the user gave (``postgres://``, ``postgresql://``)."""
+    for prefix in ("postgresql+psycopg2://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+class Settings(BaseSettings):
+    """Every knob the service reads; limits bound what a study spec may ask for."""
+
+    model_config = SettingsConfigDict(env_prefix="SCALETUNE_", extra="ignore")
+
+    HOME: Path = Path("./.scaletune")
+    DATABASE_URL: str = ""
+    BROKER_URL: str = ""
+    DATA_ROOT: Path | None = None
+    ARTIFACTS_DIR: Path | None = None
+
+    MAX_TRIALS: int = Field(1000, ge=1)
+    MAX_PARALLELISM: int = Field(64, ge=1)
+    MAX_STEPS: int = Field(100_000, ge=1)
+    MAX_BATCH_SIZE: int = Field(4096, ge=1)
+    MAX_PROXY_PARAMS: int = Field(50_000_000, ge=1)
+    MAX_REQUEST_BYTES: int = Field(256 * 1024, ge=1024)
+
+    HEARTBEAT_INTERVAL: float = Field(10.0, gt=0)
+    STALE_AFTER: float = Field(120.0, gt=0)
+    RECONCILE_INTERVAL: float = Field(15.0, gt=0)
+    REQUEUE_AFTER: float = Field(600.0, gt=0, description="re-send a queued attempt's task after this many seconds")
+    MAX_RETRIES: int = Field(2, ge=0)
+    RECONCILE_IN_API: bool = Field(False, description="run the reconciler loop as a thread inside the API process")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if not self.DATABASE_URL:
+            self.DATABASE_URL = f"sqlite:///{(self.HOME / 'scaletune.db').resolve()}"
+        self.DATABASE_URL = normalise_database_url(self.DATABASE_URL)
+        if not self.BROKER_URL:
+            self.BROKER_URL = "filesystem://"
+        if self.DATA_ROOT is None:
+            self.DATA_ROOT = self.HOME / "data"
+        if self.ARTIFACTS_DIR is None:
+            self.ARTIFACTS_DIR = self.HOME / "artifacts"
+        return self
+
+    @property
+    def broker_transport_options(self) -> dict[str, Any]:
+        """The filesystem broker needs its folders; other brokers need nothing here."""
+        if not self.BROKER_URL.startswith("filesystem://"):
+            return {}
+        root = (self.HOME / "broker").resolve()
+        return {"data_folder_in": str(root / "in"), "data_folder_out": str(root / "in"),
+                "processed_folder": str(root / "processed"), "store_processed": False}
+
+    def ensure_dirs(self) -> None:
+        """Create the local folders the defaults point at (SQLite file, broker folders, data, artifacts)."""
+        for folder in (self.HOME, self.DATA_ROOT, self.ARTIFACTS_DIR):
+            assert folder is not None
+            folder.mkdir(parents=True, exist_ok=True)
+        for key in ("data_folder_in", "processed_folder"):
+            if key in self.broker_transport_options:
+                Path(self.broker_transport_options[key]).mkdir(parents=True, exist_ok=True)
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,108 @@
+"""Database operations on studies: create (with its Optuna study), read, list, cancel, events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.storages import RDBStorage
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.db import SessionFactory, write_session
+from service.models import UNFINISHED_STUDY, Event, EventType, Study, StudyStatus, TrialAttempt, TrialState, new_id, utcnow
+from service.optuna_study import create_optuna_study, delete_optuna_study, optuna_study_name
+from service.spec import TuneSpec
+
+DEFAULT_TENANT = "default"
+
+
+class StudyNotFound(LookupError):
+    pass
+
+
+class StudyAlreadyFinished(RuntimeError):
+    pass
+
+
+def add_event(session: Session, study_id: str, type_: EventType, payload: dict[str, Any],
+              trial_id: str | None = None) -> None:
+    session.add(Event(study_id=study_id, trial_id=trial_id, type=type_, payload=payload))
+
+
+def create_study(session_factory: SessionFactory, storage: RDBStorage, spec: TuneSpec,
+                 tenant: str = DEFAULT_TENANT) -> Study:
+    """Create the Optuna study, then our row; if our write fails the Optuna study is deleted again.
+
+    Optuna writes through its own engine, so the two cannot share one SQL transaction (on SQLite the
+    second writer would wait on the first). The compensation keeps "nothing half-written": a study row
+    never exists without its Optuna study, and an Optuna study left by a crash in between has no row,
+    so nothing ever schedules it.
+    """
+    study_id = new_id()
+    name = optuna_study_name(study_id)
+    create_optuna_study(storage, name, spec)
+    try:
+        with write_session(session_factory) as session:
+            study = Study(id=study_id, name=spec.name, kind=spec.kind, spec=spec.model_dump(mode="json"),
+                          status=StudyStatus.queued, tenant=tenant, optuna_study_name=name)
+            session.add(study)
+    except BaseException:
+        delete_optuna_study(storage, name)
+        raise
+    return study
+
+
+def get_study(session: Session, study_id: str, tenant: str = DEFAULT_TENANT) -> Study:
+    study = session.get(Study, study_id)
+    if study is None or study.tenant != tenant:
+        raise StudyNotFound(study_id)
+    return study
+
+
+def list_studies(session: Session, tenant: str = DEFAULT_TENANT, status: StudyStatus | None = None,
+                 limit: int = 50, offset: int = 0) -> tuple[list[Study], int]:
+    """Newest first; served by the (tenant, status, created_at) indexes."""
+    query = select(Study).where(Study.tenant == tenant)
+    if status is not None:
+        query = query.where(Study.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Study.created_at.desc(), Study.id).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def trial_counts(session: Session, study_id: str) -> dict[str, int]:
+    """Attempts per state, every state present (zero when none)."""
+    rows = session.execute(select(TrialAttempt.state, func.count()).where(TrialAttempt.study_id == study_id)
+                           .group_by(TrialAttempt.state)).all()
+    counts = {state.value: 0 for state in TrialState}
+    counts.update({state: n for state, n in rows})
+    return counts
+
+
+def unfinished_study_ids(session: Session) -> list[str]:
+    return list(session.scalars(select(Study.id).where(Study.status.in_(UNFINISHED_STUDY))))
+
+
+def study_is_cancelled(session_factory: SessionFactory, study_id: str) -> bool:
+    with session_factory() as session:
+        return session.scalar(select(Study.status).where(Study.id == study_id)) == StudyStatus.cancelled
+
+
+def cancel_study(session_factory: SessionFactory, study_id: str, tenant: str = DEFAULT_TENANT) -> Study:
+    """Nothing new starts (queued attempts are cancelled); running attempts see it at their next eval."""
+    with write_session(session_factory) as session:
+        study = session.scalars(select(Study).where(Study.id == study_id, Study.tenant == tenant)
+                                .with_for_update()).one_or_none()
+        if study is None:
+            raise StudyNotFound(study_id)
+        if study.status not in UNFINISHED_STUDY:
+            raise StudyAlreadyFinished(f"study {study_id} is already {study.status}; only queued or running "
+                                       "studies can be cancelled")
+        now = utcnow()
+        session.execute(update(TrialAttempt)
+                        .where(TrialAttempt.study_id == study_id, TrialAttempt.state == TrialState.queued)
+                        .values(state=TrialState.cancelled, finished_at=now))
+        study.status = StudyStatus.cancelled
+        study.finished_at = now
+        add_event(session, study_id, EventType.study_finished, {"status": StudyStatus.cancelled})
+    return study

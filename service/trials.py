@@ -1,0 +1,156 @@
+"""Database operations on trial attempts: claim, heartbeat, progress, finish (idempotent), fail with retry, read."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.db import SessionFactory, write_session
+from service.models import EventType, Study, StudyStatus, TrialAttempt, TrialState, utcnow
+from service.studies import add_event
+
+WORKER_LOST = "worker_lost"
+RETRYABLE_REASONS = (WORKER_LOST, "error")
+
+
+def is_retryable(reason: str) -> bool:
+    """Lost workers and unexpected errors may be transient; invalid configs and divergence would just repeat."""
+    return reason.split(":", 1)[0] in RETRYABLE_REASONS
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN/inf; a diverged loss is stored as null (the state says why)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: TrialState
+    value: float | None = None
+    failure_reason: str | None = None
+    flops: float | None = None
+    seconds: float | None = None
+
+
+def claim_attempt(session_factory: SessionFactory, attempt_id: str, worker: str,
+                  task_id: str | None) -> TrialAttempt | None:
+    """Atomically move queued -> running; None means someone else has it (a duplicate delivery) or it was cancelled."""
+    now = utcnow()
+    with write_session(session_factory) as session:
+        claimed = session.execute(
+            update(TrialAttempt).where(TrialAttempt.id == attempt_id, TrialAttempt.state == TrialState.queued)
+            .values(state=TrialState.running, worker=worker, task_id=task_id, started_at=now, heartbeat_at=now))
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        attempt = session.get_one(TrialAttempt, attempt_id)
+        session.execute(update(Study).where(Study.id == attempt.study_id, Study.status == StudyStatus.queued)
+                        .values(status=StudyStatus.running, updated_at=now))
+        add_event(session, attempt.study_id, EventType.trial_started,
+                  {"attempt": attempt.attempt, "worker": worker}, trial_id=attempt_id)
+    return attempt
+
+
+def heartbeat(session_factory: SessionFactory, attempt_id: str) -> bool:
+    """Refresh the lease; False when the attempt is no longer ours (the reconciler declared it lost)."""
+    with write_session(session_factory) as session:
+        result = session.execute(update(TrialAttempt)
+                                 .where(TrialAttempt.id == attempt_id, TrialAttempt.state == TrialState.running)
+                                 .values(heartbeat_at=utcnow()))
+        return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def record_asked(session_factory: SessionFactory, attempt_id: str, number: int, params: dict[str, Any]) -> None:
+    with write_session(session_factory) as session:
+        session.execute(update(TrialAttempt).where(TrialAttempt.id == attempt_id)
+                        .values(number=number, params=params))
+
+
+def record_point(session_factory: SessionFactory, attempt_id: str, point: dict[str, Any]) -> None:
+    """Append one eval point to the curve and write a ``trial_reported`` event."""
+    clean = {key: finite_or_none(value) if isinstance(value, float) else value for key, value in point.items()}
+    with write_session(session_factory) as session:
+        attempt = session.get_one(TrialAttempt, attempt_id)
+        attempt.intermediate = [*attempt.intermediate, clean]
+        add_event(session, attempt.study_id, EventType.trial_reported, clean, trial_id=attempt_id)
+
+
+def _insert_retry(session: Session, attempt: TrialAttempt, max_retries: int) -> TrialAttempt | None:
+    if attempt.attempt > max_retries:
+        return None
+    retry = TrialAttempt(study_id=attempt.study_id, attempt=attempt.attempt + 1, retry_of=attempt.id,
+                         params=attempt.params, state=TrialState.queued, intermediate=[])
+    session.add(retry)
+    return retry
+
+
+def _update_best(session: Session, study: Study, attempt: TrialAttempt) -> None:
+    if attempt.state != TrialState.complete or attempt.value is None:
+        return
+    minimize = study.spec["objective"]["direction"] == "minimize"
+    best = study.best_value
+    if best is None or (attempt.value < best if minimize else attempt.value > best):
+        study.best_value = attempt.value
+        study.best_params = attempt.params
+
+
+@dataclass(frozen=True)
+class Finished:
+    attempt: TrialAttempt
+    retry: TrialAttempt | None
+
+
+def finish_attempt(session_factory: SessionFactory, attempt_id: str, outcome: Outcome,
+                   max_retries: int) -> Finished | None:
+    """Record how a running attempt ended, exactly once; None when it had already ended (nothing changes).
+
+    A retryable failure queues a retry attempt (same params) in the same transaction; the caller sends it.
+    """
+    now = utcnow()
+    with write_session(session_factory) as session:
+        study_id = session.scalar(select(TrialAttempt.study_id).where(TrialAttempt.id == attempt_id))
+        if study_id is None:
+            return None
+        study = session.scalars(select(Study).where(Study.id == study_id).with_for_update()).one()
+        won = session.execute(
+            update(TrialAttempt).where(TrialAttempt.id == attempt_id, TrialAttempt.state == TrialState.running)
+            .values(state=outcome.state, value=finite_or_none(outcome.value), failure_reason=outcome.failure_reason,
+                    flops=outcome.flops, seconds=outcome.seconds, finished_at=now))
+        if won.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        attempt = session.get_one(TrialAttempt, attempt_id)
+        _update_best(session, study, attempt)
+        retry = None
+        if (outcome.state == TrialState.failed and outcome.failure_reason and is_retryable(outcome.failure_reason)
+                and study.status != StudyStatus.cancelled):
+            retry = _insert_retry(session, attempt, max_retries)
+        add_event(session, study_id, EventType.trial_finished,
+                  {"number": attempt.number, "attempt": attempt.attempt, "state": outcome.state,
+                   "value": attempt.value, "failure_reason": outcome.failure_reason,
+                   "retry": None if retry is None else retry.id}, trial_id=attempt_id)
+    return Finished(attempt, retry)
+
+
+def stale_attempt_ids(session: Session, older_than: datetime) -> list[str]:
+    return list(session.scalars(select(TrialAttempt.id).where(TrialAttempt.state == TrialState.running,
+                                                              TrialAttempt.heartbeat_at < older_than)))
+
+
+def list_trials(session: Session, study_id: str, limit: int = 100, offset: int = 0,
+                state: TrialState | None = None) -> tuple[list[TrialAttempt], int]:
+    """In the order they were queued (a retry follows the attempt it replaces)."""
+    query = select(TrialAttempt).where(TrialAttempt.study_id == study_id)
+    if state is not None:
+        query = query.where(TrialAttempt.state == state)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(limit).offset(offset))
+    return list(rows), total
+
+
+def get_trial(session: Session, study_id: str, number: int) -> TrialAttempt | None:
+    return session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study_id,
+                                                      TrialAttempt.number == number)).one_or_none()

@@ -1,0 +1,167 @@
+"""One trial attempt end to end: claim, heartbeat, ask Optuna, train, report/prune, tell, record, top up."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState as OptunaState
+
+from scaletune.hparams import HParams
+from scaletune.runner import TrialConfig, run_trial
+from scaletune.shapes import Shape
+from scaletune.train import Budget, EvalPoint, TrainResult
+from service.db import SessionFactory, create_db_engine, make_session_factory
+from service.dispatch import dispatch, send_all
+from service.models import Study, TrialState
+from service.optuna_study import distributions, failure_value, get_storage, load_optuna_study
+from service.queue import Enqueue
+from service.settings import Settings
+from service.spec import STUDY_SPEC, TuneSpec
+from service.studies import study_is_cancelled
+from service.trials import Outcome, claim_attempt, finish_attempt, heartbeat, record_asked, record_point
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a task needs from its process: settings, database sessions and a way to send follow-up tasks."""
+
+    settings: Settings
+    session_factory: SessionFactory
+    enqueue: Enqueue
+
+    @classmethod
+    def from_settings(cls, settings: Settings, enqueue: Enqueue) -> WorkerContext:
+        return cls(settings, make_session_factory(create_db_engine(settings.DATABASE_URL)), enqueue)
+
+
+class Heartbeat:
+    """Refreshes the attempt's lease in a thread; notices when the reconciler has taken the attempt away."""
+
+    def __init__(self, session_factory: SessionFactory, attempt_id: str, interval_s: float) -> None:
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(session_factory, attempt_id, interval_s),
+                                        name=f"heartbeat-{attempt_id}", daemon=True)
+
+    def _run(self, session_factory: SessionFactory, attempt_id: str, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                if not heartbeat(session_factory, attempt_id):
+                    self.lost.set()
+                    return
+            except Exception:
+                log.exception("heartbeat for attempt %s failed; will try again", attempt_id)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def trial_config(spec: TuneSpec, params: dict[str, Any]) -> TrialConfig:
+    """Fixed hyperparameters plus the sampled ones, at the proxy shape; device None means CUDA when available."""
+    return TrialConfig(
+        family=spec.model.family, args=spec.model.args,
+        base=Shape(**spec.model.base.model_dump()), shape=Shape(**spec.model.proxy.model_dump()),
+        parametrization=spec.parametrization, optimizer=spec.optimizer,
+        dataset=spec.dataset.name, dataset_args=spec.dataset.args,
+        budget=Budget(steps=spec.budget.steps, batch_size=spec.budget.batch_size,
+                      eval_every=spec.budget.eval_every, schedule=spec.budget.schedule),
+        hparams=HParams.from_dict({**spec.hyperparameters, **params}), seed=spec.dataset.seed)
+
+
+class _Progress:
+    """The training callback: record each eval, report it to Optuna, and say when to stop (and why)."""
+
+    def __init__(self, ctx: WorkerContext, attempt_id: str, study_id: str, trial: optuna.Trial,
+                 beat: Heartbeat) -> None:
+        self.ctx, self.attempt_id, self.study_id, self.trial, self.beat = ctx, attempt_id, study_id, trial, beat
+        self.stop_reason: TrialState | None = None
+
+    def __call__(self, point: EvalPoint) -> bool:
+        record_point(self.ctx.session_factory, self.attempt_id, asdict(point))
+        if math.isfinite(point.eval_loss):
+            self.trial.report(point.eval_loss, point.step)
+        if study_is_cancelled(self.ctx.session_factory, self.study_id) or self.beat.lost.is_set():
+            self.stop_reason = TrialState.cancelled
+        elif self.trial.should_prune():
+            self.stop_reason = TrialState.pruned
+        return self.stop_reason is not None
+
+
+def outcome_of(result: TrainResult, stop_reason: TrialState | None) -> Outcome:
+    common = {"flops": result.flops, "seconds": result.seconds}
+    if result.status == "diverged" or (result.status == "completed" and result.final_eval_loss is None):
+        return Outcome(TrialState.diverged, **common)
+    if result.status == "stopped":
+        return Outcome(stop_reason or TrialState.cancelled, **common)
+    return Outcome(TrialState.complete, value=result.final_eval_loss, **common)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, spec: TuneSpec, outcome: Outcome) -> None:
+    match outcome.state:
+        case TrialState.complete:
+            study.tell(trial, outcome.value, skip_if_finished=True)
+        case TrialState.diverged:
+            study.tell(trial, failure_value(spec), skip_if_finished=True)
+        case TrialState.pruned:
+            study.tell(trial, state=OptunaState.PRUNED, skip_if_finished=True)
+        case _:
+            study.tell(trial, state=OptunaState.FAIL, skip_if_finished=True)
+
+
+def _failure(error: Exception) -> Outcome:
+    """ValueError means the config cannot work (never retried); anything else may be transient."""
+    kind = "invalid" if isinstance(error, ValueError) else "error"
+    return Outcome(TrialState.failed, failure_reason=f"{kind}: {type(error).__name__}: {error}")
+
+
+def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None) -> TrialState | None:
+    """Run one attempt; returns its final state, or None if it was not ours to run (duplicate or cancelled)."""
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    attempt = claim_attempt(ctx.session_factory, attempt_id, worker, task_id)
+    if attempt is None:
+        log.info("attempt %s is not queued any more (duplicate delivery or cancelled); skipping", attempt_id)
+        return None
+    with ctx.session_factory() as session:
+        study_row = session.get_one(Study, attempt.study_id)
+    spec = STUDY_SPEC.validate_python(study_row.spec)
+    storage = get_storage(ctx.settings.DATABASE_URL)
+    fixed = attempt.params if attempt.retry_of else None
+    study: optuna.Study | None = None
+    trial: optuna.Trial | None = None
+    with Heartbeat(ctx.session_factory, attempt_id, ctx.settings.HEARTBEAT_INTERVAL) as beat:
+        try:
+            study = load_optuna_study(storage, study_row.optuna_study_name, spec, fixed_params=fixed)
+            trial = study.ask(distributions(spec))
+            record_asked(ctx.session_factory, attempt_id, trial.number, trial.params)
+            progress = _Progress(ctx, attempt_id, attempt.study_id, trial, beat)
+            result = run_trial(trial_config(spec, trial.params), progress,
+                               data_root=ctx.settings.DATA_ROOT, max_params=ctx.settings.MAX_PROXY_PARAMS)
+            outcome = outcome_of(result, progress.stop_reason)
+        except Exception as error:
+            log.exception("attempt %s failed", attempt_id)
+            outcome = _failure(error)
+        finished = finish_attempt(ctx.session_factory, attempt_id, outcome, ctx.settings.MAX_RETRIES)
+    if finished is not None:
+        if study is not None and trial is not None:
+            try:
+                _tell(study, trial, spec, outcome)
+            except Exception:
+                log.exception("could not tell Optuna how trial %s ended", trial.number)
+        if finished.retry is not None:
+            send_all(ctx.enqueue, [finished.retry.id], spec.queue)
+    dispatch(ctx.session_factory, attempt.study_id, ctx.enqueue)
+    return outcome.state if finished is not None else None
