@@ -199,7 +199,8 @@ def run_up(settings: Settings, host: str, port: int, workers: int, gpus: Sequenc
     stop = stop_on_signals()
     with Supervisor() as supervisor:
         supervisor.start(api_server(host, port))
-        for spec in worker_fleet(gpus, workers, None):
+        # The only workers on this machine: with GPUs they also take studies queued for cpu (the spec's default).
+        for spec in worker_fleet(gpus, workers, "gpu,cpu" if gpus else "cpu"):
             supervisor.start(spec)
         reconciler = threading.Thread(target=reconcile_forever, args=(settings, stop), name="reconciler")
         reconciler.start()

@@ -65,7 +65,7 @@ def up(
 
     Set SCALETUNE_DATABASE_URL / SCALETUNE_BROKER_URL to use PostgreSQL / Redis instead.
 
-    Workers use queue gpu when CUDA is visible (one GPU each, round robin), else queue cpu. Ctrl-C stops all.
+    With CUDA, workers take queues gpu and cpu, one GPU each (round robin); else queue cpu. Ctrl-C stops all.
 
     Example: scaletune up --port 8000 --workers 2
     """
@@ -90,9 +90,9 @@ def up(
 
 
 def migrate() -> None:
-    """Apply the database migrations to SCALETUNE_DATABASE_URL (creates scaletune's and Optuna's tables).
+    """Apply the database migrations to $SCALETUNE_DATABASE_URL (creates scaletune's and Optuna's tables).
 
-    Example: SCALETUNE_DATABASE_URL=postgresql://postgres@db/scaletune scaletune migrate
+    Example: scaletune migrate
     """
     from service.db import upgrade_database
     from service.settings import Settings
@@ -113,9 +113,6 @@ def api(
 
     Example: scaletune api --host 0.0.0.0 --port 8000
     """
-    import uvicorn
-
-    from service.api.app import create_app
     from service.db import database_is_current
     from service.settings import Settings
 
@@ -125,6 +122,11 @@ def api(
             f"The database {_safe_url(settings.DATABASE_URL)} is not migrated to this version of scaletune. "
             "Run `scaletune migrate` first.", style="red", markup=False)
         raise typer.Exit(1)
+
+    import uvicorn
+
+    from service.api.app import create_app
+
     uvicorn.run(create_app(settings), host=host, port=port)
 
 
