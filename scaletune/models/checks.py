@@ -21,8 +21,8 @@ def check_known_args(family: str, args: dict[str, Any], allowed: Iterable[str]) 
 
 def check_task(family: str, data: DataSpec, task: Task) -> None:
     if data.task != task:
-        raise ValueError(f"model family {family!r} needs a {task} dataset, but the dataset's task is {data.task!r}; "
-                         f"pick a {task} dataset or another family")
+        raise ValueError(f"model family {family!r} needs a dataset with task {task!r}, but this dataset's task is "
+                         f"{data.task!r}; pick another dataset or another family")
 
 
 def image_shape(family: str, data: DataSpec) -> tuple[int, int, int]:
