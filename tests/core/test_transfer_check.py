@@ -1,0 +1,93 @@
+"""Transfer-check analysis on synthetic sweeps whose true optimum is known."""
+
+import math
+
+import numpy as np
+import pytest
+
+from scaletune.shapes import Shape
+from scaletune.transfer_check import TrialRecord, analyse, lr_grid, parabola_optimum, plot
+
+GRID = [k * 0.5 for k in range(-6, 7)]
+WIDTHS = [16, 64, 256]
+
+
+def sweep(optima: list[float], floors: list[float], seeds: int = 3, noise: float = 0.0,
+          diverge_above: float | None = None, rng_seed: int = 0) -> list[dict]:
+    """Loss = floor + 0.1 (x - optimum)^2 + noise per (lr, seed); runs above ``diverge_above`` diverge."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for width, optimum, floor in zip(WIDTHS, optima, floors):
+        for x in GRID:
+            for seed in range(seeds):
+                loss = floor + 0.1 * (x - optimum) ** 2 + noise * rng.standard_normal()
+                diverged = diverge_above is not None and x > diverge_above
+                rows.append({"size": f"w{width}", "shape": {"width": width, "depth": 2}, "log2_lr": x,
+                             "seed": seed, "loss": "diverged" if diverged else loss})
+    return rows
+
+
+def test_lr_grid_spans_three_octaves_each_way_in_half_octaves():
+    grid = lr_grid(1e-3)
+    assert len(grid) == 13
+    assert [math.log2(g / 1e-3) for g in grid] == pytest.approx(GRID)
+
+
+def test_parabola_recovers_an_off_grid_optimum_and_flags_edges():
+    x, edge = parabola_optimum(GRID, [(g - 0.3) ** 2 for g in GRID])
+    assert x == pytest.approx(0.3) and not edge
+    x, edge = parabola_optimum(GRID, [(g - 5.0) ** 2 for g in GRID])
+    assert x == 3.0 and edge
+
+
+def test_stable_optimum_with_improving_loss_holds():
+    result = analyse(sweep(optima=[0.2, 0.2, 0.2], floors=[2.0, 1.8, 1.7]))
+    assert [s.size for s in result.sizes] == ["w16", "w64", "w256"]
+    assert [s.optimum_log2_lr for s in result.sizes] == pytest.approx([0.2] * 3)
+    assert result.verdict == "holds" and result.monotone and result.direction is None
+    assert result.max_drift == pytest.approx(0.0, abs=1e-9)
+
+
+def test_optimum_moving_to_lower_lr_drifts_with_direction():
+    result = analyse(sweep(optima=[0.0, -1.0, -2.1], floors=[2.0, 1.8, 1.7]))
+    assert [s.drift for s in result.sizes] == pytest.approx([0.0, -1.0, -2.1])
+    assert result.verdict == "drifts" and result.direction == "lower"
+    assert result.max_drift == pytest.approx(-2.1)
+
+
+def test_loss_rising_with_size_is_not_a_pass():
+    result = analyse(sweep(optima=[0.0, 0.0, 0.0], floors=[2.0, 2.1, 1.9]))
+    assert not result.monotone and result.verdict == "not_monotone"
+
+
+def test_diverged_points_are_kept_and_never_chosen():
+    result = analyse(sweep(optima=[1.5, 1.5, 1.5], floors=[2.0, 1.8, 1.7], diverge_above=1.0))
+    small = result.sizes[0]
+    assert small.diverged == [3 if x > 1.0 else 0 for x in GRID]
+    assert [y is None for y in small.mean_loss] == [x > 1.0 for x in GRID]
+    assert small.optimum_log2_lr == 1.0  # the best finite point, next to the diverged one
+
+
+def test_records_accept_lr_instead_of_log2_lr():
+    record = TrialRecord.from_dict({"size": "s", "shape": {"width": 8, "depth": 1}, "lr": 0.25, "seed": 0,
+                                    "loss": float("nan")})
+    assert record.log2_lr == -2.0 and record.loss is None and record.shape == Shape(8, 1)
+
+
+def test_bootstrap_interval_over_seeds_contains_the_true_optimum():
+    result = analyse(sweep(optima=[0.3, 0.3, 0.3], floors=[2.0, 1.8, 1.7], seeds=6, noise=0.02, rng_seed=3))
+    for s in result.sizes:
+        low, high = s.interval
+        assert low <= 0.3 <= high
+        assert high - low < 1.0
+
+
+def test_plot_is_written_with_diverged_points(tmp_path):
+    result = analyse(sweep(optima=[0.0, 0.0, 0.0], floors=[2.0, 1.8, 1.7], diverge_above=2.0))
+    out = plot(result, tmp_path / "plots" / "check.png", title="synthetic")
+    assert out.exists() and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_single_size_is_refused():
+    with pytest.raises(ValueError, match="at least two sizes"):
+        analyse(sweep(optima=[0.0], floors=[2.0]))
