@@ -1,4 +1,4 @@
-"""Datasets by name: ``get_dataset(name, args, data_root)`` gives deterministic CPU batches, ``dataset_spec`` the shapes."""
+"""Datasets by name: ``get_dataset`` gives deterministic CPU batches, ``dataset_spec`` the shapes, cheaply."""
 
 from scaletune.data.base import Dataset, DataSpec
 from scaletune.data.registry import DataError, dataset_names, dataset_spec, get_dataset

@@ -30,7 +30,7 @@ def resolve_in_data_root(data_root: Path | None, path: str, kind: Literal["file"
     if data_root is None:
         raise DataError(
             f"cannot read {path!r}: no data root is configured, so user files are disabled; "
-            "configure the data root (the folder user datasets are read from) and put the data there"
+            "set the data root (the server's DATA_ROOT setting) to the folder holding your data"
         )
     root = data_root.resolve()
     try:
@@ -81,13 +81,15 @@ def _check_pair(
     y_shape, y_dtype = _npy_header(archive, y_name)
     if x_dtype.kind != "f" or len(x_shape) < 2:
         raise DataError(
-            f"{shown}: {x_name!r} must be a float array shaped (N, features...) such as float32 (N, 20) or (N, 3, 32, 32); "
-            f"found {x_dtype} {x_shape}"
+            f"{shown}: {x_name!r} must be a float array shaped (N, features...), such as float32 (N, 20) "
+            f"or (N, 3, 32, 32); found {x_dtype} {x_shape}"
         )
     if x_shape[0] == 0:
         raise DataError(f"{shown}: {x_name!r} has no examples")
     if example_shape is not None and x_shape[1:] != example_shape:
-        raise DataError(f"{shown}: {x_name!r} examples are {x_shape[1:]} but 'x' examples are {example_shape}; they must match")
+        raise DataError(
+            f"{shown}: {x_name!r} examples are {x_shape[1:]} but 'x' examples are {example_shape}; they must match"
+        )
     if y_dtype.kind not in "iu" or y_shape != x_shape[:1]:
         raise DataError(
             f"{shown}: {y_name!r} must be an integer label array shaped ({x_shape[0]},) to match {x_name!r}; "
@@ -119,7 +121,9 @@ def read_npz_layout(path: Path, shown: str) -> NpzLayout:
             _, eval_labels = _check_pair(archive, "x_eval", "y_eval", shown, x_shape[1:])
             labels = np.concatenate([labels, eval_labels])
         elif x_shape[0] < 2:
-            raise DataError(f"{shown} has {x_shape[0]} examples and no 'x_eval'; at least 2 are needed to split off eval")
+            raise DataError(
+                f"{shown} has {x_shape[0]} examples and no 'x_eval'; at least 2 are needed to split off eval"
+            )
     return NpzLayout(example_shape=tuple(x_shape[1:]), num_classes=int(labels.max()) + 1, has_eval=has_eval)
 
 
@@ -175,7 +179,9 @@ def load_text(args: TextArgs, data_root: Path | None) -> ByteWindowsDataset:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"text file {args.path!r} is not UTF-8: {exc.reason} at byte {exc.start}; re-encode it as UTF-8") from None
+        raise DataError(
+            f"text file {args.path!r} is not UTF-8: {exc.reason} at byte {exc.start}; re-encode it as UTF-8"
+        ) from None
     corpus = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
     cut = len(corpus) - int(len(corpus) * args.eval_fraction)
     return ByteWindowsDataset(f"text file {args.path!r}", corpus[:cut], corpus[cut:], args.seq_len, args.eval_windows)
@@ -234,7 +240,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = NumpyOnlyUnpickler(f, encoding="bytes").load()
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels'): {exc}") from None
+        raise DataError(
+            f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels'): {exc}"
+        ) from None
     pixels = int(np.prod(CIFAR_IMAGE_SHAPE))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels or labels.shape != (len(data),):
         raise DataError(

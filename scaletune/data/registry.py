@@ -56,7 +56,8 @@ def _builtin_kinds() -> dict[str, DatasetKind[Any]]:
 def _plugin_entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     """Installed plugins by name; a plugin cannot shadow a built-in."""
     builtins = _builtin_kinds()
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name not in builtins}
+    installed = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return {ep.name: ep for ep in installed if ep.name not in builtins}
 
 
 def dataset_names() -> list[str]:
@@ -73,7 +74,9 @@ def _kind(name: str) -> DatasetKind[Any]:
         raise DataError(f"unknown dataset {name!r}; available datasets: {', '.join(dataset_names())}")
     kind = entry_point.load()
     if not isinstance(kind, DatasetKind) or kind.name != name:
-        raise DataError(f"the plugin dataset {name!r} ({entry_point.value}) does not export a DatasetKind named {name!r}")
+        raise DataError(
+            f"the plugin dataset {name!r} ({entry_point.value}) does not export a DatasetKind named {name!r}"
+        )
     return kind
 
 
@@ -99,13 +102,17 @@ def _parse_args(kind: DatasetKind[A], args: dict[str, Any]) -> A:
         ) from None
 
 
-def dataset_spec(name: str, args: dict[str, Any], data_root: Path | None = None) -> DataSpec:
+def _as_path(data_root: Path | str | None) -> Path | None:
+    return None if data_root is None else Path(data_root)
+
+
+def dataset_spec(name: str, args: dict[str, Any], data_root: Path | str | None = None) -> DataSpec:
     """The DataSpec without loading the data (reads at most file headers); validates name, args and paths."""
     kind = _kind(name)
-    return kind.spec(_parse_args(kind, args), data_root)
+    return kind.spec(_parse_args(kind, args), _as_path(data_root))
 
 
-def get_dataset(name: str, args: dict[str, Any], data_root: Path | None = None) -> Dataset:
+def get_dataset(name: str, args: dict[str, Any], data_root: Path | str | None = None) -> Dataset:
     """Load a dataset by name; user files are read only from under ``data_root``."""
     kind = _kind(name)
-    return kind.load(_parse_args(kind, args), data_root)
+    return kind.load(_parse_args(kind, args), _as_path(data_root))
