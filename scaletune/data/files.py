@@ -65,11 +65,16 @@ class NpzLayout:
     has_eval: bool
 
 
-def _npy_header(archive: np.lib.npyio.NpzFile, name: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
-    with archive.zip.open(f"{name}.npy") as member:
-        version = np.lib.format.read_magic(member)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(member)
+def _npy_header(archive: np.lib.npyio.NpzFile, name: str, shown: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Shape and dtype from the member's header, without reading the array."""
+    try:
+        with archive.zip.open(f"{name}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(member)
+    except (KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{shown}: array {name!r} is unreadable ({exc}); write the file with numpy.savez") from None
     return shape, dtype
 
 
@@ -77,8 +82,8 @@ def _check_pair(
     archive: np.lib.npyio.NpzFile, x_name: str, y_name: str, shown: str, example_shape: tuple[int, ...] | None
 ) -> tuple[tuple[int, ...], np.ndarray]:
     """Check x/y headers and label values; returns x's shape and the labels."""
-    x_shape, x_dtype = _npy_header(archive, x_name)
-    y_shape, y_dtype = _npy_header(archive, y_name)
+    x_shape, x_dtype = _npy_header(archive, x_name, shown)
+    y_shape, y_dtype = _npy_header(archive, y_name, shown)
     if x_dtype.kind != "f" or len(x_shape) < 2:
         raise DataError(
             f"{shown}: {x_name!r} must be a float array shaped (N, features...), such as float32 (N, 20) "

@@ -165,9 +165,9 @@ def test_npz_splits_off_eval_deterministically_and_disjointly(tmp_path: Path) ->
     assert torch.equal(next(again.eval_batches(100))[0], x_eval)
 
 
-def test_npz_with_its_own_eval_arrays_uses_them(tmp_path: Path) -> None:
+def test_compressed_npz_with_its_own_eval_arrays_uses_them(tmp_path: Path) -> None:
     train, held_out = classification_arrays(n=20), classification_arrays(n=8)
-    write_npz(tmp_path / "d.npz", x=train["x"].reshape(20, 1, 5), y=train["y"],
+    np.savez_compressed(tmp_path / "d.npz", x=train["x"].reshape(20, 1, 5), y=train["y"],
               x_eval=held_out["x"].reshape(8, 1, 5), y_eval=held_out["y"] + 4)
     assert dataset_spec("npz", {"path": "d.npz"}, tmp_path).num_outputs == 7  # labels of both splits count
     x_eval, y_eval = next(get_dataset("npz", {"path": "d.npz"}, tmp_path).eval_batches(100))
