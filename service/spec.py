@@ -136,6 +136,12 @@ class TuneSpec(_Strict):
 # New kinds (transfer_check, shape_schedule) join this union as further models with their own ``kind``.
 StudySpec = Annotated[TuneSpec, Field(discriminator="kind")]
 STUDY_SPEC = TypeAdapter(StudySpec)
+SPEC_KINDS = ("tune",)
+
+
+def without_kind_tag(loc: Loc) -> Loc:
+    """Pydantic puts the union tag in error paths (``tune.n_trials``); users wrote ``n_trials``."""
+    return loc[1:] if loc and loc[0] in SPEC_KINDS else loc
 
 
 @dataclass(frozen=True)
@@ -257,7 +263,7 @@ def parse_spec(data: Any, settings: Settings) -> TuneSpec:
     try:
         spec = STUDY_SPEC.validate_python(data)
     except ValidationError as error:
-        raise SpecError([SpecProblem(tuple(e["loc"]), e["msg"]) for e in error.errors()]) from None
+        raise SpecError([SpecProblem(without_kind_tag(tuple(e["loc"])), e["msg"]) for e in error.errors()]) from None
     check_spec(spec, settings)
     return spec
 

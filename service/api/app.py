@@ -1,0 +1,90 @@
+"""The FastAPI application factory: wiring of settings, database, Optuna storage, broker client and routers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.api import health, studies
+from service.api.body_limit import BodySizeLimit
+from service.api.state import ServiceState
+from service.db import create_db_engine, database_is_current, make_session_factory
+from service.optuna_study import get_storage
+from service.queue import make_celery, trial_sender
+from service.reconcile import reconcile_forever
+from service.settings import Settings
+from service.spec import SpecError, without_kind_tag
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseNotMigrated(RuntimeError):
+    pass
+
+
+def _spec_error_response(_request: Request, error: Exception) -> JSONResponse:
+    """Same shape as FastAPI's own 422s, so clients read structural and semantic problems alike."""
+    assert isinstance(error, SpecError)
+    detail = [{"type": "value_error", "loc": ["body", *p.loc], "msg": p.msg} for p in error.problems]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _validation_error_response(_request: Request, error: Exception) -> JSONResponse:
+    """FastAPI's 422 body, with the spec-kind tag taken out of body paths so they match the user's document."""
+    assert isinstance(error, RequestValidationError)
+    detail = []
+    for problem in error.errors():
+        loc = tuple(problem["loc"])
+        if loc[:1] == ("body",):
+            loc = ("body", *without_kind_tag(loc[1:]))
+        detail.append({**problem, "loc": list(loc)})
+    return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
+
+
+def _open_state(settings: Settings) -> ServiceState:
+    if not database_is_current(settings.DATABASE_URL):
+        raise DatabaseNotMigrated(f"the database at {settings.DATABASE_URL} is not at the current schema version; "
+                                  "run `scaletune migrate` first")
+    engine = create_db_engine(settings.DATABASE_URL)
+    celery = make_celery(settings)
+    return ServiceState(settings=settings, engine=engine, session_factory=make_session_factory(engine),
+                        storage=get_storage(settings.DATABASE_URL), celery=celery, enqueue=trial_sender(celery))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; on startup it refuses an unmigrated database, and optionally runs the reconciler thread."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.ensure_dirs()
+        state = _open_state(settings)
+        app.state.service = state
+        stop = threading.Event()
+        reconciler = threading.Thread(target=reconcile_forever, args=(settings, stop), name="reconciler",
+                                      daemon=True)
+        if settings.RECONCILE_IN_API:
+            reconciler.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if reconciler.is_alive():
+                reconciler.join()
+            state.engine.dispose()
+
+    app = FastAPI(title="scaletune", version="0.1.0", lifespan=lifespan,
+                  description="Tune hyperparameters on small proxy models and transfer them to the large target.")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES)
+    app.add_exception_handler(SpecError, _spec_error_response)
+    app.add_exception_handler(RequestValidationError, _validation_error_response)
+    app.include_router(health.router)
+    app.include_router(studies.router)
+    return app

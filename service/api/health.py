@@ -1,0 +1,38 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from service.api.state import ServiceState, service_state
+from service.queue import broker_reachable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is alive")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _database_reachable(state: ServiceState) -> bool:
+    try:
+        with state.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+
+
+@router.get("/readyz", summary="Database and broker are reachable (503 otherwise)",
+            responses={503: {"description": "a dependency is down; the body says which"}})
+def readyz(state: Annotated[ServiceState, Depends(service_state)]) -> JSONResponse:
+    checks = {"database": _database_reachable(state), "broker": broker_reachable(state.celery)}
+    ready = all(checks.values())
+    return JSONResponse({"status": "ready" if ready else "not ready",
+                         "checks": {name: "ok" if ok else "unreachable" for name, ok in checks.items()}},
+                        status_code=200 if ready else 503)

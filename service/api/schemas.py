@@ -1,0 +1,124 @@
+"""Response bodies of the HTTP API (typed, so /docs documents them)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from service.models import Study, TrialAttempt
+from service.spec import TuneSpec
+
+
+class StudyLinks(BaseModel):
+    self: str
+    trials: str
+    cancel: str
+
+
+def study_links(study_id: str) -> StudyLinks:
+    base = f"/v1/studies/{study_id}"
+    return StudyLinks(self=base, trials=f"{base}/trials", cancel=f"{base}/cancel")
+
+
+class StudyCreated(BaseModel):
+    id: str
+    status: str
+    links: StudyLinks
+
+
+class StudySummary(BaseModel):
+    id: str
+    name: str
+    kind: str
+    status: str
+    n_trials: int
+    best_value: float | None
+    created_at: datetime
+    finished_at: datetime | None
+    links: StudyLinks
+
+    @classmethod
+    def of(cls, study: Study) -> StudySummary:
+        return cls(id=study.id, name=study.name, kind=study.kind, status=study.status,
+                   n_trials=study.spec["n_trials"], best_value=study.best_value, created_at=study.created_at,
+                   finished_at=study.finished_at, links=study_links(study.id))
+
+
+class StudyPage(BaseModel):
+    items: list[StudySummary]
+    total: int = Field(description="studies matching the filter, over all pages")
+    limit: int
+    offset: int
+
+
+class StudyDetail(BaseModel):
+    id: str
+    name: str
+    kind: str
+    status: str
+    spec: TuneSpec
+    trial_counts: dict[str, int] = Field(description="attempts per state (a retried trial counts once per attempt)")
+    best_value: float | None
+    best_params: dict[str, Any] | None
+    error: str | None
+    optuna_study_name: str = Field(description="open it with optuna-dashboard on the same database")
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    links: StudyLinks
+
+    @classmethod
+    def of(cls, study: Study, counts: dict[str, int]) -> StudyDetail:
+        return cls(id=study.id, name=study.name, kind=study.kind, status=study.status,
+                   spec=TuneSpec.model_validate(study.spec), trial_counts=counts, best_value=study.best_value,
+                   best_params=study.best_params, error=study.error, optuna_study_name=study.optuna_study_name,
+                   created_at=study.created_at, updated_at=study.updated_at, finished_at=study.finished_at,
+                   links=study_links(study.id))
+
+
+class EvalPointOut(BaseModel):
+    step: int
+    samples: int | None = None
+    flops: float | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+
+
+class TrialOut(BaseModel):
+    id: str = Field(description="the attempt's id")
+    number: int | None = Field(description="Optuna's trial number; null until a worker has started it")
+    attempt: int
+    retry_of: str | None
+    state: str
+    params: dict[str, Any] | None
+    value: float | None
+    intermediate: list[EvalPointOut]
+    failure_reason: str | None
+    worker: str | None
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None = Field(description="training time in seconds")
+    flops: float | None
+
+    @classmethod
+    def of(cls, attempt: TrialAttempt) -> TrialOut:
+        return cls(id=attempt.id, number=attempt.number, attempt=attempt.attempt, retry_of=attempt.retry_of,
+                   state=attempt.state, params=attempt.params, value=attempt.value,
+                   intermediate=[EvalPointOut.model_validate(p) for p in attempt.intermediate],
+                   failure_reason=attempt.failure_reason, worker=attempt.worker, queued_at=attempt.queued_at,
+                   started_at=attempt.started_at, finished_at=attempt.finished_at, duration_s=attempt.seconds,
+                   flops=attempt.flops)
+
+
+class TrialPage(BaseModel):
+    items: list[TrialOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class Problem(BaseModel):
+    detail: str

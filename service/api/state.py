@@ -1,0 +1,29 @@
+"""What the routers share, built once in the app's lifespan and reached through ``request.app.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from fastapi import Request
+from optuna.storages import RDBStorage
+from sqlalchemy import Engine
+
+from service.db import SessionFactory
+from service.queue import Enqueue
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    settings: Settings
+    engine: Engine
+    session_factory: SessionFactory
+    storage: RDBStorage
+    celery: Celery
+    enqueue: Enqueue
+
+
+def service_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
