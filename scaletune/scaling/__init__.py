@@ -1,0 +1,1 @@
+"""Scaling-law fits per shape and adaptive shape schedules derived from them."""
