@@ -85,7 +85,7 @@ def upgrade_database(url: str, revision: str = "head") -> None:
     from service.optuna_study import get_storage
 
     command.upgrade(_alembic_config(url), revision)
-    get_storage(normalise_database_url(url))
+    get_storage(url)
 
 
 def downgrade_database(url: str, revision: str = "base") -> None:

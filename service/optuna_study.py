@@ -11,6 +11,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.storages import RDBStorage
 
 from service.db import SQLITE_BUSY_TIMEOUT_S, is_sqlite
+from service.settings import normalise_database_url
 from service.spec import CategoricalParam, FloatParam, TuneSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -19,6 +20,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 @lru_cache(maxsize=8)
 def get_storage(url: str) -> RDBStorage:
     """One storage per process and URL: building it checks (and on first use creates) Optuna's schema."""
+    url = normalise_database_url(url)
     engine_kwargs: dict[str, Any] = (
         {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if is_sqlite(url) else {"pool_pre_ping": True})
     return RDBStorage(url, engine_kwargs=engine_kwargs)

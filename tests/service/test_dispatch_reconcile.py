@@ -1,0 +1,161 @@
+"""Dispatcher idempotency and study completion; the reconciler's stale-trial, retry and re-send rules."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import TrialState as OptunaState
+from sqlalchemy import select, update
+
+from service.db import SessionFactory
+from service.dispatch import dispatch
+from service.models import Event, Study, TrialAttempt, TrialState, utcnow
+from service.reconcile import reconcile_once
+from service.settings import Settings
+from service.spec import STUDY_SPEC
+from service.studies import create_study
+from service.trials import Outcome, claim_attempt, finish_attempt, record_asked
+
+if TYPE_CHECKING:
+    from tests.service.conftest import SentTasks
+
+
+def _study(session_factory: SessionFactory, storage: Any, spec_dict: dict[str, Any], **changes: Any) -> Study:
+    return create_study(session_factory, storage, STUDY_SPEC.validate_python({**spec_dict, **changes}))
+
+
+def _attempts(session_factory: SessionFactory, study_id: str) -> list[TrialAttempt]:
+    with session_factory() as session:
+        return list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study_id)
+                                    .order_by(TrialAttempt.queued_at)))
+
+
+def _start(session_factory: SessionFactory, storage: Any, study: Study, attempt_id: str) -> int:
+    """What a worker does before training: claim the attempt and ask Optuna for a trial."""
+    assert claim_attempt(session_factory, attempt_id, "test-worker", None) is not None
+    trial = optuna.load_study(study_name=study.optuna_study_name, storage=storage).ask({
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    record_asked(session_factory, attempt_id, trial.number, trial.params)
+    return trial.number
+
+
+def _age_heartbeat(session_factory: SessionFactory, attempt_id: str, seconds: float) -> None:
+    with session_factory.begin() as session:
+        session.execute(update(TrialAttempt).where(TrialAttempt.id == attempt_id)
+                        .values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
+
+
+def test_dispatch_twice_adds_no_extra_attempts(session_factory: SessionFactory, storage: Any,
+                                               spec_dict: dict[str, Any], sent: SentTasks) -> None:
+    study = _study(session_factory, storage, spec_dict, n_trials=5, parallelism=3)
+    first = dispatch(session_factory, study.id, sent)
+    second = dispatch(session_factory, study.id, sent)
+    assert len(first) == 3 and second == []
+    assert sent.ids() == first and {queue for _, queue in sent} == {"cpu"}
+    assert len(_attempts(session_factory, study.id)) == 3
+
+
+def test_dispatch_tops_up_to_remaining_then_completes_the_study(session_factory: SessionFactory, storage: Any,
+                                                                spec_dict: dict[str, Any], sent: SentTasks,
+                                                                migrated: Settings) -> None:
+    study = _study(session_factory, storage, spec_dict, n_trials=3, parallelism=2)
+    assert len(dispatch(session_factory, study.id, sent)) == 2
+    for value in (0.5, 0.3, 0.4):
+        attempt = next(a for a in _attempts(session_factory, study.id) if a.state == TrialState.queued)
+        _start(session_factory, storage, study, attempt.id)
+        finish_attempt(session_factory, attempt.id, Outcome(TrialState.complete, value=value), migrated.MAX_RETRIES)
+        dispatch(session_factory, study.id, sent)
+    # 2 at first, then one top-up after the first finish; none after that (nothing remained to start).
+    assert len(sent) == 3
+    assert [a.state for a in _attempts(session_factory, study.id)] == ["complete"] * 3
+    with session_factory() as session:
+        done = session.get_one(Study, study.id)
+        events = session.scalars(select(Event.type).where(Event.study_id == study.id)).all()
+    assert done.status == "completed" and done.best_value == 0.3 and done.finished_at is not None
+    assert events.count("study_finished") == 1 and events.count("trial_finished") == 3
+
+
+def test_finishing_an_attempt_twice_changes_nothing(session_factory: SessionFactory, storage: Any,
+                                                    spec_dict: dict[str, Any], sent: SentTasks) -> None:
+    study = _study(session_factory, storage, spec_dict, n_trials=2, parallelism=1)
+    [attempt_id] = dispatch(session_factory, study.id, sent)
+    _start(session_factory, storage, study, attempt_id)
+    assert finish_attempt(session_factory, attempt_id, Outcome(TrialState.complete, value=0.7), 2) is not None
+    assert finish_attempt(session_factory, attempt_id, Outcome(TrialState.failed, failure_reason="error: x"), 2) is None
+    [attempt] = _attempts(session_factory, study.id)
+    assert attempt.state == "complete" and attempt.value == 0.7 and attempt.failure_reason is None
+
+
+def test_reconciler_fails_a_stale_attempt_and_queues_a_retry_with_the_same_params(
+        session_factory: SessionFactory, storage: Any, spec_dict: dict[str, Any], sent: SentTasks,
+        migrated: Settings) -> None:
+    study = _study(session_factory, storage, spec_dict, n_trials=1, parallelism=1)
+    [attempt_id] = dispatch(session_factory, study.id, sent)
+    number = _start(session_factory, storage, study, attempt_id)
+    _age_heartbeat(session_factory, attempt_id, migrated.STALE_AFTER + 1)
+
+    actions = reconcile_once(session_factory, sent, migrated)
+
+    assert [a.kind for a in actions] == ["failed_stale", "retried"]
+    old, retry = _attempts(session_factory, study.id)
+    assert old.state == "failed" and old.failure_reason == "worker_lost"
+    assert retry.state == "queued" and retry.retry_of == old.id and retry.attempt == 2
+    assert retry.params == old.params
+    assert sent.ids()[-1] == retry.id
+    optuna_trial = optuna.load_study(study_name=study.optuna_study_name, storage=storage).trials[number]
+    assert optuna_trial.state == OptunaState.FAIL
+    # A healthy attempt is left alone.
+    assert reconcile_once(session_factory, sent, migrated) == []
+
+
+def test_reconciler_stops_retrying_after_max_retries(session_factory: SessionFactory, storage: Any,
+                                                     spec_dict: dict[str, Any], sent: SentTasks,
+                                                     migrated: Settings) -> None:
+    study = _study(session_factory, storage, spec_dict, n_trials=1, parallelism=1)
+    attempt_id = dispatch(session_factory, study.id, sent)[0]
+    for _ in range(migrated.MAX_RETRIES + 1):
+        _start(session_factory, storage, study, attempt_id)
+        _age_heartbeat(session_factory, attempt_id, migrated.STALE_AFTER + 1)
+        reconcile_once(session_factory, sent, migrated)
+        attempt_id = sent.ids()[-1]
+    attempts = _attempts(session_factory, study.id)
+    assert [a.attempt for a in attempts] == [1, 2, 3]
+    assert all(a.state == "failed" for a in attempts)
+    with session_factory() as session:
+        done = session.get_one(Study, study.id)
+    assert done.status == "failed" and "no trial produced a value" in (done.error or "")
+
+
+def test_diverged_and_invalid_trials_are_never_retried(session_factory: SessionFactory, storage: Any,
+                                                       spec_dict: dict[str, Any], sent: SentTasks,
+                                                       migrated: Settings) -> None:
+    study = _study(session_factory, storage, spec_dict, n_trials=4, parallelism=3)
+    diverged, invalid, error = dispatch(session_factory, study.id, sent)
+    outcomes = {diverged: Outcome(TrialState.diverged),
+                invalid: Outcome(TrialState.failed, failure_reason="invalid: ValueError: width too small"),
+                error: Outcome(TrialState.failed, failure_reason="error: RuntimeError: CUDA error")}
+    retries = {}
+    for attempt_id, outcome in outcomes.items():
+        _start(session_factory, storage, study, attempt_id)
+        finished = finish_attempt(session_factory, attempt_id, outcome, migrated.MAX_RETRIES)
+        assert finished is not None
+        retries[attempt_id] = finished.retry
+    assert retries[diverged] is None and retries[invalid] is None
+    assert retries[error] is not None and retries[error].retry_of == error
+
+
+def test_reconciler_resends_queued_attempts_nobody_claimed(session_factory: SessionFactory, storage: Any,
+                                                           spec_dict: dict[str, Any], sent: SentTasks,
+                                                           migrated: Settings) -> None:
+    study = _study(session_factory, storage, spec_dict, n_trials=2, parallelism=2)
+    queued = dispatch(session_factory, study.id, sent)
+    sent.clear()
+    assert reconcile_once(session_factory, sent, migrated) == []
+
+    later = utcnow() + timedelta(seconds=migrated.REQUEUE_AFTER + 1)
+    actions = reconcile_once(session_factory, sent, migrated, now=later)
+    assert sorted(a.attempt_id for a in actions if a.kind == "resent") == sorted(queued)
+    assert sorted(sent.ids()) == sorted(queued)
+    assert len(_attempts(session_factory, study.id)) == 2

@@ -1,0 +1,82 @@
+"""Migrations from an empty database to head and back, on SQLite and on a fresh PostgreSQL database."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import inspect
+
+from service.db import create_db_engine, database_is_current, downgrade_database, make_session_factory, \
+    upgrade_database
+from service.dispatch import dispatch
+from service.optuna_study import get_storage
+from service.spec import STUDY_SPEC
+from service.studies import create_study
+
+OUR_TABLES = {"st_studies", "st_trials", "st_events", "st_alembic_version"}
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throwaway database on the local PostgreSQL server, dropped afterwards."""
+    name = f"scaletune_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'empty.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_db_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_empty_then_downgrade_to_base(empty_database: str) -> None:
+    assert not database_is_current(empty_database)
+
+    upgrade_database(empty_database)
+
+    tables = _tables(empty_database)
+    assert OUR_TABLES <= tables
+    assert {"studies", "trials", "alembic_version"} <= tables, "Optuna's storage lives beside ours"
+    assert database_is_current(empty_database)
+
+    downgrade_database(empty_database)
+
+    tables = _tables(empty_database)
+    assert not (OUR_TABLES - {"st_alembic_version"}) & tables
+    assert "studies" in tables, "our downgrade leaves Optuna's tables alone"
+    assert not database_is_current(empty_database)
+
+
+def test_create_and_dispatch_on_postgresql(postgres_url: str, spec_dict: dict[str, Any]) -> None:
+    upgrade_database(postgres_url)
+    engine = create_db_engine(postgres_url)
+    session_factory = make_session_factory(engine)
+    sent: list[str] = []
+    try:
+        study = create_study(session_factory, get_storage(postgres_url), STUDY_SPEC.validate_python(spec_dict))
+        first = dispatch(session_factory, study.id, lambda attempt_id, _queue: sent.append(attempt_id))
+        again = dispatch(session_factory, study.id, lambda attempt_id, _queue: sent.append(attempt_id))
+    finally:
+        engine.dispose()
+    assert len(first) == spec_dict["parallelism"] and again == [] and sent == first
