@@ -83,7 +83,7 @@ def up(
 
     def announce(url: str) -> None:
         console.print(f"scaletune is up at {url}  (API docs: {url}/docs). Press Ctrl-C to stop.", style="bold green",
-                      markup=False)
+                      markup=False, soft_wrap=True)
         console.file.flush()
 
     raise typer.Exit(run_up(settings, host, port, workers, gpus, announce))
