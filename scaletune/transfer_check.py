@@ -201,19 +201,16 @@ def analyse(records: Iterable[TrialRecord | dict[str, Any]], tolerance: float = 
                                direction=direction, reasons=reasons, tolerance=tolerance)
 
 
-def plot(result: TransferCheckResult, path: str | Path, title: str | None = None) -> Path:
-    """Loss vs log2 LR, one curve per size; diverged points are drawn as crosses along the top edge."""
-    import matplotlib
+def draw(result: TransferCheckResult, ax: Any, title: str | None = None) -> None:
+    """Loss vs log2 LR on ``ax``, one curve per size; diverged points are drawn as crosses along the top edge."""
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     finite = [y for s in result.sizes for y in s.mean_loss if y is not None]
     top = max(finite) if finite else 1.0
     bottom = min(finite) if finite else 0.0
-    ceiling = top + 0.08 * max(top - bottom, 1e-6)
-    colors = plt.cm.viridis(np.linspace(0.0, 0.9, len(result.sizes)))
+    pad = 0.08 * max(top - bottom, 1e-6)
+    ceiling = top + pad
+    colors = colormaps["viridis"](np.linspace(0.0, 0.9, len(result.sizes)))
     for s, color in zip(result.sizes, colors):
         xs = [x for x, y in zip(s.log2_lrs, s.mean_loss) if y is not None]
         ys = [y for y in s.mean_loss if y is not None]
@@ -222,11 +219,22 @@ def plot(result: TransferCheckResult, path: str | Path, title: str | None = None
         ax.plot(bad, [ceiling] * len(bad), "x", color=color, ms=7, mew=2)
         if s.optimum_log2_lr is not None:
             ax.axvline(s.optimum_log2_lr, color=color, ls=":", lw=1)
-    ax.set_ylim(bottom - 0.05 * max(top - bottom, 1e-6), ceiling + 0.05 * max(top - bottom, 1e-6))
+    ax.set_ylim(bottom - pad, ceiling + pad)
     ax.set_xlabel("log2 learning rate (x = diverged)")
     ax.set_ylabel("final eval loss (mean over seeds)")
-    ax.set_title(title or f"transfer check: {result.verdict}")
-    ax.legend(fontsize=8)
+    ax.set_title(title or f"transfer check: {result.verdict}", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def plot(result: TransferCheckResult, path: str | Path, title: str | None = None) -> Path:
+    """Write the loss-vs-LR figure of one transfer check as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    draw(result, ax, title)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
