@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from service.cli import server
+from service.cli.coord import coord_check_command
 
 app = typer.Typer(
     name="scaletune",
@@ -17,6 +18,7 @@ app.command("migrate")(server.migrate)
 app.command("api")(server.api)
 app.command("worker")(server.worker)
 app.command("reconciler")(server.reconciler)
+app.command("coord-check")(coord_check_command)
 
 
 def main() -> None:

@@ -1,0 +1,96 @@
+"""The scaletune command line: help for every command, the checks it makes before starting anything."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.cli.server import parse_gpus
+from service.db import database_is_current
+from service.embedded import physical_gpu, worker_fleet
+from service.settings import Settings
+
+COMMANDS = ["up", "migrate", "api", "worker", "reconciler", "coord-check"]
+runner = CliRunner()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for key in ("SCALETUNE_DATABASE_URL", "SCALETUNE_BROKER_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SCALETUNE_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_every_command_is_registered() -> None:
+    result = runner.invoke(app, ["--help"], prog_name="scaletune")
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_an_example(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], prog_name="scaletune")
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+    assert re.search(rf"scaletune {command}\b", result.output.split("Example", 1)[1])
+
+
+def test_up_refuses_a_network_address_without_no_auth() -> None:
+    result = runner.invoke(app, ["up", "--host", "0.0.0.0"], prog_name="scaletune")
+    assert result.exit_code == 2
+    assert "--no-auth" in result.output
+    assert "no authentication" in result.output
+
+
+def test_api_refuses_an_unmigrated_database(home: Path) -> None:
+    result = runner.invoke(app, ["api"], prog_name="scaletune")
+    assert result.exit_code == 1
+    assert "scaletune migrate" in result.output
+
+
+def test_migrate_brings_the_database_to_head(home: Path) -> None:
+    result = runner.invoke(app, ["migrate"], prog_name="scaletune")
+    assert result.exit_code == 0, result.output
+    assert database_is_current(Settings().DATABASE_URL)
+    assert (home / "scaletune.db").exists()
+
+
+def test_parse_gpus() -> None:
+    assert parse_gpus(None, 3) == [0, 1, 2]
+    assert parse_gpus("all", 2) == [0, 1]
+    assert parse_gpus("0,2", 4) == [0, 2]
+    assert parse_gpus(None, 0) == []
+    with pytest.raises(typer.BadParameter, match="not visible"):
+        parse_gpus("0,2", 2)
+    with pytest.raises(typer.BadParameter, match="comma-separated"):
+        parse_gpus("first", 2)
+
+
+def test_one_pinned_gpu_worker_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fleet = worker_fleet([0, 1], cpu_workers=1, queues=None)
+    assert [spec.env["CUDA_VISIBLE_DEVICES"] for spec in fleet] == ["0", "1"]
+    for spec in fleet:
+        argv = " ".join(spec.argv)
+        assert "--queues gpu" in argv and "--pool solo" in argv and "--concurrency 1" in argv
+    assert len({spec.argv[spec.argv.index("--hostname") + 1] for spec in fleet}) == 2
+
+
+def test_without_gpus_cpu_workers_on_queue_cpu() -> None:
+    fleet = worker_fleet([], cpu_workers=2, queues=None)
+    assert len(fleet) == 2
+    for spec in fleet:
+        assert spec.argv[spec.argv.index("--queues") + 1] == "cpu"
+        assert "CUDA_VISIBLE_DEVICES" not in spec.env
+
+
+def test_gpu_pinning_respects_the_parents_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert [physical_gpu(0), physical_gpu(1)] == ["2", "3"]
