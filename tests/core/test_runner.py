@@ -1,0 +1,82 @@
+"""run_trial: a real family on a real dataset, the parameter cap, and input validation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from scaletune.data.registry import dataset_spec
+from scaletune.hparams import HParams
+from scaletune.models.registry import get_family
+from scaletune.runner import ModelTooLarge, TrialConfig, count_params, family_factory, run_trial
+from scaletune.shapes import Shape
+from scaletune.train import Budget
+
+
+def mlp_trial(**changes) -> TrialConfig:
+    cfg = TrialConfig(family="mlp", args={}, base=Shape(16, 2), shape=Shape(32, 2), parametrization="mup",
+                      optimizer="adamw", dataset="digits", dataset_args={}, hparams=HParams(lr=1e-2),
+                      budget=Budget(steps=30, batch_size=32, eval_every=10, eval_batches=4), seed=0, device="cpu")
+    return replace(cfg, **changes)
+
+
+def test_run_trial_trains_a_family_on_a_dataset() -> None:
+    cfg = mlp_trial()
+    result = run_trial(cfg)
+    assert result.status == "completed"
+    assert [p.step for p in result.curve] == [10, 20, 30]
+    assert result.final_eval_loss < result.curve[0].eval_loss < 2.3  # log(10) is chance on 10 digits
+    spec = dataset_spec("digits", {})
+    per_sample = get_family("mlp").train_flops_per_sample(cfg.shape, spec, cfg.args)
+    assert result.flops == pytest.approx(30 * 32 * per_sample)
+
+
+def test_run_trial_is_reproducible_and_seed_dependent() -> None:
+    a, b, c = run_trial(mlp_trial()), run_trial(mlp_trial()), run_trial(mlp_trial(seed=1))
+    assert [p.eval_loss for p in a.curve] == [p.eval_loss for p in b.curve]
+    assert [p.eval_loss for p in a.curve] != [p.eval_loss for p in c.curve]
+
+
+def test_run_trial_passes_eval_points_to_the_callback() -> None:
+    result = run_trial(mlp_trial(), callback=lambda point: point.step >= 20)
+    assert result.status == "stopped" and result.steps == 20
+
+
+def test_count_params_matches_the_real_model() -> None:
+    family, spec = get_family("gpt"), dataset_spec("pytext", {})
+    shape = Shape(32, 2)
+    factory = family_factory(family, shape, spec, {})
+    real = factory(shape.width, shape.depth)
+    assert count_params(factory, shape) == sum(p.numel() for p in real.parameters())
+
+
+def test_oversized_model_is_refused_before_allocation() -> None:
+    huge = Shape(1_000_000, 64)  # trillions of parameters: allocating would fail, counting on meta does not
+    started = time.perf_counter()
+    with pytest.raises(ModelTooLarge) as info:
+        run_trial(mlp_trial(shape=huge), max_params=10_000_000)
+    assert time.perf_counter() - started < 10
+    assert info.value.limit == 10_000_000 and info.value.count > 10**12
+    assert "10,000,000" in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_model_under_the_cap_runs() -> None:
+    assert run_trial(mlp_trial(budget=Budget(steps=2, batch_size=8, eval_every=2, eval_batches=1)),
+                     max_params=10_000_000).status == "completed"
+
+
+def test_invalid_shape_or_family_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="patch_size"):
+        run_trial(mlp_trial(shape=Shape(32, 2, patch_size=4)))
+    with pytest.raises(ValueError, match="unknown"):
+        run_trial(mlp_trial(family="no-such-family"))
+
+
+def test_divergence_is_reported_not_raised() -> None:
+    cfg = mlp_trial(optimizer="sgd", hparams=HParams(lr=1e30),
+                    budget=Budget(steps=10, batch_size=32, eval_every=5, grad_clip=None, schedule="constant"))
+    result = run_trial(cfg)
+    assert result.status == "diverged" and result.diverged_step is not None
