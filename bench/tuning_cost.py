@@ -1,0 +1,240 @@
+"""What does tuning on a proxy and transferring save, and what does it cost in target loss?
+
+For ``mlp`` (teacher data) and ``gpt`` (pytext): run N trials of Optuna TPE (fixed seed, in-process) on a
+small proxy and transfer the best to a target 16x wider and 4x deeper; run the same N trials with the same
+sampler and seeds directly at the target. Both searches live in the same base units (base shape = proxy),
+so they explore the same space. Then both winners are trained at the target on fresh seeds. Writes its
+section of docs/benchmarks.md and a plot into docs/img/.
+
+    .venv/bin/python bench/tuning_cost.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from common import IMG, make_pool, markdown_table, run_config, write_section
+
+from scaletune.data.registry import dataset_spec
+from scaletune.hparams import HParams
+from scaletune.models.registry import get_family
+from scaletune.runner import TrialConfig, count_params, family_factory
+from scaletune.shapes import Shape
+from scaletune.train import Budget
+
+SECTION = "Tuning cost: tune on a proxy and transfer vs tune at the target"
+SAMPLER_SEED = 0
+TRIAL_SEED = 0
+EVAL_SEEDS = (1, 2)  # fresh seeds for the final comparison, so neither winner is judged on the seed it was picked on
+WARMUP_FRAC = 0.05
+LOG2_LR_RANGE = (-10.0, -2.0)
+LOG2_OUTPUT_MULT_RANGE = (-3.0, 3.0)
+LOSS_TARGET = 0.01  # transferred target loss within 1% of the directly tuned one
+COST_TARGET = 50.0
+
+
+@dataclass(frozen=True)
+class Setup:
+    family: str
+    args: dict[str, Any]
+    dataset: str
+    dataset_args: dict[str, Any]
+    parametrization: str
+    proxy: Shape
+    target: Shape
+    budget: Budget
+    trials: int
+    startup_trials: int
+
+    def config(self, shape: Shape, hparams: HParams, seed: int) -> TrialConfig:
+        return TrialConfig(family=self.family, args=self.args, base=self.proxy, shape=shape,
+                           parametrization=self.parametrization, optimizer="adamw", dataset=self.dataset,
+                           dataset_args=self.dataset_args, budget=self.budget, hparams=hparams, seed=seed,
+                           device="cpu")
+
+    def params(self, shape: Shape) -> int:
+        spec = dataset_spec(self.dataset, self.dataset_args)
+        return count_params(family_factory(get_family(self.family), shape, spec, self.args), shape)
+
+
+@dataclass
+class Search:
+    """One TPE search: every trial's loss (None = diverged) and compute, and the best settings."""
+
+    best: dict[str, float]
+    best_loss: float
+    losses: list[float | None] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+
+
+def hparams_of(values: dict[str, float]) -> HParams:
+    return HParams(lr=values["lr"], output_mult=values["output_mult"], warmup_frac=WARMUP_FRAC)
+
+
+def tune(setup: Setup, shape: Shape) -> Search:
+    """TPE over (lr, output_mult) in base units at ``shape``; a diverged trial is told as failed."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=SAMPLER_SEED, n_startup_trials=setup.startup_trials)
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    losses, flops, cpu = [], [], []
+    for _ in range(setup.trials):
+        trial = study.ask()
+        values = {"lr": 2.0 ** trial.suggest_float("log2_lr", *LOG2_LR_RANGE),
+                  "output_mult": 2.0 ** trial.suggest_float("log2_output_mult", *LOG2_OUTPUT_MULT_RANGE)}
+        trial.set_user_attr("values", values)
+        outcome = run_config(setup.config(shape, hparams_of(values), TRIAL_SEED))
+        if outcome.loss is None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, outcome.loss)
+        losses.append(outcome.loss)
+        flops.append(outcome.flops)
+        cpu.append(outcome.cpu_seconds)
+    return Search(best=study.best_trial.user_attrs["values"], best_loss=study.best_value,
+                  losses=losses, flops=flops, cpu_seconds=cpu)
+
+
+def setups(quick: bool) -> list[Setup]:
+    """Targets 16x wider and 4x deeper than the proxies (quick: 4x and 2x)."""
+    target_width, target_depth = (64, 2) if quick else (256, 4)
+    trials, startup = (3, 2) if quick else (10, 4)
+    return [
+        Setup("mlp", {}, "teacher", {}, "depth_mup", Shape(16, 1), Shape(target_width, target_depth),
+              Budget(steps=30 if quick else 300, batch_size=32, eval_every=10_000), trials, startup),
+        Setup("gpt", {"head_dim": 8}, "pytext", {"seq_len": 32, "max_bytes": 2_000_000, "eval_windows": 128},
+              "completep", Shape(16, 1), Shape(target_width, target_depth),
+              Budget(steps=20 if quick else 150, batch_size=8, eval_every=10_000), trials, startup),
+    ]
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def best_so_far(losses: list[float | None]) -> list[float]:
+    out, best = [], math.inf
+    for loss in losses:
+        best = min(best, loss if loss is not None else math.inf)
+        out.append(best)
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.0 * len(rows), 3.8), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        direct: Search = row["direct"]
+        proxy: Search = row["proxy"]
+        ax.step(np.cumsum(direct.flops), best_so_far(direct.losses), where="post", color="tab:red",
+                label="tuned at target: best so far (seed 0)")
+        ax.plot([sum(proxy.flops)], [row["transferred_loss"]], "o", color="tab:blue", ms=8,
+                label="tuned at proxy, transferred (fresh seeds)")
+        ax.axhline(row["direct_loss"], color="tab:red", ls=":", label="target-tuned best (fresh seeds)")
+        ax.set_xscale("log")
+        ax.set_xlabel("tuning compute (training FLOPs)")
+        ax.set_ylabel("target eval loss")
+        ax.set_title(f"{row['setup'].family}: proxy {row['setup'].proxy.width}x{row['setup'].proxy.depth} -> "
+                     f"target {row['setup'].target.width}x{row['setup'].target.depth}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def report(rows: list[dict[str, Any]], image: Path, wall: float, quick: bool) -> str:
+    table_rows = []
+    for row in rows:
+        s, proxy, direct = row["setup"], row["proxy"], row["direct"]
+        flop_ratio = sum(direct.flops) / sum(proxy.flops)
+        cpu_ratio = sum(direct.cpu_seconds) / sum(proxy.cpu_seconds)
+        t, d = row["transferred_loss"], row["direct_loss"]
+        gap = None if t is None or d is None else (t - d) / d
+        met = "-" if gap is None else \
+            f"cost {'met' if flop_ratio >= COST_TARGET else 'NOT met'}, loss {'met' if gap <= LOSS_TARGET else 'NOT met'}"
+        table_rows.append([
+            s.family, s.parametrization,
+            f"{s.proxy.width}x{s.proxy.depth} ({row['proxy_params']:,}) -> {s.target.width}x{s.target.depth} "
+            f"({row['target_params']:,})",
+            s.trials, f"{sum(proxy.flops):.3g} / {sum(direct.flops):.3g}", f"{flop_ratio:.0f}x",
+            f"{sum(proxy.cpu_seconds):.1f} / {sum(direct.cpu_seconds):.1f}", f"{cpu_ratio:.1f}x",
+            "-" if t is None else f"{t:.4f}", "-" if d is None else f"{d:.4f}",
+            "-" if gap is None else f"{100 * gap:+.2f}%", met,
+        ])
+    table = markdown_table(
+        ["family", "parametrization", "proxy -> target (params)", "trials N", "tuning FLOPs proxy / target",
+         "FLOP ratio", "tuning CPU s proxy / target", "CPU ratio", "target loss, transferred",
+         "target loss, tuned at target", "gap", "targets"], table_rows)
+    best = "\n".join(
+        f"- `{row['setup'].family}`: proxy best lr {row['proxy'].best['lr']:.3g}, output_mult "
+        f"{row['proxy'].best['output_mult']:.3g} (proxy loss {row['proxy'].best_loss:.4f}); target best lr "
+        f"{row['direct'].best['lr']:.3g}, output_mult {row['direct'].best['output_mult']:.3g} "
+        f"(search loss {row['direct'].best_loss:.4f}); {row['setup'].budget.steps} steps, batch "
+        f"{row['setup'].budget.batch_size}" for row in rows)
+    return f"""Command: `.venv/bin/python bench/tuning_cost.py{' --quick' if quick else ''}` ({wall / 60:.1f} min wall, 2 processes).
+
+Each search: N trials of Optuna TPE (seed {SAMPLER_SEED}, {rows[0]['setup'].startup_trials} random start-up trials)
+over log2 LR in {list(LOG2_LR_RANGE)} and log2 output multiplier in {list(LOG2_OUTPUT_MULT_RANGE)}, in base units
+(base shape = the proxy) for both searches, trial seed {TRIAL_SEED}; a diverged trial is told to Optuna as failed.
+Tuning compute counts the search only: the final training of the target is the same run either way. The
+losses compared are the mean over fresh seeds {list(EVAL_SEEDS)} of training each winner at the target.
+FLOPs are the trainer's analytic count; CPU seconds are per-process CPU time (one torch thread). Targets:
+FLOP ratio >= {COST_TARGET:.0f}x, transferred loss within {100 * LOSS_TARGET:.0f}% of the target-tuned one.
+
+{table}
+
+{best}
+
+![tuning cost](img/{image.name})
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes to a temp dir")
+    opts = parser.parse_args()
+    all_setups = setups(opts.quick)
+    started = time.perf_counter()
+    jobs = [(i, shape) for i, s in enumerate(all_setups) for shape in (s.target, s.proxy)]
+    jobs.sort(key=lambda job: -all_setups[job[0]].params(job[1]))  # longest searches first: both processes end together
+    with make_pool() as pool:
+        searches = pool.starmap(tune, [(all_setups[i], shape) for i, shape in jobs], chunksize=1)
+        results = {(i, shape): search for (i, shape), search in zip(jobs, searches)}
+        finals = [(i, which, s.config(s.target, hparams_of(results[(i, shape)].best), seed))
+                  for i, s in enumerate(all_setups) for which, shape in (("transferred", s.proxy), ("direct", s.target))
+                  for seed in EVAL_SEEDS]
+        outcomes = pool.map(run_config, [cfg for _, _, cfg in finals], chunksize=1)
+    wall = time.perf_counter() - started
+    rows = []
+    for i, s in enumerate(all_setups):
+        final = {which: mean_or_none([o.loss for (j, w, _), o in zip(finals, outcomes) if j == i and w == which])
+                 for which in ("transferred", "direct")}
+        rows.append({"setup": s, "proxy": results[(i, s.proxy)], "direct": results[(i, s.target)],
+                     "transferred_loss": final["transferred"], "direct_loss": final["direct"],
+                     "proxy_params": s.params(s.proxy), "target_params": s.params(s.target)})
+    img_dir = Path(tempfile.mkdtemp(prefix="tuning_cost_")) if opts.quick else IMG
+    image = plot(rows, img_dir / "tuning_cost.png")
+    body = report(rows, image, wall, opts.quick)
+    print(body)
+    if opts.quick:
+        print(f"(quick run: plot in {img_dir}; docs/benchmarks.md not touched)")
+    else:
+        write_section(SECTION, body)
+
+
+if __name__ == "__main__":
+    main()
