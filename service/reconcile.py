@@ -35,8 +35,12 @@ class Action:
 def _tell_optuna_failed(settings: Settings, study: Study, number: int | None) -> None:
     if number is None:
         return
-    optuna_study = optuna.load_study(study_name=study.optuna_study_name, storage=get_storage(settings.DATABASE_URL))
-    optuna_study.tell(number, state=OptunaState.FAIL, skip_if_finished=True)
+    try:
+        optuna_study = optuna.load_study(study_name=study.optuna_study_name,
+                                         storage=get_storage(settings.DATABASE_URL))
+        optuna_study.tell(number, state=OptunaState.FAIL, skip_if_finished=True)
+    except Exception:  # our row is the truth; a trial Optuna cannot close must not stall the reconciler
+        log.exception("could not mark Optuna trial %s of study %s failed", number, study.id)
 
 
 def fail_stale_attempts(session_factory: SessionFactory, enqueue: Enqueue, settings: Settings,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -13,10 +16,13 @@ from sqlalchemy import select
 from service.api.app import create_app
 from service.db import SessionFactory
 from service.dispatch import dispatch
-from service.models import Event, Study, TrialAttempt
+from service.models import Event, Study, TrialAttempt, utcnow
+from service.reconcile import reconcile_once
 from service.settings import Settings
+from service.optuna_study import distributions
 from service.spec import STUDY_SPEC
-from service.studies import create_study
+from service.studies import cancel_study, create_study
+from service.trials import claim_attempt, record_asked
 from workers.trial_task import WorkerContext, run_attempt
 
 if TYPE_CHECKING:
@@ -95,3 +101,51 @@ def test_trials_run_through_the_api_until_the_study_completes(
     assert detail["trial_counts"]["complete"] == 2
     assert first_trial["params"] == {"lr": 0.005}, "the enqueued point is tried first"
     assert len(first_trial["intermediate"]) == 2 and first_trial["duration_s"] > 0
+
+
+def test_a_retry_reruns_the_failed_attempts_params(ctx: WorkerContext, storage: Any, migrated: Settings,
+                                                   tiny_spec: dict[str, Any]) -> None:
+    tiny_spec["enqueue"] = [{"lr": 0.0042}]
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(tiny_spec))
+    [attempt_id] = dispatch(ctx.session_factory, study.id, ctx.enqueue)
+    assert claim_attempt(ctx.session_factory, attempt_id, "doomed-worker", None) is not None
+    doomed = optuna.load_study(study_name=study.optuna_study_name, storage=storage).ask(distributions(
+        STUDY_SPEC.validate_python(tiny_spec)))
+    record_asked(ctx.session_factory, attempt_id, doomed.number, doomed.params)  # the enqueued point, used up
+    later = utcnow() + timedelta(seconds=migrated.STALE_AFTER + 1)
+    [retry] = [a.attempt_id for a in reconcile_once(ctx.session_factory, ctx.enqueue, migrated, now=later)
+               if a.kind == "retried"]
+
+    assert run_attempt(ctx, retry) == "complete"
+
+    with ctx.session_factory() as session:
+        rerun = session.get_one(TrialAttempt, retry)
+    assert rerun.params == {"lr": 0.0042} and rerun.retry_of == attempt_id and rerun.attempt == 2
+    assert rerun.number == doomed.number + 1
+
+
+def test_cancelling_a_study_stops_its_running_trial_at_the_next_eval(ctx: WorkerContext, storage: Any,
+                                                                     tiny_spec: dict[str, Any]) -> None:
+    tiny_spec["budget"] = {"steps": 400, "batch_size": 32, "eval_every": 10, "schedule": "cosine"}
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(tiny_spec))
+    [attempt_id] = dispatch(ctx.session_factory, study.id, ctx.enqueue)
+
+    def cancel_after_first_report() -> None:
+        while True:
+            with ctx.session_factory() as session:
+                if session.scalar(select(Event.id).where(Event.type == "trial_reported")) is not None:
+                    cancel_study(ctx.session_factory, study.id)
+                    return
+            time.sleep(0.01)
+
+    canceller = threading.Thread(target=cancel_after_first_report)
+    canceller.start()
+    state = run_attempt(ctx, attempt_id)
+    canceller.join()
+
+    with ctx.session_factory() as session:
+        attempt = session.get_one(TrialAttempt, attempt_id)
+    assert state == "cancelled" and attempt.state == "cancelled"
+    assert len(attempt.intermediate) < 40, "training stopped early instead of running all 400 steps"
+    [optuna_trial] = optuna.load_study(study_name=study.optuna_study_name, storage=storage).trials
+    assert optuna_trial.state == OptunaState.FAIL
