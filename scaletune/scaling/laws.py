@@ -137,8 +137,7 @@ def m4_fraction(log_rhs: ArrayLike, alpha: float, span: float) -> np.ndarray:
     for _ in range(100):
         log_t = -np.logaddexp(0.0, -s)
         log_1mt = -np.logaddexp(0.0, s)
-        t = np.exp(log_t)
-        step = (log_t - alpha * log_1mt - z) / ((1.0 - t) + alpha * t)
+        step = (log_t - alpha * log_1mt - z) / (np.exp(log_1mt) + alpha * np.exp(log_t))
         s = np.clip(s - step, -700.0, 700.0)
         if np.all(np.abs(step) < 1e-12):
             break
