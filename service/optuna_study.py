@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -100,7 +101,9 @@ def load_optuna_study(storage: RDBStorage, name: str, spec: TuneSpec,
     n_existing = storage.get_n_trials(storage.get_study_id_from_name(name))
     sampler = make_sampler(spec, n_existing)
     if fixed_params:
-        sampler = optuna.samplers.PartialFixedSampler(fixed_params, sampler)
+        with warnings.catch_warnings():  # experimental since Optuna 2.4 and unchanged since; the warning is noise
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.PartialFixedSampler(fixed_params, sampler)
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=make_pruner(spec))
 
 

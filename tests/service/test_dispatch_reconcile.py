@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -12,7 +15,7 @@ from sqlalchemy import select, update
 from service.db import SessionFactory
 from service.dispatch import dispatch
 from service.models import Event, Study, TrialAttempt, TrialState, utcnow
-from service.reconcile import reconcile_once
+from service.reconcile import reconcile_forever, reconcile_once
 from service.settings import Settings
 from service.spec import STUDY_SPEC
 from service.studies import create_study
@@ -159,3 +162,24 @@ def test_reconciler_resends_queued_attempts_nobody_claimed(session_factory: Sess
     assert sorted(a.attempt_id for a in actions if a.kind == "resent") == sorted(queued)
     assert sorted(sent.ids()) == sorted(queued)
     assert len(_attempts(session_factory, study.id)) == 2
+
+
+def test_reconcile_forever_dispatches_through_the_broker_until_stopped(
+        session_factory: SessionFactory, storage: Any, spec_dict: dict[str, Any], migrated: Settings) -> None:
+    """A study whose first dispatch never happened (say the API died right after creating it) still starts."""
+    study = _study(session_factory, storage, spec_dict, n_trials=3, parallelism=2)
+    stop = threading.Event()
+    loop = threading.Thread(target=reconcile_forever, args=(migrated.model_copy(update={"RECONCILE_INTERVAL": 0.05}),
+                                                            stop))
+    loop.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(_attempts(session_factory, study.id)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert not loop.is_alive()
+    assert len(_attempts(session_factory, study.id)) == 2
+    messages = list(Path(migrated.broker_transport_options["data_folder_in"]).glob("*.msg"))
+    assert len(messages) == 2
