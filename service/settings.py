@@ -62,14 +62,15 @@ class Settings(BaseSettings):
             return {}
         root = (self.HOME / "broker").resolve()
         return {"data_folder_in": str(root / "in"), "data_folder_out": str(root / "in"),
-                "processed_folder": str(root / "processed"), "store_processed": False}
+                "processed_folder": str(root / "processed"), "control_folder": str(root / "control"),
+                "store_processed": False}
 
     def ensure_dirs(self) -> None:
         """Create the local folders the defaults point at (SQLite file, broker folders, data, artifacts)."""
         for folder in (self.HOME, self.DATA_ROOT, self.ARTIFACTS_DIR):
             assert folder is not None
             folder.mkdir(parents=True, exist_ok=True)
-        for key in ("data_folder_in", "processed_folder"):
+        for key in ("data_folder_in", "processed_folder", "control_folder"):
             if key in self.broker_transport_options:
                 Path(self.broker_transport_options[key]).mkdir(parents=True, exist_ok=True)
 
