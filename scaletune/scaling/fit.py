@@ -55,7 +55,7 @@ class Run:
 
 @dataclass(frozen=True)
 class Interval:
-    """Median and central interval (90% by default) of bootstrap replicates."""
+    """Median and central interval (90% by default) of bootstrap replicates; non-finite ones are left out."""
 
     median: float
     lo: float

@@ -246,7 +246,11 @@ def plan_for_budget(laws: Mapping[str, ScalingLaw], budget_flops: float, start_l
         raise ValueError(f"budget {budget_flops:.4g} FLOPs does not get below the start loss {start_loss:.6g}")
     if plan(lo).adaptive_flops <= budget_flops:
         raise ValueError(f"budget {budget_flops:.4g} FLOPs reaches the asymptote; lower it or add shapes")
-    u = brentq(lambda v: math.log(plan(v).adaptive_flops / budget_flops), lo, hi, xtol=1e-10, rtol=1e-10)
+    def log_excess(v: float) -> float:
+        # Clipped: g may be 0 near the start (d > 0) or overflow near the asymptote; only the sign matters there.
+        return math.log(min(max(plan(v).adaptive_flops, 1e-300), 1e300) / budget_flops)
+
+    u = brentq(log_excess, lo, hi, xtol=1e-10, rtol=1e-10)
     static_loss = min(float(law.loss(budget_flops)) for law in laws.values())
     return replace(plan(u), budget_flops=float(budget_flops), static_loss_at_budget=static_loss)
 
@@ -307,12 +311,12 @@ def schedule_report(central: Mapping[str, ScalingLaw], replicates: Sequence[Mapp
         try:
             plans.append(plan(laws))
         except ValueError:
-            continue  # this replicate's laws cannot reach the target (or spend the budget)
+            continue  # this replicate's laws cannot reach the target (or spend the budget): counted below
     reasons = [f"segment in {s.shape} needs more compute than its largest observed run"
                for s in schedule.segments if s.extrapolated]
     if len(plans) < len(replicates):
         reasons.append(f"{len(replicates) - len(plans)} of {len(replicates)} bootstrap replicates "
-                       "cannot reach the target")
+                       "give no feasible schedule")
     saving = Interval.from_samples((p.saving for p in plans), level)
     if not saving.lo > 0:
         reasons.append(f"the {level:.0%} interval of the saving includes 0")

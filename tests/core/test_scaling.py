@@ -230,6 +230,10 @@ def test_report_from_noisy_fits_brackets_the_true_saving():
     assert report.transitions[0].loss.contains(E_CROSS)
     assert not report.low_confidence, report.reasons
     json.dumps(report.to_dict())
+    budget = plan_schedule({"coarse": COARSE, "fine": FINE}, 1.1, 3.0).adaptive_flops
+    by_budget = schedule_from_fits(fits, start_loss=3.0, budget_flops=budget, n_grid=200)
+    assert by_budget.target_loss.contains(1.1)
+    assert by_budget.adaptive_flops.median == pytest.approx(budget, rel=1e-6)
     # Far below anything observed, the finishing segment is an extrapolation: flagged.
     deep = schedule_from_fits(fits, start_loss=3.0, target_loss=1.02, n_grid=200)
     assert deep.low_confidence
