@@ -64,6 +64,7 @@ def run_trial(cfg: TrialConfig, callback: Callback | None = None, data_root: str
               max_params: int | None = None) -> TrainResult:
     """Validate, refuse oversize models before allocating them, build, train."""
     family = get_family(cfg.family)
+    data_root = None if data_root is None else Path(data_root)
     spec = dataset_spec(cfg.dataset, cfg.dataset_args, data_root)
     family.validate(cfg.base, spec, cfg.args)
     family.validate(cfg.shape, spec, cfg.args)
