@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,8 +20,6 @@ from service.queue import make_celery, trial_sender
 from service.reconcile import reconcile_forever
 from service.settings import Settings
 from service.spec import SpecError, without_kind_tag
-
-log = logging.getLogger(__name__)
 
 
 class DatabaseNotMigrated(RuntimeError):
