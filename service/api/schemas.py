@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from service.models import Study, TrialAttempt
-from service.spec import TuneSpec
+from service.spec import STUDY_SPEC, StudySpec
 
 
 class StudyLinks(BaseModel):
@@ -58,7 +58,7 @@ class StudyDetail(BaseModel):
     name: str
     kind: str
     status: str
-    spec: TuneSpec
+    spec: StudySpec
     trial_counts: dict[str, int] = Field(description="attempts per state (a retried trial counts once per attempt)")
     best_value: float | None
     best_params: dict[str, Any] | None
@@ -72,7 +72,7 @@ class StudyDetail(BaseModel):
     @classmethod
     def of(cls, study: Study, counts: dict[str, int]) -> StudyDetail:
         return cls(id=study.id, name=study.name, kind=study.kind, status=study.status,
-                   spec=TuneSpec.model_validate(study.spec), trial_counts=counts, best_value=study.best_value,
+                   spec=STUDY_SPEC.validate_python(study.spec), trial_counts=counts, best_value=study.best_value,
                    best_params=study.best_params, error=study.error, optuna_study_name=study.optuna_study_name,
                    created_at=study.created_at, updated_at=study.updated_at, finished_at=study.finished_at,
                    links=study_links(study.id))
