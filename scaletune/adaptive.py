@@ -1,0 +1,239 @@
+"""Execute an adaptive shape schedule: one WSD run whose model changes shape at given FLOPs.
+
+The run is one warm-up/stable/decay schedule over its whole length (constant LR between switches, a
+single cooldown at the end; Hägele et al. 2024), with surgery (``scaletune.surgery.reshape``) when the
+cumulative training FLOPs reach each phase's end. It checkpoints atomically (temp file + os.replace)
+just before and just after each surgery and at the end, with the model and optimizer state, the phase
+index, the shape, the step and FLOP counters, the curve so far and the RNG state, so a killed worker
+rerun on the same directory resumes in the right shape and reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scaletune.data.base import DataSpec
+from scaletune.data.registry import dataset_spec, get_dataset
+from scaletune.models.registry import get_family
+from scaletune.parametrize import ParamOptions
+from scaletune.runner import TrialConfig
+from scaletune.scaling.schedule import Schedule
+from scaletune.shapes import Shape
+from scaletune.surgery import Recipe, Trainee, reshape
+from scaletune.train import (
+    Callback, EvalPoint, Status, TrainResult, _autocast, _to_device, apply_lr_factor, evaluate, loss_fn, lr_factor,
+    resolve_device,
+)
+
+CHECKPOINT = "schedule.pt"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Train at ``shape`` until the run's cumulative training FLOPs reach ``until_flops``."""
+
+    shape: Shape
+    until_flops: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": self.shape.to_dict(), "until_flops": self.until_flops}
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One surgery: where it happened and the eval loss just before and just after it."""
+
+    step: int
+    flops: float
+    from_shape: dict[str, int]
+    to_shape: dict[str, int]
+    eval_before: float
+    eval_after: float
+
+
+@dataclass
+class ScheduleResult:
+    train: TrainResult
+    switches: list[Switch] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": self.train.to_dict(), "switches": [asdict(s) for s in self.switches]}
+
+
+def phases_from_schedule(schedule: Schedule, shapes: dict[str, Shape], budget_flops: float) -> list[Phase]:
+    """The DP schedule's segments as phases; the last one runs to ``budget_flops``."""
+    phases = [Phase(shapes[s.shape], s.c_exit) for s in schedule.segments]
+    return [*phases[:-1], replace(phases[-1], until_flops=budget_flops)]
+
+
+def trial_recipe(cfg: TrialConfig, spec: DataSpec) -> Recipe:
+    family = get_family(cfg.family)
+    return Recipe(build=lambda shape: family.build(shape, spec, cfg.args), base=cfg.base,
+                  parametrization=cfg.parametrization, hparams=cfg.hparams, optimizer=cfg.optimizer,
+                  options=ParamOptions.from_dict(cfg.options))
+
+
+def phase_ends(phases: Sequence[Phase], flops_per_step: Callable[[Shape], float]) -> list[int]:
+    """Cumulative step at which each phase ends: the first step whose cumulative FLOPs reach its end."""
+    ends, step, flops = [], 0, 0.0
+    for phase in phases:
+        per_step = flops_per_step(phase.shape)
+        steps = math.ceil((phase.until_flops - flops) / per_step - 1e-9)
+        if steps < 1:
+            raise ValueError(f"phase at {phase.shape} ends at {phase.until_flops:.4g} FLOPs, not after the previous "
+                             f"phase ({flops:.4g}); phase ends must increase")
+        step, flops = step + steps, flops + steps * per_step
+        ends.append(step)
+    return ends
+
+
+def run_schedule(cfg: TrialConfig, phases: Sequence[Phase], checkpoint_dir: str | Path,
+                 callback: Callback | None = None, data_root: str | Path | None = None,
+                 noise: float = 0.0) -> ScheduleResult:
+    """Train through ``phases`` (the first at ``cfg.shape``), resuming from ``checkpoint_dir`` if it holds one.
+
+    ``cfg.budget`` gives batch size, eval cadence, decay fraction and clipping; its ``steps`` are replaced
+    by the steps the phases need. ``noise`` breaks symmetry after width growth (see ``surgery.width``).
+    """
+    if not phases or phases[0].shape != cfg.shape:
+        raise ValueError(f"the first phase must train cfg.shape {cfg.shape}")
+    if cfg.budget.schedule != "wsd":
+        raise ValueError(f"an adaptive schedule runs one WSD schedule over the whole run; got {cfg.budget.schedule!r}")
+    started = time.perf_counter()
+    spec = dataset_spec(cfg.dataset, cfg.dataset_args, data_root)
+    family, dataset = get_family(cfg.family), get_dataset(cfg.dataset, cfg.dataset_args, data_root)
+    for phase in phases:
+        family.validate(phase.shape, spec, cfg.args)
+    recipe, device = trial_recipe(cfg, spec), resolve_device(cfg.device)
+
+    def flops_per_step(shape: Shape) -> float:
+        return cfg.budget.batch_size * family.train_flops_per_sample(shape, spec, cfg.args)
+
+    ends = phase_ends(phases, flops_per_step)
+    budget = replace(cfg.budget, steps=ends[-1])
+    path = Path(checkpoint_dir) / CHECKPOINT
+    progress, trainee = _resume(path, recipe, phases, device) if path.exists() else _start(recipe, cfg, device)
+    example = next(dataset.eval_batches(budget.batch_size))[0].to(device)
+    batches = islice(dataset.train_batches(budget.batch_size, cfg.seed), progress.step, None)
+    status: Status = "completed"
+
+    def eval_now() -> float:
+        return evaluate(trainee.model, dataset, budget.batch_size, budget.eval_batches, device)
+
+    while progress.step < budget.steps:
+        if progress.step == ends[progress.phase]:
+            _save(path, progress, trainee, phases)
+            before, old = eval_now(), trainee.shape
+            generator = torch.Generator().manual_seed(cfg.seed * 1000 + progress.phase)
+            trainee = reshape(recipe, trainee, phases[progress.phase + 1].shape, example, noise, generator)
+            progress.phase += 1
+            progress.switches.append(Switch(progress.step, progress.flops, old.to_dict(), trainee.shape.to_dict(),
+                                            before, eval_now()))
+            _save(path, progress, trainee, phases)
+            continue
+        apply_lr_factor(trainee.optimizer, lr_factor(progress.step, budget, cfg.hparams.warmup_frac))
+        x, y = _to_device(next(batches), device)
+        with _autocast(device):
+            loss = loss_fn(trainee.model(x), y, spec.task)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            status = "diverged"
+            break
+        trainee.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if budget.grad_clip is not None:
+            nn.utils.clip_grad_norm_(list(trainee.model.parameters()), budget.grad_clip)
+        trainee.optimizer.step()
+        progress.advance(loss_value, flops_per_step(trainee.shape))
+        if progress.step % budget.eval_every and progress.step != budget.steps:
+            continue
+        point = progress.record(eval_now(), budget.batch_size)
+        if not math.isfinite(point.eval_loss):
+            status = "diverged"
+            break
+        if callback is not None and callback(point):
+            status = "stopped"
+            break
+    if status == "completed":
+        _save(path, progress, trainee, phases)
+    losses = [p.eval_loss for p in progress.curve]
+    result = TrainResult(status=status, steps=progress.step, final_eval_loss=losses[-1] if losses else None,
+                         best_eval_loss=min(losses) if losses else None, curve=progress.curve,
+                         diverged_step=progress.step + 1 if status == "diverged" else None, flops=progress.flops,
+                         seconds=time.perf_counter() - started, device=str(device))
+    return ScheduleResult(result, progress.switches)
+
+
+@dataclass
+class _Progress:
+    """Everything about the run's position that a checkpoint must restore besides the tensors."""
+
+    phase: int = 0
+    step: int = 0
+    flops: float = 0.0
+    window_loss: float = 0.0
+    window_steps: int = 0
+    curve: list[EvalPoint] = field(default_factory=list)
+    switches: list[Switch] = field(default_factory=list)
+
+    def advance(self, loss: float, flops: float) -> None:
+        self.step += 1
+        self.flops += flops
+        self.window_loss += loss
+        self.window_steps += 1
+
+    def record(self, eval_loss: float, batch_size: int) -> EvalPoint:
+        point = EvalPoint(step=self.step, samples=self.step * batch_size, flops=self.flops,
+                          train_loss=self.window_loss / max(1, self.window_steps), eval_loss=eval_loss)
+        self.window_loss, self.window_steps = 0.0, 0
+        if math.isfinite(eval_loss):
+            self.curve.append(point)
+        return point
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> _Progress:
+        return cls(d["phase"], d["step"], d["flops"], d["window_loss"], d["window_steps"],
+                   [EvalPoint(**p) for p in d["curve"]], [Switch(**s) for s in d["switches"]])
+
+
+def _start(recipe: Recipe, cfg: TrialConfig, device: torch.device) -> tuple[_Progress, Trainee]:
+    torch.manual_seed(cfg.seed)
+    return _Progress(), recipe.start(cfg.shape, device)
+
+
+def _save(path: Path, progress: _Progress, trainee: Trainee, phases: Sequence[Phase]) -> None:
+    """Write to a temporary file, then rename over the checkpoint: a kill leaves the old or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    payload = {"phases": [p.to_dict() for p in phases], "progress": progress.to_dict(),
+               "shape": trainee.shape.to_dict(), "model": trainee.model.state_dict(),
+               "optimizer": trainee.optimizer.state_dict(), "rng": torch.get_rng_state()}
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, recipe: Recipe, phases: Sequence[Phase], device: torch.device) -> tuple[_Progress, Trainee]:
+    payload = torch.load(path, map_location=device, weights_only=True)
+    if payload["phases"] != [p.to_dict() for p in phases]:
+        raise ValueError(f"{path} belongs to a different schedule; use a fresh checkpoint directory")
+    trainee = recipe.start(Shape.from_dict(payload["shape"]), device)
+    trainee.model.load_state_dict(payload["model"])
+    trainee.optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng"])
+    return _Progress.from_dict(payload["progress"]), trainee
