@@ -1,0 +1,254 @@
+"""The Python client and the CLI client commands against a real API server (uvicorn on loopback, SQLite)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+from sqlalchemy import update
+from typer.testing import CliRunner
+
+from scaletune.client import (Client, Conflict, EndpointMissing, NotFound, ServiceUnavailable, StudyDetail,
+                              Unauthorized, ValidationFailed)
+from service.api.app import create_app
+from service.cli import app
+from service.db import SessionFactory, write_session
+from service.models import EventType, Study, StudyStatus
+from service.settings import Settings
+from service.studies import add_event
+
+runner = CliRunner()
+CLIENT_COMMANDS = ["submit", "studies", "status", "watch", "trials", "cancel", "transfer", "check", "schedule", "plot"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def live_url(migrated: Settings) -> Iterator[str]:
+    server = uvicorn.Server(uvicorn.Config(create_app(migrated), host="127.0.0.1", port=_free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def api(live_url: str) -> Iterator[Client]:
+    with Client(live_url) as client:
+        yield client
+
+
+def _finish(session_factory: SessionFactory, study_id: str, events: list[tuple[EventType, dict[str, Any]]],
+            final: StudyStatus = StudyStatus.completed) -> None:
+    with write_session(session_factory) as session:
+        for type_, payload in events:
+            add_event(session, study_id, type_, payload)
+        add_event(session, study_id, EventType.study_finished, {"status": final})
+        session.execute(update(Study).where(Study.id == study_id).values(status=final, best_value=0.5))
+
+
+def test_client_round_trip_with_typed_results(api: Client, spec_dict: dict[str, Any], tmp_path: Path) -> None:
+    created = api.submit(spec_dict)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({**spec_dict, "name": "from-file"}))
+    second = api.submit(spec_file)
+
+    page = api.studies()
+    assert page.total == 2 and {s.id for s in page.items} == {created.id, second.id}
+    study = api.study(second.id)
+    assert isinstance(study, StudyDetail) and study.name == "from-file" and not study.finished
+    assert study.trial_counts["queued"] == spec_dict["parallelism"]
+    trials = api.trials(created.id)
+    assert trials.total == 2 and all(t.state == "queued" and t.intermediate == [] for t in trials.items)
+
+    assert api.cancel(created.id).status == "cancelled"
+    assert api.studies(status="cancelled").items[0].id == created.id
+    with pytest.raises(Conflict, match="already cancelled"):
+        api.cancel(created.id)
+    with pytest.raises(NotFound, match="no-such"):
+        api.study("no-such")
+
+
+def test_validation_errors_carry_field_paths(api: Client, spec_dict: dict[str, Any]) -> None:
+    spec_dict["n_trials"] = 0
+    spec_dict["search_space"]["lr"]["low"] = -1.0
+    with pytest.raises(ValidationFailed) as caught:
+        api.submit(spec_dict)
+    locs = [tuple(error["loc"]) for error in caught.value.errors]
+    assert ("body", "n_trials") in locs
+    assert "n_trials" in str(caught.value)
+
+
+def test_unreachable_server_names_the_url() -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(ServiceUnavailable) as caught, Client(url) as client:
+        client.studies()
+    assert caught.value.url == url and url in str(caught.value) and "scaletune up" in str(caught.value)
+
+
+def test_token_is_sent_as_bearer_from_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Authorization"))
+        return httpx.Response(401, json={"detail": "invalid token"})
+
+    monkeypatch.delenv("SCALETUNE_TOKEN", raising=False)
+    for token in ("abc", None):
+        with Client("http://st", token=token, transport=httpx.MockTransport(handler)) as client, \
+                pytest.raises(Unauthorized, match="SCALETUNE_TOKEN"):
+            client.studies()
+    monkeypatch.setenv("SCALETUNE_TOKEN", "from-env")
+    with Client("http://st", transport=httpx.MockTransport(handler)) as client, pytest.raises(Unauthorized):
+        client.studies()
+    assert seen == ["Bearer abc", None, "Bearer from-env"]
+
+
+def test_a_server_without_an_optional_endpoint_says_so() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/transfer"):
+            return httpx.Response(404, json={"detail": "Not Found"})
+        return httpx.Response(404, json={"detail": "no study with id x"})
+
+    with Client("http://st", transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(EndpointMissing, match="has no POST .../transfer"):
+            client.transfer("x", {"width": 512, "depth": 4})
+        with pytest.raises(NotFound, match="no study with id x"):
+            client.check("x")
+
+
+class _DroppedStream(httpx.SyncByteStream):
+    """Sends some bytes, then fails like a dropped connection."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.body
+        raise httpx.ReadError("connection reset")
+
+
+def _frame(event_id: int, type_: str) -> str:
+    data = {"id": event_id, "type": type_, "study_id": "s", "trial_id": None, "created_at": "2025-01-01T00:00:00Z",
+            "payload": {"n": event_id}}
+    return f"id: {event_id}\nevent: {type_}\ndata: {json.dumps(data)}\n\n"
+
+
+def test_events_reconnect_with_last_event_id_and_miss_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    resumed_from: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        resumed_from.append(request.headers.get("Last-Event-ID"))
+        if len(resumed_from) == 1:
+            body = ("retry: 2000\n\n" + _frame(1, "trial_started") + ": keep-alive\n\n" + _frame(2, "trial_reported"))
+            return httpx.Response(200, stream=_DroppedStream(body.encode()))
+        return httpx.Response(200, text=_frame(3, "trial_finished") + _frame(4, "study_finished"))
+
+    with Client("http://st", transport=httpx.MockTransport(handler)) as client:
+        events = list(client.events("s"))
+    assert [(e.id, e.type) for e in events] == [(1, "trial_started"), (2, "trial_reported"),
+                                                (3, "trial_finished"), (4, "study_finished")]
+    assert resumed_from == [None, "2"]
+
+
+def test_events_and_wait_against_the_server(api: Client, session_factory: SessionFactory,
+                                            spec_dict: dict[str, Any]) -> None:
+    study_id = api.submit(spec_dict).id
+    with pytest.raises(TimeoutError, match="still queued"):
+        api.wait(study_id, timeout=0.2, poll_s=0.05)
+    _finish(session_factory, study_id, [(EventType.trial_started, {"attempt": 1}),
+                                        (EventType.trial_reported, {"step": 50, "eval_loss": 2.0})])
+    events = list(api.events(study_id))
+    assert [e.type for e in events] == ["trial_started", "trial_reported", "study_finished"]
+    assert events[1].payload["eval_loss"] == 2.0
+    assert [e.type for e in api.events(study_id, last_event_id=events[0].id)] == ["trial_reported", "study_finished"]
+    assert api.wait(study_id, timeout=5).status == "completed"
+
+
+@pytest.mark.parametrize("command", CLIENT_COMMANDS)
+def test_cli_help_shows_an_example(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], prog_name="scaletune")
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"scaletune {command}\b", result.output.split("Example", 1)[1])
+
+
+def test_cli_submit_status_trials_cancel_with_exit_codes(live_url: str, spec_dict: dict[str, Any],
+                                                         tmp_path: Path) -> None:
+    env = {"SCALETUNE_URL": live_url}
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec_dict))
+    submitted = runner.invoke(app, ["submit", str(spec_file), "--json"], env=env)
+    assert submitted.exit_code == 0, submitted.output
+    study_id = json.loads(submitted.output)["id"]
+
+    listed = runner.invoke(app, ["studies", "--json"], env=env)
+    assert [s["id"] for s in json.loads(listed.output)["items"]] == [study_id]
+    shown = runner.invoke(app, ["status", study_id], env=env)
+    assert shown.exit_code == 0 and "queued" in shown.output and spec_dict["name"] in shown.output
+    trials = runner.invoke(app, ["trials", study_id, "--json"], env=env)
+    assert json.loads(trials.output)["total"] == spec_dict["parallelism"]
+
+    assert runner.invoke(app, ["cancel", study_id], env=env).exit_code == 0
+    assert runner.invoke(app, ["status", study_id, "--json"], env=env).exit_code == 4
+    assert runner.invoke(app, ["watch", study_id], env=env).exit_code == 4
+
+    missing = runner.invoke(app, ["status", "no-such-study"], env=env)
+    assert missing.exit_code == 1 and "no-such-study" in missing.output
+
+
+def test_cli_rejected_spec_prints_field_errors_and_exits_1(live_url: str, spec_dict: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    spec_dict["budget"]["eval_every"] = 10_000
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec_dict))
+    result = runner.invoke(app, ["submit", str(spec_file)], env={"SCALETUNE_URL": live_url})
+    assert result.exit_code == 1
+    assert "budget.eval_every" in result.output
+
+
+def test_cli_unreachable_server_exits_1_naming_the_url(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    result = runner.invoke(app, ["studies"], env={"SCALETUNE_URL": url})
+    assert result.exit_code == 1 and url in result.output
+
+
+def test_cli_watch_follows_events_until_the_study_finishes(live_url: str, session_factory: SessionFactory,
+                                                           spec_dict: dict[str, Any]) -> None:
+    study_id = Client(live_url).submit(spec_dict).id
+
+    def progress() -> None:
+        time.sleep(1.0)
+        _finish(session_factory, study_id, [(EventType.trial_started, {"attempt": 1}),
+                                            (EventType.trial_reported, {"step": 50, "eval_loss": 2.0})])
+
+    thread = threading.Thread(target=progress)
+    thread.start()
+    result = runner.invoke(app, ["watch", study_id, "--json"], env={"SCALETUNE_URL": live_url})
+    thread.join()
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [line["type"] for line in lines] == ["trial_started", "trial_reported", "study_finished"]
+
+    table = runner.invoke(app, ["watch", study_id], env={"SCALETUNE_URL": live_url})
+    assert table.exit_code == 0 and "completed" in table.output
