@@ -29,7 +29,7 @@ from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
 from scaletune.runner import TrialConfig
 from scaletune.scaling.fit import Run, fit_shapes
-from scaletune.scaling.schedule import ScheduleConstraints, schedule_from_fits
+from scaletune.scaling.schedule import ScheduleConstraints, schedule_report
 from scaletune.shapes import Shape
 from scaletune.train import Budget
 
@@ -106,7 +106,12 @@ def run_case(case: Case, seeds: int, pool, n_boot: int) -> dict:
     fits = fit_shapes(runs, e0=E0, n_bootstrap=n_boot)
     names = list(case.shapes)
     moves = {a: set(names[i + 1:i + 2]) for i, a in enumerate(names)}
-    report = schedule_from_fits(fits, START_LOSS, TARGET_LOSS, constraints=ScheduleConstraints(allowed=moves))
+    # Bootstrap refits that put E* at zero compute are degenerate (Schedule.saving would divide by 0): drop them.
+    replicates = [{n: f.bootstrap[i] for n, f in fits.items()} for i in range(n_boot)]
+    replicates = [r for r in replicates if all(law.flops_to_reach(TARGET_LOSS) > 0 for law in r.values())]
+    report = schedule_report({n: f.law for n, f in fits.items()}, replicates, START_LOSS, TARGET_LOSS,
+                             constraints=ScheduleConstraints(allowed=moves),
+                             observed_max_flops={n: f.flops_range[1] for n, f in fits.items()})
     sched = report.schedule
     static_pred = sched.static_flops
     budgets = [f * static_pred for f in BUDGET_FACTORS]
