@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     MAX_STEPS: int = Field(100_000, ge=1)
     MAX_BATCH_SIZE: int = Field(4096, ge=1)
     MAX_PROXY_PARAMS: int = Field(50_000_000, ge=1)
+    MAX_TARGET_PARAMS: int = Field(10**13, ge=1, description="largest target a transfer plan is computed for")
     MAX_REQUEST_BYTES: int = Field(256 * 1024, ge=1024)
 
     HEARTBEAT_INTERVAL: float = Field(10.0, gt=0)

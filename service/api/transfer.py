@@ -1,0 +1,123 @@
+"""POST /v1/studies/{id}/transfer: the tuned values of a study projected to a target shape (pure, meta device)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from scaletune.data.registry import dataset_spec
+from scaletune.hparams import HParams
+from scaletune.models.registry import get_family
+from scaletune.parametrize import Factory
+from scaletune.runner import count_params, family_factory
+from scaletune.shapes import Shape
+from scaletune.transfer import TransferPlan, transfer_plan
+from service.api.schemas import Problem
+from service.api.state import ServiceState, service_state
+from service.kinds.tune import NoCompletedTrial, best_attempt, tuned_values
+from service.spec import STUDY_SPEC, ShapeSpec, TuneSpec
+from service.studies import StudyNotFound, get_study
+
+router = APIRouter(prefix="/v1/studies", tags=["transfer"])
+State = Annotated[ServiceState, Depends(service_state)]
+
+
+class TransferRequest(BaseModel):
+    """The target to plan for; batch size and steps only matter for the warnings and the optional batch rule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: ShapeSpec
+    optimizer: Literal["adamw", "sgd"] | None = Field(None, description="defaults to the optimizer tuned with")
+    batch_size: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1)
+    batch_rule: Literal["sqrt", "linear"] | None = Field(
+        None, description="scale LRs with the batch size by a labelled heuristic (needs batch_size)")
+
+
+class TransferPlanOut(BaseModel):
+    """The plan as ``scaletune.transfer.TransferPlan.to_dict()`` writes it; load it with ``TransferPlan.from_dict``."""
+
+    family: str
+    parametrization: str
+    optimizer: str
+    base: dict[str, int]
+    target: dict[str, int]
+    hparams: dict[str, float]
+    branch_multiplier: float
+    attention_scale: float | None
+    zero_init_query: bool
+    groups: list[dict[str, Any]]
+    module_multipliers: list[dict[str, Any]]
+    batch_scaling: dict[str, Any] | None
+    warnings: list[str]
+    provenance: dict[str, Any]
+
+
+def _unprocessable(msg: str, *loc: str | int) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                         [{"type": "value_error", "loc": ["body", *loc], "msg": msg}])
+
+
+def params_by_depth(factory: Factory, shape: Shape) -> int:
+    """Parameter count from one- and two-block models: blocks repeat, so it is affine in depth.
+
+    Building a 100,000-block model even on the meta device takes a minute; a request must not.
+    """
+    one, two = count_params(factory, shape.with_(depth=1)), count_params(factory, shape.with_(depth=2))
+    return one + (shape.depth - 1) * (two - one)
+
+
+def plan_for(spec: TuneSpec, tuned: dict[str, float], request: TransferRequest, max_params: int,
+             data_root: Any, provenance: dict[str, Any]) -> TransferPlan:
+    """Validate the target against the family and the size limit, then plan it; ValueErrors become 422s."""
+    optimizer = request.optimizer or spec.optimizer
+    if optimizer != spec.optimizer:
+        raise _unprocessable(f"the study tuned {spec.optimizer}; its values do not transfer to {optimizer}. "
+                             f"Tune a study with optimizer {optimizer} instead.", "optimizer")
+    if request.batch_rule is not None and request.batch_size is None:
+        raise _unprocessable("batch_rule needs batch_size, the target's batch size", "batch_size")
+    family = get_family(spec.model.family)
+    data = dataset_spec(spec.dataset.name, spec.dataset.args, data_root)
+    target = Shape(**request.target.model_dump())
+    try:
+        family.validate(target, data, spec.model.args)
+    except (ValueError, TypeError) as error:
+        raise _unprocessable(str(error), "target") from None
+    n_params = params_by_depth(family_factory(family, target, data, spec.model.args), target)
+    if n_params > max_params:
+        raise _unprocessable(f"the target has about {n_params:,} parameters, above this server's limit of "
+                             f"{max_params:,} (SCALETUNE_MAX_TARGET_PARAMS)", "target")
+    plan = transfer_plan(spec.model.family, data, spec.model.args, Shape(**spec.model.base.model_dump()), target,
+                         spec.parametrization, HParams.from_dict(tuned), optimizer,
+                         tuned_batch_size=spec.budget.batch_size, batch_size=request.batch_size,
+                         tuned_steps=spec.budget.steps, steps=request.steps, batch_rule=request.batch_rule,
+                         provenance=provenance)
+    plan.provenance["n_params"] = sum(group["numel"] for group in plan.groups)
+    return plan
+
+
+@router.post("/{study_id}/transfer", response_model=TransferPlanOut,
+             responses={404: {"model": Problem, "description": "no study with this id"},
+                        409: {"model": Problem, "description": "not a tune study, or no completed trial yet"}},
+             summary="Project the study's best hyperparameters to a target shape")
+def post_transfer(study_id: str, request: TransferRequest, state: State) -> TransferPlanOut:
+    with state.session_factory() as session:
+        try:
+            study = get_study(session, study_id)
+        except StudyNotFound:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study with id {study_id}") from None
+        spec = STUDY_SPEC.validate_python(study.spec)
+        if not isinstance(spec, TuneSpec):
+            raise HTTPException(status.HTTP_409_CONFLICT, f"study {study_id} is a {study.kind} study; only tune "
+                                                          "studies have tuned values to transfer")
+        try:
+            best = best_attempt(session, study)
+        except NoCompletedTrial as error:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+        tuned = tuned_values(spec, best)
+        provenance = {"study_id": study_id, "best_trial": best.number, "value": best.value}
+    plan = plan_for(spec, tuned, request, state.settings.MAX_TARGET_PARAMS, state.settings.DATA_ROOT, provenance)
+    return TransferPlanOut.model_validate(plan.to_dict())

@@ -1,0 +1,111 @@
+"""POST /v1/studies/{id}/transfer: the plan equals the core's transfer_plan for the best trial; 409s and 422s."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from scaletune.data.registry import dataset_spec
+from scaletune.hparams import HParams
+from scaletune.models.registry import get_family
+from scaletune.runner import count_params, family_factory
+from scaletune.shapes import Shape
+from scaletune.transfer import transfer_plan
+from service.api.transfer import params_by_depth
+from service.dispatch import dispatch
+from service.settings import Settings
+from service.spec import STUDY_SPEC
+from service.studies import create_study
+from workers.trial_task import WorkerContext, run_attempt
+
+TARGET = {"width": 256, "depth": 4}
+
+
+@pytest.fixture
+def tune_spec(spec_dict: dict[str, Any]) -> dict[str, Any]:
+    spec_dict["model"] = {"family": "mlp", "base": {"width": 16, "depth": 1}, "proxy": {"width": 32, "depth": 1}}
+    spec_dict["parametrization"] = "completep"
+    spec_dict["budget"] = {"steps": 10, "batch_size": 32, "eval_every": 10, "schedule": "cosine"}
+    spec_dict["search_space"] = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    spec_dict["hyperparameters"] = {"output_mult": 2.0}
+    spec_dict.update(n_trials=2, parallelism=1)
+    return spec_dict
+
+
+@pytest.fixture
+def tuned_study(client: TestClient, migrated: Settings, session_factory: Any, storage: Any, sent: Any,
+                tune_spec: dict[str, Any]) -> str:
+    """A tune study whose two trials ran in this process."""
+    ctx = WorkerContext(migrated, session_factory, sent)
+    study = create_study(session_factory, storage, STUDY_SPEC.validate_python(tune_spec))
+    dispatch(session_factory, study.id, sent)
+    while sent:
+        assert run_attempt(ctx, sent.pop(0)[0]) == "complete"
+    return study.id
+
+
+def test_the_plan_equals_the_core_transfer_of_the_best_trial(client: TestClient, tuned_study: str,
+                                                             migrated: Settings) -> None:
+    response = client.post(f"/v1/studies/{tuned_study}/transfer",
+                           json={"target": TARGET, "batch_size": 128, "batch_rule": "sqrt"})
+    assert response.status_code == 200, response.text
+    plan = response.json()
+
+    trials = client.get(f"/v1/studies/{tuned_study}/trials").json()["items"]
+    best = min(trials, key=lambda t: t["value"])
+    expected = transfer_plan("mlp", dataset_spec("digits", {}, migrated.DATA_ROOT), {}, Shape(16, 1),
+                             Shape(**TARGET), "completep", HParams(output_mult=2.0, weight_decay=0.0,
+                                                                   lr=best["params"]["lr"]),
+                             "adamw", tuned_batch_size=32, batch_size=128, tuned_steps=10, batch_rule="sqrt")
+    assert plan["hparams"] == pytest.approx(expected.hparams)
+    assert plan["groups"] == expected.groups and plan["branch_multiplier"] == expected.branch_multiplier
+    assert plan["branch_multiplier"] == pytest.approx(1 / 4)  # completep: depth ratio 4 -> 4^-1
+    assert plan["batch_scaling"]["lr_factor"] == pytest.approx(2.0)
+    assert plan["target"] == TARGET and plan["base"] == {"width": 16, "depth": 1}
+    assert plan["provenance"]["study_id"] == tuned_study
+    assert plan["provenance"]["best_trial"] == best["number"] and plan["provenance"]["value"] == best["value"]
+    assert plan["provenance"]["scaletune_version"]
+
+
+def test_a_billion_parameter_target_is_planned_in_well_under_a_second(client: TestClient, tuned_study: str) -> None:
+    start = time.process_time()
+    response = client.post(f"/v1/studies/{tuned_study}/transfer", json={"target": {"width": 16384, "depth": 8}})
+    assert response.status_code == 200, response.text
+    assert response.json()["provenance"]["n_params"] > 1e9
+    assert time.process_time() - start < 1.0
+
+
+def test_no_plan_before_a_trial_completes(client: TestClient, tune_spec: dict[str, Any]) -> None:
+    study_id = client.post("/v1/studies", json=tune_spec).json()["id"]
+    response = client.post(f"/v1/studies/{study_id}/transfer", json={"target": TARGET})
+    assert response.status_code == 409 and "no completed trial" in response.json()["detail"]
+    assert client.post("/v1/studies/nope/transfer", json={"target": TARGET}).status_code == 404
+
+
+@pytest.mark.parametrize(("body", "loc", "says"), [
+    ({"target": {"width": 0, "depth": 2}}, ["body", "target", "width"], "greater than or equal to 1"),
+    ({"target": {"width": -8, "depth": 2}}, ["body", "target", "width"], "greater than or equal to 1"),
+    ({"target": {"width": 64, "depth": 2}, "colour": "red"}, ["body", "colour"], "Extra inputs"),
+    ({"target": {"width": 64, "depth": 2, "heads": 4}}, ["body", "target", "heads"], "Extra inputs"),
+    ({"target": {"width": 900_000, "depth": 90_000}}, ["body", "target"], "SCALETUNE_MAX_TARGET_PARAMS"),
+    ({"target": {"width": 64, "depth": 2}, "optimizer": "sgd"}, ["body", "optimizer"], "do not transfer"),
+    ({"target": {"width": 64, "depth": 2}, "batch_rule": "sqrt"}, ["body", "batch_size"], "needs batch_size"),
+])
+def test_bad_targets_are_422_with_a_reason(client: TestClient, tuned_study: str, body: dict[str, Any],
+                                           loc: list[str], says: str) -> None:
+    response = client.post(f"/v1/studies/{tuned_study}/transfer", json=body)
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["detail"]
+    assert problem["loc"] == loc and says in problem["msg"]
+
+
+@pytest.mark.parametrize(("family", "shape"), [("mlp", Shape(32, 5)), ("resnet", Shape(8, 3)),
+                                               ("vit", Shape(32, 4, patch_size=2))])
+def test_the_size_limit_counts_parameters_exactly_without_building_every_block(
+        family: str, shape: Shape, migrated: Settings) -> None:
+    data = dataset_spec("digits", {}, migrated.DATA_ROOT)
+    factory = family_factory(get_family(family), shape, data, {})
+    assert params_by_depth(factory, shape) == count_params(factory, shape)
