@@ -101,7 +101,9 @@ class Schedule:
 
     @property
     def saving(self) -> float:
-        """Predicted fraction of compute saved: 1 - C_ad / C_static."""
+        """Predicted fraction of compute saved: 1 - C_ad / C_static (0 when the target needs no compute at all)."""
+        if self.static_flops <= 0.0:
+            return 0.0
         return 1.0 - self.adaptive_flops / self.static_flops
 
     @property
