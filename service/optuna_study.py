@@ -13,7 +13,8 @@ from optuna.storages import RDBStorage
 
 from service.db import SQLITE_BUSY_TIMEOUT_S, is_sqlite
 from service.settings import normalise_database_url
-from service.spec import CategoricalParam, FloatParam, TuneSpec
+from service.kinds.grid import grid_points
+from service.spec import CategoricalParam, FloatParam, StudySpec, TuneSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -84,10 +85,13 @@ def make_pruner(spec: TuneSpec) -> optuna.pruners.BasePruner:
     raise AssertionError(spec.pruner.name)
 
 
-def create_optuna_study(storage: RDBStorage, name: str, spec: TuneSpec) -> None:
-    """Create the Optuna study and queue the spec's warm-start points (Optuna hands them out first)."""
+def create_optuna_study(storage: RDBStorage, name: str, spec: StudySpec) -> None:
+    """Create the Optuna study and queue the spec's warm-start points, or a grid kind's every point.
+
+    Optuna hands enqueued points out first, each to exactly one ``ask()``.
+    """
     study = optuna.create_study(storage=storage, study_name=name, direction=spec.objective.direction)
-    for point in spec.enqueue:
+    for point in spec.enqueue if isinstance(spec, TuneSpec) else grid_points(spec):
         study.enqueue_trial(point)
 
 
@@ -107,6 +111,6 @@ def load_optuna_study(storage: RDBStorage, name: str, spec: TuneSpec,
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=make_pruner(spec))
 
 
-def failure_value(spec: TuneSpec) -> float:
+def failure_value(spec: StudySpec) -> float:
     """What a diverged trial tells Optuna: the worst possible value, so samplers learn to avoid the region."""
     return math.inf if spec.objective.direction == "minimize" else -math.inf

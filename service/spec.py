@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from scaletune.data.registry import dataset_names, dataset_spec
 from scaletune.hparams import HPARAM_NAMES
@@ -133,10 +134,104 @@ class TuneSpec(_Strict):
     queue: Literal["cpu", "gpu"] = Field("cpu", description="which worker queue runs the trials")
 
 
-# New kinds (transfer_check, shape_schedule) join this union as further models with their own ``kind``.
-StudySpec = Annotated[TuneSpec, Field(discriminator="kind")]
+class SourceSpec(_Strict):
+    study_id: str = Field(min_length=1, max_length=36, description="a completed tune study of the same tenant")
+
+
+class CheckedModelSpec(_Strict):
+    family: str = Field(min_length=1, max_length=100, description="a registered model family, e.g. mlp")
+    base: ShapeSpec = Field(description="the shape the hyperparameters are expressed in")
+    args: dict[str, Any] = Field(default_factory=dict, description="family-specific options")
+
+
+class LossObjective(_Strict):
+    """Grid studies measure eval loss; the best value is the lowest."""
+
+    metric: Literal["eval_loss"] = "eval_loss"
+    direction: Literal["minimize"] = "minimize"
+
+
+SETUP_FIELDS = ("model", "parametrization", "optimizer", "dataset", "budget")
+
+
+class _GridSpec(_Strict):
+    """A fixed grid of trials around values tuned elsewhere: a ``source`` tune study, or the explicit setup."""
+
+    name: str = Field(min_length=1, max_length=200)
+    source: SourceSpec | None = Field(None, description="take the setup and best values of this tune study; "
+                                                        "fields given here override it")
+    model: CheckedModelSpec | None = None
+    parametrization: Literal["sp", "mup", "depth_mup", "completep"] | None = None
+    optimizer: Literal["adamw", "sgd"] | None = None
+    dataset: DatasetSpec | None = None
+    budget: BudgetSpec | None = None
+    hyperparameters: dict[HParamName, float] = Field(default_factory=dict, description="base units")
+    seeds: int = Field(2, ge=2, le=32, description="independent runs per grid point")
+    objective: LossObjective = Field(default_factory=LossObjective)
+    n_trials: int | None = Field(None, description="the grid's size; filled in, and must match when given")
+    parallelism: int = Field(1, ge=1)
+    queue: Literal["cpu", "gpu"] = Field("cpu", description="which worker queue runs the trials")
+
+    @abstractmethod
+    def grid_size(self) -> int:
+        """How many trials the grid has."""
+
+    @model_validator(mode="after")
+    def _setup_and_size(self) -> Self:
+        missing = [name for name in SETUP_FIELDS if getattr(self, name) is None]
+        if self.source is None and missing:
+            raise ValueError(f"give a source tune study, or all of {', '.join(SETUP_FIELDS)} "
+                             f"(missing: {', '.join(missing)})")
+        size = self.grid_size()
+        if self.n_trials is not None and self.n_trials != size:
+            raise ValueError(f"n_trials is {self.n_trials} but the grid has {size} points; leave n_trials out")
+        self.n_trials = size
+        return self
+
+
+class TransferCheckSpec(_GridSpec):
+    """Train a ladder of sizes at LR multipliers around the tuned LR, to show the optimum stays put."""
+
+    kind: Literal["transfer_check"]
+    sizes: list[ShapeSpec] = Field(min_length=3, max_length=16, description="shapes to check, e.g. 1x, 4x, 16x width")
+    octaves: float = Field(3.0, gt=0, le=10, description="LR multipliers span 2^-octaves .. 2^+octaves")
+    step: float = Field(0.5, gt=0, le=10, description="octaves between neighbouring LR multipliers")
+
+    def lr_multipliers_log2(self) -> list[float]:
+        n = round(self.octaves / self.step)
+        return [k * self.step for k in range(-n, n + 1)]
+
+    def grid_size(self) -> int:
+        return len(self.sizes) * len(self.lr_multipliers_log2()) * self.seeds
+
+
+class ShapeScheduleSpec(_GridSpec):
+    """Train shapes along one axis at several compute budgets, to fit per-shape laws and plan a schedule."""
+
+    kind: Literal["shape_schedule"]
+    axis: Literal["patch_size", "width", "depth"]
+    values: list[int] = Field(min_length=2, max_length=16, description="the shapes along the axis")
+    sizes: list[float] = Field([1.0], min_length=1, max_length=8,
+                               description="proxy size multipliers of the base width (depth when axis is width); "
+                                           ">= 3 allow a tier-A projection to a target")
+    budgets: list[int] = Field(min_length=2, max_length=16,
+                               description="training steps, log-spaced; each run has its own WSD cooldown")
+
+    def grid_size(self) -> int:
+        return len(self.values) * len(self.sizes) * self.seeds * len(self.budgets)
+
+    def shape_at(self, base: Shape, value: int, size: float) -> Shape:
+        """The base shape with ``axis`` set to ``value``, its width (depth when the axis is width) times ``size``."""
+        scaled = "depth" if self.axis == "width" else "width"
+        grown = getattr(base, scaled) * size
+        if abs(grown - round(grown)) > 1e-9:
+            raise ValueError(f"size {size} times the base {scaled} {getattr(base, scaled)} is not a whole number")
+        return base.with_(**{scaled: round(grown)}).with_(**{self.axis: value})
+
+
+StudySpec = Annotated[TuneSpec | TransferCheckSpec | ShapeScheduleSpec, Field(discriminator="kind")]
 STUDY_SPEC = TypeAdapter(StudySpec)
-SPEC_KINDS = ("tune",)
+SPEC_KINDS = ("tune", "transfer_check", "shape_schedule")
 
 
 def without_kind_tag(loc: Loc) -> Loc:
@@ -216,49 +311,101 @@ def _check_search(spec: TuneSpec) -> list[SpecProblem]:
     return problems
 
 
-def _check_model(spec: TuneSpec, settings: Settings) -> list[SpecProblem]:
-    """Names against the registries, shapes against the family, and the proxy's size against the limit."""
+def _check_shapes(family_name: str, args: dict[str, Any], dataset: DatasetSpec, shapes: dict[Loc, Shape],
+                  trained: dict[Loc, str], settings: Settings) -> list[SpecProblem]:
+    """Names against the registries, shapes against the family, and each trained shape's size against the limit.
+
+    ``trained`` names the shapes that trials build (loc -> how to call it in a message).
+    """
     problems = []
-    if spec.model.family not in family_names():
-        problems.append(SpecProblem(("model", "family"), f"unknown model family {spec.model.family!r}; "
+    if family_name not in family_names():
+        problems.append(SpecProblem(("model", "family"), f"unknown model family {family_name!r}; "
                                                          f"available: {', '.join(sorted(family_names()))}."))
-    if spec.dataset.name not in dataset_names():
-        problems.append(SpecProblem(("dataset", "name"), f"unknown dataset {spec.dataset.name!r}; "
+    if dataset.name not in dataset_names():
+        problems.append(SpecProblem(("dataset", "name"), f"unknown dataset {dataset.name!r}; "
                                                          f"available: {', '.join(sorted(dataset_names()))}."))
     if problems:
         return problems
     try:
-        data = dataset_spec(spec.dataset.name, spec.dataset.args, settings.DATA_ROOT)
+        data = dataset_spec(dataset.name, dataset.args, settings.DATA_ROOT)
     except (ValueError, TypeError) as error:
         return [SpecProblem(("dataset", "args"), str(error))]
-    family = get_family(spec.model.family)
-    for which in ("base", "proxy"):
-        shape = Shape(**getattr(spec.model, which).model_dump())
+    family = get_family(family_name)
+    for loc, shape in shapes.items():
         try:
-            family.validate(shape, data, spec.model.args)
+            family.validate(shape, data, args)
         except (ValueError, TypeError) as error:
-            problems.append(SpecProblem(("model", which), str(error)))
+            problems.append(SpecProblem(loc, str(error)))
     if problems:
         return problems
-    proxy = Shape(**spec.model.proxy.model_dump())
-    n_params = count_params(family_factory(family, proxy, data, spec.model.args), proxy)
-    if n_params > settings.MAX_PROXY_PARAMS:
-        problems.append(SpecProblem(("model", "proxy"), f"the proxy has {n_params:,} parameters, above this "
-                                                        f"server's limit of {settings.MAX_PROXY_PARAMS:,}; use a "
-                                                        "smaller proxy shape (that is what transfer is for)."))
+    for loc, what in trained.items():
+        n_params = count_params(family_factory(family, shapes[loc], data, args), shapes[loc])
+        if n_params > settings.MAX_PROXY_PARAMS:
+            problems.append(SpecProblem(loc, f"{what} has {n_params:,} parameters, above this server's limit of "
+                                             f"{settings.MAX_PROXY_PARAMS:,}; use a smaller shape (that is what "
+                                             "transfer is for)."))
     return problems
 
 
-def check_spec(spec: TuneSpec, settings: Settings) -> None:
+def _check_model(spec: TuneSpec, settings: Settings) -> list[SpecProblem]:
+    shapes = {("model", which): Shape(**getattr(spec.model, which).model_dump()) for which in ("base", "proxy")}
+    return _check_shapes(spec.model.family, spec.model.args, spec.dataset, shapes, {("model", "proxy"): "the proxy"},
+                         settings)
+
+
+def _check_grid_limits(spec: TransferCheckSpec | ShapeScheduleSpec, settings: Settings) -> list[SpecProblem]:
+    assert spec.n_trials is not None
+    steps = [(("budget", "steps"), spec.budget.steps)] if spec.budget else []
+    if isinstance(spec, ShapeScheduleSpec):
+        steps = [(("budgets", i), b) for i, b in enumerate(spec.budgets)]
+    limits: list[tuple[Loc, int, int, str, str]] = [
+        (("n_trials",), spec.n_trials, settings.MAX_TRIALS, "trials per study", "MAX_TRIALS"),
+        (("parallelism",), spec.parallelism, settings.MAX_PARALLELISM, "parallel trials", "MAX_PARALLELISM"),
+        *[(loc, value, settings.MAX_STEPS, "training steps", "MAX_STEPS") for loc, value in steps],
+    ]
+    if spec.budget is not None:
+        limits.append((("budget", "batch_size"), spec.budget.batch_size, settings.MAX_BATCH_SIZE, "batch size",
+                       "MAX_BATCH_SIZE"))
+    return [SpecProblem(loc, f"{value} is above this server's limit of {limit} {what}; lower it, or ask the "
+                             f"operator to raise SCALETUNE_{env}.")
+            for loc, value, limit, what, env in limits if value > limit]
+
+
+def trained_shapes(spec: TransferCheckSpec | ShapeScheduleSpec, base: Shape) -> dict[Loc, Shape]:
+    """Every shape a trial of this grid trains, by where it comes from in the spec."""
+    if isinstance(spec, TransferCheckSpec):
+        return {("sizes", i): Shape(**size.model_dump()) for i, size in enumerate(spec.sizes)}
+    return {("values", i, "sizes", j): spec.shape_at(base, value, mult)
+            for i, value in enumerate(spec.values) for j, mult in enumerate(spec.sizes)}
+
+
+def _check_grid(spec: TransferCheckSpec | ShapeScheduleSpec, settings: Settings) -> list[SpecProblem]:
+    """Limits always; shapes only once the setup is known (with a source, the service checks them on submit)."""
+    problems = _check_grid_limits(spec, settings)
+    if problems or spec.model is None or spec.dataset is None:
+        return problems
+    base = Shape(**spec.model.base.model_dump())
+    try:
+        shapes = trained_shapes(spec, base)
+    except ValueError as error:
+        return [SpecProblem(("sizes",), str(error))]
+    return _check_shapes(spec.model.family, spec.model.args, spec.dataset, {("model", "base"): base, **shapes},
+                         {loc: f"the shape {shape.to_dict()}" for loc, shape in shapes.items()}, settings)
+
+
+def check_spec(spec: TuneSpec | TransferCheckSpec | ShapeScheduleSpec, settings: Settings) -> None:
     """Raise SpecError listing every problem the types alone cannot catch."""
-    problems = _check_limits(spec, settings) + _check_search(spec)
-    if not problems:
-        problems = _check_model(spec, settings)
+    if isinstance(spec, TuneSpec):
+        problems = _check_limits(spec, settings) + _check_search(spec)
+        if not problems:
+            problems = _check_model(spec, settings)
+    else:
+        problems = _check_grid(spec, settings)
     if problems:
         raise SpecError(problems)
 
 
-def parse_spec(data: Any, settings: Settings) -> TuneSpec:
+def parse_spec(data: Any, settings: Settings) -> TuneSpec | TransferCheckSpec | ShapeScheduleSpec:
     """Validate a decoded YAML/JSON document completely; every failure is a SpecError."""
     try:
         spec = STUDY_SPEC.validate_python(data)
@@ -268,7 +415,7 @@ def parse_spec(data: Any, settings: Settings) -> TuneSpec:
     return spec
 
 
-def load_spec(path: str | Path, settings: Settings | None = None) -> TuneSpec:
+def load_spec(path: str | Path, settings: Settings | None = None) -> TuneSpec | TransferCheckSpec | ShapeScheduleSpec:
     """Read a spec from a .yaml/.yml or .json file (what the CLI submits)."""
     text = Path(path).read_text()
     data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)

@@ -19,11 +19,13 @@ from scaletune.shapes import Shape
 from scaletune.train import Budget, EvalPoint, TrainResult
 from service.db import SessionFactory, create_db_engine, make_session_factory
 from service.dispatch import dispatch, send_all
+from service.kinds.grid import grid_distributions, grid_trial_config, load_grid_study
+from service.kinds.setup import resolve_source
 from service.models import Study, TrialState
 from service.optuna_study import distributions, failure_value, get_storage, load_optuna_study
 from service.queue import Enqueue
 from service.settings import Settings
-from service.spec import STUDY_SPEC, TuneSpec
+from service.spec import STUDY_SPEC, StudySpec, TuneSpec
 from service.studies import study_is_cancelled
 from service.trials import Outcome, claim_attempt, finish_attempt, heartbeat, record_asked, record_point
 
@@ -110,7 +112,7 @@ def outcome_of(result: TrainResult, stop_reason: TrialState | None) -> Outcome:
     return Outcome(TrialState.complete, value=result.final_eval_loss, **common)
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, spec: TuneSpec, outcome: Outcome) -> None:
+def _tell(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, outcome: Outcome) -> None:
     match outcome.state:
         case TrialState.complete:
             study.tell(trial, outcome.value, skip_if_finished=True)
@@ -144,12 +146,20 @@ def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None)
     trial: optuna.Trial | None = None
     with Heartbeat(ctx.session_factory, attempt_id, ctx.settings.HEARTBEAT_INTERVAL) as beat:
         try:
-            study = load_optuna_study(storage, study_row.optuna_study_name, spec, fixed_params=fixed)
-            trial = study.ask(distributions(spec))
+            if isinstance(spec, TuneSpec):
+                study = load_optuna_study(storage, study_row.optuna_study_name, spec, fixed_params=fixed)
+                trial = study.ask(distributions(spec))
+            else:
+                with ctx.session_factory() as session:
+                    spec = resolve_source(session, spec, study_row.tenant)
+                study = load_grid_study(storage, study_row.optuna_study_name, retried_params=fixed)
+                trial = study.ask(grid_distributions(spec))
             record_asked(ctx.session_factory, attempt_id, trial.number, trial.params)
             progress = _Progress(ctx, attempt_id, attempt.study_id, trial, beat)
-            result = run_trial(trial_config(spec, trial.params), progress,
-                               data_root=ctx.settings.DATA_ROOT, max_params=ctx.settings.MAX_PROXY_PARAMS)
+            config = (trial_config(spec, trial.params) if isinstance(spec, TuneSpec)
+                      else grid_trial_config(spec, trial.params))
+            result = run_trial(config, progress, data_root=ctx.settings.DATA_ROOT,
+                               max_params=ctx.settings.MAX_PROXY_PARAMS)
             outcome = outcome_of(result, progress.stop_reason)
         except Exception as error:
             log.exception("attempt %s failed", attempt_id)

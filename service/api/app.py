@@ -11,7 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.api import events, health, plots, studies, transfer, web
+from service.api import check, events, health, plots, studies, transfer, web
 from service.api.body_limit import BodySizeLimit
 from service.api.state import ServiceState
 from service.db import create_db_engine, database_is_current, make_session_factory
@@ -88,4 +88,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(plots.router)
     app.include_router(web.router)
     app.include_router(transfer.router)
+    app.include_router(check.router)
     return app

@@ -1,0 +1,60 @@
+"""The setup a grid kind's trials share: taken from a source tune study where not given, and as a TrialConfig."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from scaletune.hparams import HParams
+from scaletune.runner import TrialConfig
+from scaletune.shapes import Shape
+from scaletune.train import Budget
+from service.kinds.tune import NoCompletedTrial, best_attempt, tuned_values
+from service.models import Study, StudyStatus
+from service.spec import STUDY_SPEC, CheckedModelSpec, ShapeScheduleSpec, TransferCheckSpec, TuneSpec
+
+GridSpec = TransferCheckSpec | ShapeScheduleSpec
+
+
+class SourceError(ValueError):
+    """The source study cannot provide a setup (missing, not a tune study, or not completed)."""
+
+
+def resolve_source(session: Session, spec: GridSpec, tenant: str) -> GridSpec:
+    """The spec with its setup taken from the source tune study where not given; idempotent.
+
+    Hyperparameters are the source's fixed values plus its best trial's, overridden by the spec's own.
+    """
+    if spec.source is None:
+        return spec
+    study_id = spec.source.study_id
+    study = session.get(Study, study_id)
+    if study is None or study.tenant != tenant:
+        raise SourceError(f"source study {study_id} does not exist")
+    source = STUDY_SPEC.validate_python(study.spec)
+    if not isinstance(source, TuneSpec):
+        raise SourceError(f"source study {study_id} is a {study.kind} study; give a tune study")
+    if study.status != StudyStatus.completed:
+        raise SourceError(f"source study {study_id} is {study.status}; wait until it has completed")
+    try:
+        best = best_attempt(session, study)
+    except NoCompletedTrial as error:
+        raise SourceError(str(error)) from None
+    model = CheckedModelSpec(family=source.model.family, base=source.model.base, args=source.model.args)
+    return spec.model_copy(update={
+        "model": spec.model or model,
+        "parametrization": spec.parametrization or source.parametrization,
+        "optimizer": spec.optimizer or source.optimizer,
+        "dataset": spec.dataset or source.dataset,
+        "budget": spec.budget or source.budget,
+        "hyperparameters": {**tuned_values(source, best), **spec.hyperparameters},
+    })
+
+
+def base_config(spec: GridSpec, shape: Shape, budget: Budget, hparams: dict[str, float], seed: int) -> TrialConfig:
+    """A resolved grid spec's setup at one shape, budget, hyperparameters and seed."""
+    assert spec.model and spec.dataset and spec.parametrization and spec.optimizer, "resolve the source first"
+    return TrialConfig(
+        family=spec.model.family, args=spec.model.args, base=Shape(**spec.model.base.model_dump()), shape=shape,
+        parametrization=spec.parametrization, optimizer=spec.optimizer, dataset=spec.dataset.name,
+        dataset_args=spec.dataset.args, budget=budget, hparams=HParams.from_dict(hparams),
+        seed=spec.dataset.seed + seed)

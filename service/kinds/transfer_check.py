@@ -1,0 +1,71 @@
+"""transfer_check: sizes x LR multipliers x seeds around the tuned LR; per-size optimum, drift and verdict."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+
+from scaletune.hparams import HParams
+from scaletune.runner import TrialConfig
+from scaletune.shapes import Shape
+from scaletune.train import Budget
+from scaletune.transfer_check import TransferCheckResult, TrialRecord, analyse
+from service.kinds.setup import base_config
+from service.models import TrialAttempt, TrialState
+from service.spec import TransferCheckSpec
+
+FINISHED = (TrialState.complete, TrialState.diverged)
+
+
+def grid_points(spec: TransferCheckSpec) -> list[dict[str, Any]]:
+    """Seed by seed, so a study cut short still has whole LR sweeps for every size."""
+    return [{"size_index": i, "log2_lr_mult": m, "seed": seed}
+            for seed in range(spec.seeds) for i in range(len(spec.sizes)) for m in spec.lr_multipliers_log2()]
+
+
+def distributions(spec: TransferCheckSpec) -> dict[str, BaseDistribution]:
+    mults = spec.lr_multipliers_log2()
+    return {"size_index": IntDistribution(0, len(spec.sizes) - 1),
+            "log2_lr_mult": FloatDistribution(mults[0], mults[-1]),
+            "seed": IntDistribution(0, spec.seeds - 1)}
+
+
+def tuned_lr(spec: TransferCheckSpec) -> float:
+    return spec.hyperparameters.get("lr", HParams().lr)
+
+
+def trial_config(spec: TransferCheckSpec, params: dict[str, Any]) -> TrialConfig:
+    """One grid point: the size's shape, the tuned LR times 2^log2_lr_mult, everything else as tuned."""
+    assert spec.budget is not None, "resolve the source first"
+    lr = tuned_lr(spec) * 2.0 ** float(params["log2_lr_mult"])
+    budget = Budget(steps=spec.budget.steps, batch_size=spec.budget.batch_size, eval_every=spec.budget.eval_every,
+                    schedule=spec.budget.schedule)
+    return base_config(spec, Shape(**spec.sizes[int(params["size_index"])].model_dump()), budget,
+                       {**spec.hyperparameters, "lr": lr}, int(params["seed"]))
+
+
+def size_label(shape: Shape) -> str:
+    return "x".join(f"{key[0]}{value}" for key, value in shape.to_dict().items())
+
+
+def records(spec: TransferCheckSpec, attempts: Iterable[TrialAttempt]) -> list[TrialRecord]:
+    """Complete and diverged attempts as analysis records (log2 of the absolute LR; None loss = diverged)."""
+    base = math.log2(tuned_lr(spec))
+    result = []
+    for attempt in attempts:
+        if attempt.state not in FINISHED or not attempt.params:
+            continue
+        shape = Shape(**spec.sizes[int(attempt.params["size_index"])].model_dump())
+        result.append(TrialRecord(size=size_label(shape), shape=shape,
+                                  log2_lr=base + float(attempt.params["log2_lr_mult"]),
+                                  seed=int(attempt.params["seed"]),
+                                  loss=attempt.value if attempt.state == TrialState.complete else None))
+    return result
+
+
+def check(spec: TransferCheckSpec, attempts: Iterable[TrialAttempt]) -> TransferCheckResult:
+    """The analysis of the finished points so far; ValueError while fewer than two sizes have any."""
+    return analyse(records(spec, attempts))

@@ -1,0 +1,144 @@
+"""transfer_check studies: spec rules, the enqueued grid, trials run in-process, and the /check analysis."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import optuna
+import pytest
+from fastapi.testclient import TestClient
+from optuna.trial import TrialState as OptunaState
+
+from service.dispatch import dispatch
+from service.models import Study
+from service.settings import Settings
+from service.spec import STUDY_SPEC, SpecError, TransferCheckSpec, parse_spec
+from service.studies import create_study
+from test_transfer_api import tune_spec, tuned_study  # noqa: F401  (fixtures shared with the transfer tests)
+from workers.trial_task import WorkerContext, run_attempt
+
+CHECK_SPEC: dict[str, Any] = {
+    "name": "check-mlp", "kind": "transfer_check",
+    "model": {"family": "mlp", "base": {"width": 16, "depth": 1}},
+    "parametrization": "mup", "optimizer": "adamw", "dataset": {"name": "digits"},
+    "budget": {"steps": 10, "batch_size": 32, "eval_every": 10, "schedule": "constant"},
+    "hyperparameters": {"lr": 0.01},
+    "sizes": [{"width": 16, "depth": 1}, {"width": 32, "depth": 1}, {"width": 64, "depth": 1}],
+    "octaves": 1.0, "step": 0.5, "seeds": 2,
+}
+
+
+@pytest.fixture
+def check_spec() -> dict[str, Any]:
+    return copy.deepcopy(CHECK_SPEC)
+
+
+def run_all(ctx: WorkerContext, study_id: str) -> list[str]:
+    """Run the study's attempts one by one in this process, as a single worker would; their final states."""
+    sent = ctx.enqueue
+    dispatch(ctx.session_factory, study_id, sent)
+    states = []
+    while sent:
+        states.append(run_attempt(ctx, sent.pop(0)[0]))
+    return states
+
+
+@pytest.fixture
+def ctx(migrated: Settings, session_factory: Any, sent: Any) -> WorkerContext:
+    return WorkerContext(migrated, session_factory, sent)
+
+
+def test_the_default_grid_is_13_lr_points_per_size_and_seed() -> None:
+    spec = STUDY_SPEC.validate_python({**CHECK_SPEC, "octaves": 3.0, "step": 0.5})
+    assert isinstance(spec, TransferCheckSpec)
+    assert spec.lr_multipliers_log2() == [k / 2 for k in range(-6, 7)]
+    assert spec.n_trials == 3 * 13 * 2
+
+
+@pytest.mark.parametrize(("change", "loc", "says"), [
+    ({"sizes": CHECK_SPEC["sizes"][:2]}, ("sizes",), "at least 3"),
+    ({"seeds": 1}, ("seeds",), "greater than or equal to 2"),
+    ({"model": None}, (), "give a source tune study, or all of"),
+    ({"n_trials": 7}, (), "the grid has 30 points"),
+    ({"sizes": [{"width": 16, "depth": 1}] * 2 + [{"width": 10**6, "depth": 1}]}, ("sizes", 2), "parameters, above"),
+    ({"model": {"family": "nope", "base": {"width": 16, "depth": 1}}}, ("model", "family"), "unknown model family"),
+])
+def test_bad_specs_are_refused_with_the_field_and_a_reason(migrated: Settings, change: dict[str, Any],
+                                                           loc: tuple[Any, ...], says: str) -> None:
+    with pytest.raises(SpecError) as error:
+        parse_spec({**CHECK_SPEC, **change}, migrated)
+    assert any(p.loc == loc and says in p.msg for p in error.value.problems), error.value.problems
+
+
+def test_every_grid_point_is_enqueued_once(session_factory: Any, storage: Any) -> None:
+    study = create_study(session_factory, storage, STUDY_SPEC.validate_python(CHECK_SPEC))
+    trials = optuna.load_study(study_name=study.optuna_study_name, storage=storage).trials
+    fixed = [t.system_attrs["fixed_params"] for t in trials]
+    points = {(p["size_index"], p["log2_lr_mult"], p["seed"]) for p in fixed}
+    assert all(t.state == OptunaState.WAITING for t in trials) and len(trials) == 30
+    assert points == {(i, m, s) for i in range(3) for m in (-1.0, -0.5, 0.0, 0.5, 1.0) for s in range(2)}
+    assert study.spec["n_trials"] == 30
+
+
+def test_check_reports_an_optimum_per_size_and_a_verdict(client: TestClient, ctx: WorkerContext,
+                                                          storage: Any, check_spec: dict[str, Any]) -> None:
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(check_spec))
+    assert run_all(ctx, study.id) == ["complete"] * 30
+
+    body = client.get(f"/v1/studies/{study.id}/check").json()
+    assert body["status"] == "completed" and body["final"] and body["tuned_lr"] == 0.01
+    assert [s["size"] for s in body["sizes"]] == ["w16xd1", "w32xd1", "w64xd1"]
+    grid = [math.log2(0.01) + m for m in (-1.0, -0.5, 0.0, 0.5, 1.0)]
+    for size in body["sizes"]:
+        assert size["log2_lrs"] == pytest.approx(grid)
+        assert grid[0] <= size["optimum_log2_lr"] <= grid[-1]
+        low, high = size["interval"]
+        assert low <= high
+    assert body["verdict"] in ("holds", "drifts", "not_monotone")
+    assert (body["verdict"] == "drifts") == (abs(body["max_drift"]) > 0.5)
+    assert len(body["points"]) == 30 and {p["state"] for p in body["points"]} == {"complete"}
+    assert sorted({p["seed"] for p in body["points"]}) == [0, 1]
+
+    png = client.get(f"/v1/studies/{study.id}/check.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG")
+
+
+def test_diverged_points_are_recorded_and_shown_as_diverged(client: TestClient, ctx: WorkerContext,
+                                                             storage: Any, check_spec: dict[str, Any]) -> None:
+    check_spec.update(hyperparameters={"lr": 1e6}, octaves=0.5)
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(check_spec))
+    states = run_all(ctx, study.id)
+    assert "diverged" in states
+
+    body = client.get(f"/v1/studies/{study.id}/check").json()
+    diverged = [p for p in body["points"] if p["diverged"]]
+    assert len(diverged) == states.count("diverged") and all(p["loss"] is None for p in diverged)
+    assert sum(sum(s["diverged"]) for s in body["sizes"]) == len(diverged)
+    assert client.get(f"/v1/studies/{study.id}/check.png").status_code == 200
+
+
+def test_a_check_takes_setup_and_best_values_from_its_source_study(
+        client: TestClient, ctx: WorkerContext, storage: Any, tuned_study: str) -> None:
+    spec = {"name": "from-source", "kind": "transfer_check", "source": {"study_id": tuned_study},
+            "sizes": [{"width": 16, "depth": 1}, {"width": 32, "depth": 1}, {"width": 32, "depth": 2}],
+            "octaves": 0.5, "seeds": 2}
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(spec))
+    assert set(run_all(ctx, study.id)) == {"complete"}
+
+    best = min(client.get(f"/v1/studies/{tuned_study}/trials").json()["items"], key=lambda t: t["value"])
+    body = client.get(f"/v1/studies/{study.id}/check").json()
+    assert body["tuned_lr"] == pytest.approx(best["params"]["lr"])
+    assert len(body["sizes"]) == 3 and len(body["points"]) == 18
+
+
+def test_check_answers_409_for_other_kinds_and_before_results(client: TestClient, session_factory: Any,
+                                                              storage: Any, tuned_study: str) -> None:
+    assert client.get(f"/v1/studies/{tuned_study}/check").status_code == 409
+    study = create_study(session_factory, storage, STUDY_SPEC.validate_python(CHECK_SPEC))
+    response = client.get(f"/v1/studies/{study.id}/check")
+    assert response.status_code == 409 and "not enough finished trials" in response.json()["detail"]
+    with session_factory() as session:
+        assert session.get(Study, study.id) is not None
