@@ -75,6 +75,9 @@ def importance_data(study: Study, storage: RDBStorage) -> dict[str, Any]:
 
 
 def plot_data(kind: PlotKind, study: Study, attempts: Sequence[TrialAttempt], storage: RDBStorage) -> dict[str, Any]:
+    if study.kind != "tune":
+        raise NoPlotData(f"study {study.id} is a {study.kind} study; these plots are for tune studies (a "
+                         f"transfer_check study's loss-vs-LR plot is at /v1/studies/{study.id}/check.png).")
     if kind == PlotKind.history:
         return history_data(study, attempts)
     if kind == PlotKind.intermediate:
