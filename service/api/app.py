@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -63,6 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_dirs()
         state = _open_state(settings)
+        # Move everything loaded at startup (torch, Optuna, SQLAlchemy: millions of objects) out of the cyclic
+        # GC's view: otherwise each full collection walks them all, a ~200 ms pause every ~100 trial pages.
+        gc.freeze()
         app.state.service = state
         stop = threading.Event()
         reconciler = threading.Thread(target=reconcile_forever, args=(settings, stop), name="reconciler",

@@ -1,0 +1,212 @@
+"""API latency under load: a fresh PostgreSQL database with 1k studies (one with 10k trials), uvicorn on loopback.
+
+    .venv/bin/python bench/api_load.py [--quick] [--concurrency 1,4] [--requests 1000] [--seconds 20]
+
+Rows are bulk-inserted (no workers). The API runs as its own process (one uvicorn worker); the load
+comes from another process: for each level in ``concurrency``, that many closed-loop clients per
+endpoint, each run bounded by a request count and a time limit. Writes p50/p99 and requests/s per endpoint to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+from common import markdown_table, write_section  # also puts the checkout on sys.path
+from sqlalchemy import insert
+
+from service.db import create_db_engine, upgrade_database
+from service.models import Study, TrialAttempt
+
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+N_STUDIES = 1000
+N_TRIALS_BIG = 10_000
+EVALS_PER_TRIAL = 10
+TARGET_P99_MS = 50.0
+SECTION = "API latency under load"
+SPEC: dict[str, Any] = {
+    "name": "load", "kind": "tune",
+    "model": {"family": "mlp", "base": {"width": 64, "depth": 2}, "proxy": {"width": 128, "depth": 2}, "args": {}},
+    "parametrization": "mup", "optimizer": "adamw", "dataset": {"name": "digits", "args": {}, "seed": 0},
+    "budget": {"steps": 200, "batch_size": 64, "eval_every": 20, "schedule": "cosine"},
+    "search_space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True, "step": None},
+                     "output_mult": {"type": "float", "low": 0.25, "high": 8.0, "log": True, "step": None}},
+    "hyperparameters": {}, "objective": {"metric": "eval_loss", "direction": "minimize"},
+    "n_trials": 20, "parallelism": 2, "sampler": {"name": "tpe", "seed": 0}, "pruner": {"name": "none"},
+    "enqueue": [], "queue": "cpu",
+}
+
+
+def seed(url: str, n_studies: int, n_trials: int) -> str:
+    """Bulk-insert completed studies and one big study's trials; returns the big study's id."""
+    engine = create_db_engine(url)
+    start = datetime.now(UTC) - timedelta(days=30)
+    studies = [{"id": f"{i:08d}-0000-4000-8000-000000000000", "name": f"study-{i}", "kind": "tune",
+                "spec": {**SPEC, "n_trials": n_trials if i == 0 else SPEC["n_trials"]}, "status": "completed",
+                "tenant": "default", "optuna_study_name": f"scaletune-load-{i}",
+                "created_at": start + timedelta(minutes=i), "updated_at": start + timedelta(minutes=i),
+                "finished_at": start + timedelta(minutes=i + 5), "best_value": 0.3, "best_params": {"lr": 0.01}}
+               for i in range(n_studies)]
+    big = studies[0]["id"]
+    curve = [{"step": 20 * (k + 1), "samples": 1280 * (k + 1), "flops": 1e9 * (k + 1), "train_loss": 1.0 / (k + 1),
+              "eval_loss": 1.1 / (k + 1)} for k in range(EVALS_PER_TRIAL)]
+    trials = [{"id": f"{i:08d}-1111-4000-8000-000000000000", "study_id": big, "number": i, "attempt": 1,
+               "state": "complete", "params": {"lr": 1e-3 * (1 + i % 97), "output_mult": 1.0 + i % 7},
+               "value": 0.3 + (i % 101) / 1000, "intermediate": curve, "worker": "bench:1",
+               "queued_at": start + timedelta(seconds=i), "started_at": start + timedelta(seconds=i),
+               "finished_at": start + timedelta(seconds=i + 1), "flops": 1e10, "seconds": 1.0}
+              for i in range(n_trials)]
+    with engine.begin() as connection:
+        connection.execute(insert(Study), studies)
+        for chunk in range(0, len(trials), 2000):
+            connection.execute(insert(TrialAttempt), trials[chunk:chunk + 2000])
+        connection.exec_driver_sql("ANALYZE")
+    engine.dispose()
+    return big
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_api(url: str, port: int, home: str) -> subprocess.Popen[bytes]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SCALETUNE_")},
+           "SCALETUNE_DATABASE_URL": url, "SCALETUNE_HOME": home, "SCALETUNE_AUTH_DISABLED": "true"}
+    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app",
+                            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return api
+        except httpx.TransportError:
+            time.sleep(0.2)
+    api.kill()
+    raise RuntimeError("the API did not start within 60 s")
+
+
+def _hammer(base: str, path: str, n_requests: int, seconds: float, concurrency: int) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` clients, each sends its next request when the last answered."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    remaining = [n_requests]
+
+    def client() -> None:
+        with httpx.Client(base_url=base, timeout=10) as http:
+            while time.monotonic() < deadline:
+                with lock:
+                    if remaining[0] <= 0:
+                        return
+                    remaining[0] -= 1
+                started = time.perf_counter()
+                ok = http.get(path).status_code == 200
+                elapsed = time.perf_counter() - started
+                with lock:
+                    latencies.append(elapsed)
+                    errors[0] += not ok
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    ordered = sorted(latencies)
+    return {"requests": len(ordered), "errors": errors[0], "rps": len(ordered) / wall,
+            "p50_ms": 1000 * statistics.median(ordered),
+            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+
+def drive(base: str, endpoints: dict[str, str], n_requests: int, seconds: float, levels: list[int],
+          results: Any) -> None:
+    """The load process: warm each endpoint up, then measure it at each concurrency level."""
+    for name, path in endpoints.items():
+        _hammer(base, path, 20, 10, 1)
+        for clients in levels:
+            results[(name, clients)] = _hammer(base, path, n_requests, seconds, clients)
+
+
+def report(results: dict[tuple[str, int], dict[str, Any]], endpoints: dict[str, str],
+           args: argparse.Namespace) -> str:
+    big = endpoints["detail"].rsplit("/", 1)[1]
+    rows = [[name, f"`{endpoints[name].replace(big, '{big}')}`", clients, r["requests"], r["errors"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['rps']:.0f}",
+             "yes" if r["p99_ms"] < TARGET_P99_MS else "**no**"] for (name, clients), r in results.items()]
+    table = markdown_table(["endpoint", "request", "clients", "requests", "errors", "p50 ms", "p99 ms", "req/s",
+                            f"p99 < {TARGET_P99_MS:.0f} ms"], rows)
+    return (f"`.venv/bin/python bench/api_load.py{' --quick' if args.quick else ''}` on {os.cpu_count()} CPU "
+            f"cores (shared), {datetime.now(UTC):%Y-%m-%d}. A fresh PostgreSQL database holds {args.studies:,} "
+            f"studies, one of them with {args.trials:,} trials of {EVALS_PER_TRIAL} eval points each (bulk "
+            "insert). The API is one uvicorn process on loopback; the load comes from a separate process: "
+            f"{args.concurrency.replace(',', ' and ')} closed-loop clients per endpoint, at most {args.requests:,} requests or "
+            f"{args.seconds:.0f} s per endpoint, after a short warm-up. Auth disabled (a token check adds one "
+            "primary-key lookup per request). Other work shares the 2 cores, so the p99 column carries their "
+            f"noise; the load average during the run is in the last line.\n\n{table}\n\nload average (1, 5, 15 "
+            f"min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="100 studies, 1k trials, 200 requests per endpoint")
+    parser.add_argument("--concurrency", default="1,4", help="comma-separated numbers of concurrent clients")
+    parser.add_argument("--requests", type=int, default=1000, help="at most this many requests per run")
+    parser.add_argument("--seconds", type=float, default=20.0, help="at most this long per run")
+    parser.add_argument("--no-docs", action="store_true", help="print the table instead of writing docs")
+    args = parser.parse_args()
+    levels = [int(level) for level in args.concurrency.split(",")]
+    args.studies, args.trials = (100, 1000) if args.quick else (N_STUDIES, N_TRIALS_BIG)
+    if args.quick:
+        args.requests = min(args.requests, 200)
+
+    name = f"scaletune_load_{secrets.token_hex(4)}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    api = None
+    try:
+        upgrade_database(url)
+        big = seed(url, args.studies, args.trials)
+        port = free_port()
+        api = start_api(url, port, home=f"/tmp/{name}")
+        deep = (args.trials // 100 - 1) * 100
+        endpoints = {"list": "/v1/studies?limit=50", "detail": f"/v1/studies/{big}",
+                     "trials page 1": f"/v1/studies/{big}/trials?limit=100",
+                     f"trials deep page (offset {deep:,})": f"/v1/studies/{big}/trials?limit=100&offset={deep}"}
+        with multiprocessing.Manager() as manager:
+            results = manager.dict()
+            load = multiprocessing.get_context("spawn").Process(
+                target=drive, args=(f"http://127.0.0.1:{port}", endpoints, args.requests, args.seconds,
+                                    levels, results))
+            load.start()
+            load.join()
+            measured = {(name, clients): dict(results[(name, clients)]) for name in endpoints for clients in levels}
+        body = report(measured, endpoints, args)
+        print(body)
+        if not args.no_docs:
+            write_section(SECTION, body)
+    finally:
+        if api is not None:
+            api.terminate()
+            api.wait(timeout=30)
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    main()
