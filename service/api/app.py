@@ -12,7 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.api import check, events, health, plots, studies, transfer, web
+from service.api import check, events, health, plots, schedule, studies, transfer, web
 from service.api.body_limit import BodySizeLimit
 from service.api.state import ServiceState
 from service.db import create_db_engine, database_is_current, make_session_factory
@@ -93,4 +93,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(web.router)
     app.include_router(transfer.router)
     app.include_router(check.router)
+    app.include_router(schedule.router)
     return app

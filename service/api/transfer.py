@@ -10,12 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
-from scaletune.parametrize import Factory
-from scaletune.runner import count_params, family_factory
+from scaletune.runner import family_factory
 from scaletune.shapes import Shape
 from scaletune.transfer import TransferPlan, transfer_plan
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
+from service.kinds.setup import params_by_depth
 from service.kinds.tune import NoCompletedTrial, best_attempt, tuned_values
 from service.spec import STUDY_SPEC, ShapeSpec, TuneSpec
 from service.studies import StudyNotFound, get_study
@@ -59,15 +59,6 @@ class TransferPlanOut(BaseModel):
 def _unprocessable(msg: str, *loc: str | int) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                          [{"type": "value_error", "loc": ["body", *loc], "msg": msg}])
-
-
-def params_by_depth(factory: Factory, shape: Shape) -> int:
-    """Parameter count from one- and two-block models: blocks repeat, so it is affine in depth.
-
-    Building a 100,000-block model even on the meta device takes a minute; a request must not.
-    """
-    one, two = count_params(factory, shape.with_(depth=1)), count_params(factory, shape.with_(depth=2))
-    return one + (shape.depth - 1) * (two - one)
 
 
 def plan_for(spec: TuneSpec, tuned: dict[str, float], request: TransferRequest, max_params: int,

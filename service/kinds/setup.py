@@ -5,7 +5,8 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from scaletune.hparams import HParams
-from scaletune.runner import TrialConfig
+from scaletune.parametrize import Factory
+from scaletune.runner import TrialConfig, count_params
 from scaletune.shapes import Shape
 from scaletune.train import Budget
 from service.kinds.tune import NoCompletedTrial, best_attempt, tuned_values
@@ -58,3 +59,12 @@ def base_config(spec: GridSpec, shape: Shape, budget: Budget, hparams: dict[str,
         parametrization=spec.parametrization, optimizer=spec.optimizer, dataset=spec.dataset.name,
         dataset_args=spec.dataset.args, budget=budget, hparams=HParams.from_dict(hparams),
         seed=spec.dataset.seed + seed)
+
+
+def params_by_depth(factory: Factory, shape: Shape) -> int:
+    """Parameter count from one- and two-block models: blocks repeat, so it is affine in depth.
+
+    Building a 100,000-block model even on the meta device takes a minute; a request must not.
+    """
+    one, two = count_params(factory, shape.with_(depth=1)), count_params(factory, shape.with_(depth=2))
+    return one + (shape.depth - 1) * (two - one)

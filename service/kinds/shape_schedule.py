@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from optuna.distributions import BaseDistribution, IntDistribution
 
-from scaletune.runner import TrialConfig
+from scaletune.data.base import DataSpec
+from scaletune.models.registry import get_family
+from scaletune.runner import TrialConfig, family_factory
+from scaletune.scaling.fit import FitResult, Run, fit_shapes
+from scaletune.scaling.project import MIN_SIZES, Projection, project_tier_a, project_tier_b
+from scaletune.scaling.schedule import ScheduleReport, schedule_from_fits
 from scaletune.shapes import Shape
 from scaletune.train import Budget
-from service.kinds.setup import base_config
+from service.kinds.setup import base_config, params_by_depth
+from service.models import TrialAttempt, TrialState
 from service.spec import ShapeScheduleSpec
 
+N_BOOTSTRAP = 30  # refits per shape: a coarse 90% interval, but a GET must answer in seconds on a CPU
 GRID_AXES = ("value_index", "size_index", "seed", "budget_index")
 
 
@@ -44,3 +53,122 @@ def trial_config(spec: ShapeScheduleSpec, params: dict[str, Any]) -> TrialConfig
     steps = spec.budgets[int(params["budget_index"])]
     budget = Budget(steps=steps, batch_size=spec.budget.batch_size, eval_every=steps, schedule="wsd")
     return base_config(spec, trial_shape(spec, params), budget, dict(spec.hyperparameters), int(params["seed"]))
+
+
+def shape_label(spec: ShapeScheduleSpec, value_index: int) -> str:
+    return f"{spec.axis}={spec.values[value_index]}"
+
+
+def runs_by_shape(spec: ShapeScheduleSpec, attempts: Iterable[TrialAttempt]) -> dict[str, dict[float, list[Run]]]:
+    """Completed attempts as learning curves: one Run per (shape, size, seed), one point per budget."""
+    points: dict[tuple[int, int, int], list[tuple[float, float]]] = {}
+    for a in attempts:
+        if a.state == TrialState.complete and a.params and a.flops and a.value is not None:
+            key = (int(a.params["value_index"]), int(a.params["size_index"]), int(a.params["seed"]))
+            points.setdefault(key, []).append((float(a.flops), float(a.value)))
+    runs: dict[str, dict[float, list[Run]]] = {}
+    for (v, s, seed), curve in sorted(points.items()):
+        runs.setdefault(shape_label(spec, v), {}).setdefault(spec.sizes[s], []).append(
+            Run(seed=seed, points=tuple(sorted(curve))))
+    return runs
+
+
+class NotEnoughRuns(ValueError):
+    """Too few completed runs to fit a law per shape (yet)."""
+
+
+@dataclass(frozen=True)
+class ScheduleQuery:
+    """Exactly one of target_loss / budget_flops; a target width or depth asks for a projection to that model."""
+
+    target_loss: float | None = None
+    budget_flops: float | None = None
+    target_width: int | None = None
+    target_depth: int | None = None
+
+
+def _fit_summary(fit: FitResult) -> dict[str, Any]:
+    return {"form": fit.form, "params": fit.law.params(), "extrapolation_error": fit.extrapolation_error,
+            "param_intervals": {k: v.to_dict() for k, v in fit.param_intervals().items()},
+            "flops_range": list(fit.flops_range), "loss_range": list(fit.loss_range), "n_runs": fit.n_runs}
+
+
+def _segments(report: ScheduleReport) -> list[dict[str, Any]]:
+    return [{"shape": s.shape, "loss_enter": s.e_enter, "loss_exit": s.e_exit, "flops_enter": s.c_enter,
+             "flops_exit": s.c_exit, "extrapolated": s.extrapolated} for s in report.schedule.segments]
+
+
+def _target_shapes(spec: ShapeScheduleSpec, query: ScheduleQuery) -> dict[str, Shape]:
+    """Each schedule shape at the target's width and depth (the axis keeps each shape's own value)."""
+    base = base_shape(spec)
+    target = base.with_(width=query.target_width or base.width, depth=query.target_depth or base.depth)
+    return {shape_label(spec, i): target.with_(**{spec.axis: value}) for i, value in enumerate(spec.values)}
+
+
+def _project(spec: ShapeScheduleSpec, query: ScheduleQuery, runs: dict[str, dict[float, list[Run]]],
+             fits: dict[str, FitResult], start_loss: float, data: DataSpec) -> Projection:
+    """Tier A (a Chinchilla law per shape over >= 3 proxy sizes) or tier B (one compute factor, heuristic)."""
+    assert spec.model is not None
+    family, args = get_family(spec.model.family), spec.model.args
+    targets = _target_shapes(spec, query)
+    sizes = sorted({size for by_size in runs.values() for size in by_size})
+    if len(sizes) >= MIN_SIZES:
+        def at(i: int, size: float) -> Shape:
+            return spec.shape_at(base_shape(spec), spec.values[i], size)
+
+        def n_params(shape: Shape) -> float:
+            return float(params_by_depth(family_factory(family, shape, data, args), shape))
+
+        # One size index for every shape: the parameter count of the first shape at that size.
+        index = {size: n_params(at(0, size)) for size in sizes}
+        target_index = n_params(targets[shape_label(spec, 0)])
+        labels = {shape_label(spec, i): i for i in range(len(spec.values))}
+        by_index = {label: {index[size]: size_runs for size, size_runs in runs[label].items()} for label in runs}
+        table = {label: {**{index[size]: family.train_flops_per_sample(at(i, size), data, args) for size in sizes},
+                         target_index: family.train_flops_per_sample(targets[label], data, args)}
+                 for label, i in labels.items()}
+        return project_tier_a(by_index, table, target_index, start_loss, query.target_loss, query.budget_flops,
+                              n_bootstrap=N_BOOTSTRAP)
+    first = next(iter(fits))
+    proxy = spec.shape_at(base_shape(spec), spec.values[0], sizes[0])
+    kappa = family.train_flops_per_sample(targets[first], data, args) / family.train_flops_per_sample(proxy, data, args)
+    return project_tier_b(fits, kappa, start_loss, query.target_loss, query.budget_flops)
+
+
+def schedule(spec: ShapeScheduleSpec, attempts: Iterable[TrialAttempt], query: ScheduleQuery,
+             data: DataSpec) -> dict[str, Any]:
+    """Fits per shape at the first proxy size, the DP schedule and its saving vs the best static shape.
+
+    Raises ValueError when the curves cannot be fitted or the target cannot be reached.
+    """
+    runs = runs_by_shape(spec, attempts)
+    at_proxy = {label: by_size[spec.sizes[0]] for label, by_size in runs.items() if spec.sizes[0] in by_size}
+    if len(at_proxy) < 2:
+        raise NotEnoughRuns(f"need completed runs of at least two shapes at size {spec.sizes[0]}, have {len(at_proxy)}")
+    fits = fit_shapes(at_proxy, n_bootstrap=N_BOOTSTRAP)
+    start_loss = max(fit.loss_range[1] for fit in fits.values())
+    projection: Projection | None = None
+    if query.target_width is None and query.target_depth is None:
+        report = schedule_from_fits(fits, start_loss, query.target_loss, query.budget_flops)
+    else:
+        projection = _project(spec, query, runs, fits, start_loss, data)
+        report = projection.report
+    return {
+        "axis": spec.axis,
+        "tier": "proxy" if projection is None else projection.tier,
+        "heuristic": projection is not None and projection.heuristic,
+        "compute_factor": None if projection is None else projection.compute_factor,
+        "fits": {label: _fit_summary(fit) for label, fit in fits.items()},
+        "start_loss": start_loss,
+        "target_loss": report.schedule.target_loss,
+        "budget_flops": report.schedule.budget_flops,
+        "segments": _segments(report),
+        "adaptive_flops": report.schedule.adaptive_flops,
+        "static": {"shape": report.schedule.static_shape, "flops": report.schedule.static_flops,
+                   "loss_at_budget": report.schedule.static_loss_at_budget},
+        "saving": report.schedule.saving,
+        "saving_interval": report.saving.to_dict(),
+        "transitions": [t.to_dict() for t in report.transitions],
+        "low_confidence": report.low_confidence,
+        "reasons": list(report.reasons),
+    }

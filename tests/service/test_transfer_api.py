@@ -14,7 +14,7 @@ from scaletune.models.registry import get_family
 from scaletune.runner import count_params, family_factory
 from scaletune.shapes import Shape
 from scaletune.transfer import transfer_plan
-from service.api.transfer import params_by_depth
+from service.kinds.setup import params_by_depth
 from service.dispatch import dispatch
 from service.settings import Settings
 from service.spec import STUDY_SPEC
