@@ -196,6 +196,7 @@ def run_up(settings: Settings, host: str, port: int, workers: int, gpus: Sequenc
     upgrade_database(settings.DATABASE_URL)
     # Children resolve their settings from the environment; an absolute HOME makes them agree with us.
     os.environ["SCALETUNE_HOME"] = str(settings.HOME.resolve())
+    os.environ["SCALETUNE_AUTH_DISABLED"] = "true" if settings.AUTH_DISABLED else "false"
     stop = stop_on_signals()
     with Supervisor() as supervisor:
         supervisor.start(api_server(host, port))

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -87,10 +87,13 @@ class Study(Base):
     best_value: Mapped[float | None] = mapped_column(Float)
     best_params: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64), doc="sha256 of the submitted spec, canonical JSON")
 
     __table_args__ = (
         Index("ix_st_studies_tenant_created", "tenant", "created_at"),
         Index("ix_st_studies_tenant_status_created", "tenant", "status", "created_at"),
+        Index("ix_st_studies_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
     )
 
 
@@ -138,3 +141,17 @@ class Event(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_st_events_study_id", "study_id", "id"),)
+
+
+class ApiToken(Base):
+    """An API token: ``id`` is the public selector inside the token, ``hash`` the sha256 of its secret part."""
+
+    __tablename__ = "st_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    tenant: Mapped[str] = mapped_column(String(100))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)

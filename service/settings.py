@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,6 +15,17 @@ def normalise_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
     return url
+
+
+class TenantQuota(BaseModel):
+    """One tenant's overrides of the server-wide quotas; a field left out keeps the server's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrent_studies: int | None = Field(None, ge=1)
+    trials_per_study: int | None = Field(None, ge=1)
+    proxy_params: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -35,6 +46,13 @@ class Settings(BaseSettings):
     MAX_PROXY_PARAMS: int = Field(50_000_000, ge=1)
     MAX_TARGET_PARAMS: int = Field(10**13, ge=1, description="largest target a transfer plan is computed for")
     MAX_REQUEST_BYTES: int = Field(256 * 1024, ge=1024)
+    MAX_CONCURRENT_STUDIES: int = Field(20, ge=1, description="unfinished studies one tenant may have at once")
+    TENANT_QUOTAS: dict[str, TenantQuota] = Field(
+        default_factory=dict, description='per-tenant overrides as JSON, e.g. {"acme": {"concurrent_studies": 3}}')
+
+    AUTH_DISABLED: bool = Field(False, description="serve without tokens (everyone is admin of tenant 'default'); "
+                                                   "the CLI allows it only on a loopback address")
+    LOG_LEVEL: str = "INFO"
 
     HEARTBEAT_INTERVAL: float = Field(10.0, gt=0)
     STALE_AFTER: float = Field(120.0, gt=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from optuna.storages import RDBStorage
@@ -11,6 +13,7 @@ from sqlalchemy.orm import Session
 from service.db import SessionFactory, write_session
 from service.models import UNFINISHED_STUDY, Event, EventType, Study, StudyStatus, TrialAttempt, TrialState, new_id, utcnow
 from service.optuna_study import create_optuna_study, delete_optuna_study, optuna_study_name
+from service.quotas import check_concurrent_studies
 from service.spec import TuneSpec
 
 DEFAULT_TENANT = "default"
@@ -24,14 +27,28 @@ class StudyAlreadyFinished(RuntimeError):
     pass
 
 
+def spec_fingerprint(spec: TuneSpec) -> str:
+    """sha256 of the spec as canonical JSON: tells a retried request from a different one under the same key."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Study | None:
+    return session.scalars(select(Study).where(Study.tenant == tenant, Study.idempotency_key == key)).one_or_none()
+
+
 def add_event(session: Session, study_id: str, type_: EventType, payload: dict[str, Any],
               trial_id: str | None = None) -> None:
     session.add(Event(study_id=study_id, trial_id=trial_id, type=type_, payload=payload))
 
 
 def create_study(session_factory: SessionFactory, storage: RDBStorage, spec: TuneSpec,
-                 tenant: str = DEFAULT_TENANT) -> Study:
+                 tenant: str = DEFAULT_TENANT, idempotency_key: str | None = None,
+                 max_unfinished: int | None = None) -> Study:
     """Create the Optuna study, then our row; if our write fails the Optuna study is deleted again.
+
+    ``max_unfinished`` is the tenant's concurrent-studies quota, checked in the inserting transaction
+    (ConcurrencyQuotaExceeded); a reused ``idempotency_key`` fails the insert with IntegrityError.
 
     Optuna writes through its own engine, so the two cannot share one SQL transaction (on SQLite the
     second writer would wait on the first). The compensation keeps "nothing half-written": a study row
@@ -43,8 +60,11 @@ def create_study(session_factory: SessionFactory, storage: RDBStorage, spec: Tun
     create_optuna_study(storage, name, spec)
     try:
         with write_session(session_factory) as session:
+            if max_unfinished is not None:
+                check_concurrent_studies(session, tenant, max_unfinished)
             study = Study(id=study_id, name=spec.name, kind=spec.kind, spec=spec.model_dump(mode="json"),
-                          status=StudyStatus.queued, tenant=tenant, optuna_study_name=name)
+                          status=StudyStatus.queued, tenant=tenant, optuna_study_name=name,
+                          idempotency_key=idempotency_key, request_hash=spec_fingerprint(spec))
             session.add(study)
     except BaseException:
         delete_optuna_study(storage, name)
@@ -52,17 +72,20 @@ def create_study(session_factory: SessionFactory, storage: RDBStorage, spec: Tun
     return study
 
 
-def get_study(session: Session, study_id: str, tenant: str = DEFAULT_TENANT) -> Study:
+def get_study(session: Session, study_id: str, tenant: str | None = DEFAULT_TENANT) -> Study:
+    """The study if ``tenant`` may see it (None: any tenant, for admins); another tenant's study is not found."""
     study = session.get(Study, study_id)
-    if study is None or study.tenant != tenant:
+    if study is None or (tenant is not None and study.tenant != tenant):
         raise StudyNotFound(study_id)
     return study
 
 
-def list_studies(session: Session, tenant: str = DEFAULT_TENANT, status: StudyStatus | None = None,
+def list_studies(session: Session, tenant: str | None = DEFAULT_TENANT, status: StudyStatus | None = None,
                  limit: int = 50, offset: int = 0) -> tuple[list[Study], int]:
-    """Newest first; served by the (tenant, status, created_at) indexes."""
-    query = select(Study).where(Study.tenant == tenant)
+    """Newest first; served by the (tenant, status, created_at) indexes. ``tenant`` None lists every tenant's."""
+    query = select(Study)
+    if tenant is not None:
+        query = query.where(Study.tenant == tenant)
     if status is not None:
         query = query.where(Study.status == status)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
@@ -88,12 +111,11 @@ def study_is_cancelled(session_factory: SessionFactory, study_id: str) -> bool:
         return session.scalar(select(Study.status).where(Study.id == study_id)) == StudyStatus.cancelled
 
 
-def cancel_study(session_factory: SessionFactory, study_id: str, tenant: str = DEFAULT_TENANT) -> Study:
+def cancel_study(session_factory: SessionFactory, study_id: str, tenant: str | None = DEFAULT_TENANT) -> Study:
     """Nothing new starts (queued attempts are cancelled); running attempts see it at their next eval."""
     with write_session(session_factory) as session:
-        study = session.scalars(select(Study).where(Study.id == study_id, Study.tenant == tenant)
-                                .with_for_update()).one_or_none()
-        if study is None:
+        study = session.scalars(select(Study).where(Study.id == study_id).with_for_update()).one_or_none()
+        if study is None or (tenant is not None and study.tenant != tenant):
             raise StudyNotFound(study_id)
         if study.status not in UNFINISHED_STUDY:
             raise StudyAlreadyFinished(f"study {study_id} is already {study.status}; only queued or running "

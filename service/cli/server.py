@@ -30,6 +30,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _refuse_open_network_without_auth(host: str, no_auth: bool) -> None:
+    if no_auth and not _is_loopback(host):
+        raise typer.BadParameter(
+            f"{host} is reachable from the network; --no-auth is allowed only on a loopback address such as "
+            "127.0.0.1. Drop --no-auth and create tokens with `scaletune token create`.", param_hint="--no-auth")
+
+
 def _cuda_device_count() -> int:
     import torch
 
@@ -55,8 +62,8 @@ def up(
     port: Annotated[int, typer.Option(help="Port for the HTTP API.")] = 8000,
     no_auth: Annotated[bool, typer.Option(
         "--no-auth",
-        help="Acknowledge serving without authentication. scaletune has no authentication yet, so the API is "
-             "open either way; this flag is required to bind a non-loopback --host.")] = False,
+        help="Serve without API tokens (every caller is admin of tenant 'default'); only on a loopback --host.")
+    ] = False,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes (one trial each at a time).")] = 1,
 ) -> None:
     """Run scaletune on this machine: API, worker(s) and reconciler, data under $SCALETUNE_HOME (./.scaletune).
@@ -65,6 +72,8 @@ def up(
 
     Set SCALETUNE_DATABASE_URL / SCALETUNE_BROKER_URL to use PostgreSQL / Redis instead.
 
+    The API wants a token (`scaletune token create`) unless started with --no-auth.
+
     With CUDA, workers take queues gpu and cpu, one GPU each (round robin); else queue cpu. Ctrl-C stops all.
 
     Example: scaletune up --port 8000 --workers 2
@@ -72,11 +81,8 @@ def up(
     from service.embedded import run_up
     from service.settings import Settings
 
-    if not _is_loopback(host) and not no_auth:
-        raise typer.BadParameter(
-            f"{host} is reachable from the network and scaletune has no authentication yet; "
-            "bind 127.0.0.1, or pass --no-auth to serve it open anyway.", param_hint="--host")
-    settings = Settings()
+    _refuse_open_network_without_auth(host, no_auth)
+    settings = Settings(AUTH_DISABLED=no_auth)
     gpu_count = _cuda_device_count()
     gpus = [i % gpu_count for i in range(workers)] if gpu_count else []
     console.print(f"Starting scaletune (data in {settings.HOME.resolve()}, database {_safe_url(settings.DATABASE_URL)})")
@@ -106,8 +112,10 @@ def migrate() -> None:
 def api(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="Port for the HTTP API.")] = 8000,
+    no_auth: Annotated[bool, typer.Option(
+        "--no-auth", help="Serve without API tokens; refused unless --host is a loopback address.")] = False,
 ) -> None:
-    """Serve the HTTP API alone (production). There is no authentication yet: keep it on a private network.
+    """Serve the HTTP API alone (production). Callers need a token from `scaletune token create`.
 
     Refuses to start until `scaletune migrate` has been run on the database.
 
@@ -117,6 +125,8 @@ def api(
     from service.settings import Settings
 
     settings = Settings()
+    _refuse_open_network_without_auth(host, no_auth)
+    settings = settings.model_copy(update={"AUTH_DISABLED": no_auth})
     if not database_is_current(settings.DATABASE_URL):
         error_console.print(
             f"The database {_safe_url(settings.DATABASE_URL)} is not migrated to this version of scaletune. "

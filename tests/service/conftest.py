@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from service.auth import create_token
 from service.db import SessionFactory, create_db_engine, make_session_factory, upgrade_database
 from service.optuna_study import get_storage
 from service.settings import Settings
@@ -85,6 +86,8 @@ def sent() -> SentTasks:
 
 
 @pytest.fixture
-def client(migrated: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(migrated)) as test_client:
+def client(migrated: Settings, session_factory: SessionFactory) -> Iterator[TestClient]:
+    """The API in-process, calling as a (non-admin) token of tenant 'default'."""
+    token = create_token(session_factory, "test-user", tenant="default")
+    with TestClient(create_app(migrated), headers={"Authorization": f"Bearer {token}"}) as test_client:
         yield test_client

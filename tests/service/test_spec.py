@@ -85,7 +85,7 @@ def test_proxy_over_the_parameter_limit_is_refused_with_count_and_limit(
     from service.db import upgrade_database
 
     upgrade_database(settings.DATABASE_URL)
-    small = settings.model_copy(update={"MAX_PROXY_PARAMS": 10_000})
+    small = settings.model_copy(update={"MAX_PROXY_PARAMS": 10_000, "AUTH_DISABLED": True})
     spec_dict["model"]["proxy"] = {"width": 512, "depth": 4}
     with TestClient(create_app(small)) as client:
         response = client.post("/v1/studies", json=spec_dict)

@@ -86,17 +86,16 @@ def test_a_diverging_trial_is_recorded_as_diverged_and_teaches_optuna_the_worst_
 
 
 def test_trials_run_through_the_api_until_the_study_completes(
-        migrated: Settings, ctx: WorkerContext, sent: SentTasks, tiny_spec: dict[str, Any]) -> None:
+        client: TestClient, ctx: WorkerContext, sent: SentTasks, tiny_spec: dict[str, Any]) -> None:
     tiny_spec.update(n_trials=2, enqueue=[{"lr": 0.005}])
-    with TestClient(create_app(migrated)) as client:
-        study_id = client.post("/v1/studies", json=tiny_spec).json()["id"]
-        with ctx.session_factory() as session:
-            [first] = session.scalars(select(TrialAttempt.id).where(TrialAttempt.study_id == study_id)).all()
-        run_attempt(ctx, first)
-        [second] = [i for i in sent.ids() if i != first]
-        run_attempt(ctx, second)
-        detail = client.get(f"/v1/studies/{study_id}").json()
-        first_trial = client.get(f"/v1/studies/{study_id}/trials/0").json()
+    study_id = client.post("/v1/studies", json=tiny_spec).json()["id"]
+    with ctx.session_factory() as session:
+        [first] = session.scalars(select(TrialAttempt.id).where(TrialAttempt.study_id == study_id)).all()
+    run_attempt(ctx, first)
+    [second] = [i for i in sent.ids() if i != first]
+    run_attempt(ctx, second)
+    detail = client.get(f"/v1/studies/{study_id}").json()
+    first_trial = client.get(f"/v1/studies/{study_id}/trials/0").json()
     assert detail["status"] == "completed"
     assert detail["trial_counts"]["complete"] == 2
     assert first_trial["params"] == {"lr": 0.005}, "the enqueued point is tried first"

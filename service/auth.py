@@ -1,0 +1,110 @@
+"""API tokens and the ``require_principal`` dependency: who is calling, which tenant they act for, whether admin.
+
+A token reads ``st_<selector>_<secret>``. The selector (public) finds the row; only the sha256 of the
+secret is stored, compared in constant time. A token is accepted from the ``Authorization: Bearer``
+header, the ``scaletune_token`` cookie (the web page) or the ``token`` query parameter (EventSource
+cannot set headers); any route gets authentication with ``principal: CurrentPrincipal``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, status
+from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from service.api.state import ServiceState, service_state
+from service.db import SessionFactory, write_session
+from service.models import ApiToken
+from service.studies import DEFAULT_TENANT
+
+TOKEN_PREFIX = "st"
+AUTH_COOKIE = "scaletune_token"
+TOKEN_QUERY = "token"
+UNAUTHORIZED = {401: {"description": "no token, or an unknown or revoked one"}}
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    token_name: str
+    is_admin: bool
+
+    @property
+    def tenant_scope(self) -> str | None:
+        """The tenant whose studies this caller may see; None (admin) means every tenant."""
+        return None if self.is_admin else self.tenant
+
+
+NO_AUTH_PRINCIPAL = Principal(tenant=DEFAULT_TENANT, token_name="no-auth", is_admin=True)
+
+
+class TokenNameTaken(ValueError):
+    pass
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_token(session_factory: SessionFactory, name: str, tenant: str = DEFAULT_TENANT,
+                 admin: bool = False) -> str:
+    """Store a new token's hash and return the token itself: the only time it exists in clear."""
+    selector, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    try:
+        with write_session(session_factory) as session:
+            session.add(ApiToken(id=selector, name=name, tenant=tenant, admin=admin, hash=_hash_secret(secret)))
+    except IntegrityError:
+        raise TokenNameTaken(f"a token named {name!r} already exists; pick another name or revoke it") from None
+    return f"{TOKEN_PREFIX}_{selector}_{secret}"
+
+
+def revoke_token(session_factory: SessionFactory, name: str) -> bool:
+    """True when a live token of that name was revoked."""
+    with write_session(session_factory) as session:
+        result = session.execute(update(ApiToken).where(ApiToken.name == name, ApiToken.revoked.is_(False))
+                                 .values(revoked=True))
+        return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def authenticate(session_factory: SessionFactory, token: str) -> Principal | None:
+    """The principal a token stands for, or None when it is malformed, unknown or revoked."""
+    prefix, _, rest = token.partition("_")
+    selector, _, secret = rest.partition("_")
+    if prefix != TOKEN_PREFIX or not selector or not secret or len(selector) > 32:
+        return None
+    with session_factory() as session:
+        row = session.scalars(select(ApiToken).where(ApiToken.id == selector)).one_or_none()
+    if row is None or row.revoked or not hmac.compare_digest(row.hash, _hash_secret(secret)):
+        return None
+    return Principal(tenant=row.tenant, token_name=row.name, is_admin=row.admin)
+
+
+_bearer = HTTPBearer(auto_error=False, description="an API token from `scaletune token create`")
+_cookie = APIKeyCookie(name=AUTH_COOKIE, auto_error=False, description="the same token, set by the web page")
+_query = APIKeyQuery(name=TOKEN_QUERY, auto_error=False, description="the same token, for EventSource")
+
+
+def require_principal(state: Annotated[ServiceState, Depends(service_state)],
+                      bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                      cookie: Annotated[str | None, Depends(_cookie)],
+                      query: Annotated[str | None, Depends(_query)]) -> Principal:
+    """FastAPI dependency: the caller's principal, or 401. With AUTH_DISABLED, the admin of tenant 'default'."""
+    if state.settings.AUTH_DISABLED:
+        return NO_AUTH_PRINCIPAL
+    token = bearer.credentials if bearer is not None else cookie or query
+    principal = authenticate(state.session_factory, token) if token else None
+    if principal is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED,
+                            "missing or invalid API token" if token is None else "invalid or revoked API token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(require_principal)]
