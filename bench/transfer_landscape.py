@@ -31,6 +31,10 @@ from scaletune.transfer_check import SizeResult, TransferCheckResult, analyse, d
 SECTION = "Transfer landscape: does the optimal LR hold across width and depth?"
 SEEDS = (0, 1)
 WARMUP_FRAC = 0.05
+# Readout and query start from their normal init, not zero: at these few-hundred-step budgets zero-init made
+# the muP family's loss worse and far noisier between seeds (gpt w64, 150 steps, lr 2^-4.5, seeds 0/1: zero-init
+# 2.68/2.82, normal init 2.43/2.45), which buried the optimum in noise; SP never zero-inits.
+PARAM_OPTIONS = {"zero_init_readout": False, "zero_init_query": False}
 MAX_EXTENSIONS = 4  # octaves an LR sweep may walk beyond its start window
 WIDTH_TARGETS = {"mup": "drift <= 0.5", "sp": "drift >= 1.5"}
 DEPTH_TARGETS = {"depth_mup": "drift <= 0.5", "completep": "drift <= 0.5"}
@@ -63,6 +67,7 @@ class Ladder:
             family=self.family, args=self.args, base=self.shapes[0], shape=shape, parametrization=parametrization,
             optimizer="adamw", dataset=self.dataset, dataset_args=self.dataset_args, budget=self.budget,
             hparams=HParams(lr=2.0 ** log2_lr, warmup_frac=WARMUP_FRAC), seed=seed, device="cpu",
+            options=PARAM_OPTIONS,
         )
 
 
@@ -76,7 +81,7 @@ def ladders(quick: bool) -> list[Ladder]:
     mlp = dict(family="mlp", args={}, dataset="teacher", dataset_args={}, budget=mlp_budget,
                start_log2_lr=-5.0, start_halfwidth=halfwidth)
     gpt = dict(family="gpt", args={"head_dim": 8}, dataset="pytext",
-               dataset_args={"seq_len": 32, "max_bytes": 2_000_000, "eval_windows": 128}, budget=gpt_budget,
+               dataset_args={"seq_len": 32, "max_bytes": 2_000_000, "eval_windows": 256}, budget=gpt_budget,
                start_log2_lr=-5.0, start_halfwidth=halfwidth)
     all_four = ("sp", "mup", "depth_mup", "completep")
     return [
@@ -214,7 +219,8 @@ LR sweep: log2 grid, 1-octave steps around 2^{all_ladders[0].start_log2_lr:g} ex
 octaves) while the seed-mean minimum sits at an edge, then the half-octave neighbours of the minimum; the
 optimum is the parabola through the grid minimum and its neighbours (`scaletune.transfer_check`), its interval
 a bootstrap over seeds; drift is the largest move vs the smallest size, in octaves (negative = lower LR).
-A point where any seed diverged counts as diverged. On the width ladders depth is fixed (r = 1), where depth_mup
+A point where any seed diverged counts as diverged. Options: {PARAM_OPTIONS} (readout and query initialised
+normally, not zero). On the width ladders depth is fixed (r = 1), where depth_mup
 and completep are identical to mup, so they are not re-run. Targets: drift <= 0.5 octave along width for the
 muP family and along depth for depth_mup/completep; SP drifts >= 1.5 along width.
 
