@@ -86,19 +86,39 @@ def wait_for_api(supervisor: Supervisor, base_url: str) -> str:
     return base_url
 
 
+def issue_token(env: dict[str, str], name: str) -> str:
+    """An admin API token, made the way an operator makes one: `scaletune token create`."""
+    created = subprocess.run([*SCALETUNE, "token", "create", "--name", name, "--admin"],
+                             env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+    return created.stdout.strip()
+
+
 @pytest.fixture
-def production_service(processes: Supervisor, postgres_url: str, redis_url: str, tmp_path: Path) -> str:
-    """PostgreSQL + Redis, `scaletune migrate`, then worker, API and reconciler as separate processes."""
+def production_env(postgres_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of every production-mode process, with the database already migrated."""
     env = child_env(SCALETUNE_DATABASE_URL=postgres_url, SCALETUNE_BROKER_URL=redis_url,
                     SCALETUNE_HOME=str(tmp_path / "home"))
     migrated = subprocess.run([*SCALETUNE, "migrate"], env={**os.environ, **env}, capture_output=True, text=True,
                               timeout=180)
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    return env
+
+
+@pytest.fixture
+def production_service(processes: Supervisor, production_env: dict[str, str]) -> str:
+    """PostgreSQL + Redis, `scaletune migrate`, then worker, API and reconciler as separate processes."""
     port = free_port()
-    processes.start(ChildSpec("worker", [*SCALETUNE, "worker"], env))
-    processes.start(ChildSpec("reconciler", [*SCALETUNE, "reconciler"], env))
-    processes.start(ChildSpec("api", [*SCALETUNE, "api", "--host", "127.0.0.1", "--port", str(port)], env))
+    processes.start(ChildSpec("worker", [*SCALETUNE, "worker"], production_env))
+    processes.start(ChildSpec("reconciler", [*SCALETUNE, "reconciler"], production_env))
+    processes.start(ChildSpec("api", [*SCALETUNE, "api", "--host", "127.0.0.1", "--port", str(port)],
+                              production_env))
     return wait_for_api(processes, f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture
+def production_token(production_service: str, production_env: dict[str, str]) -> str:
+    return issue_token(production_env, "it-production")
 
 
 @pytest.fixture
@@ -113,3 +133,8 @@ def embedded_service(processes: Supervisor, embedded_home: Path) -> str:
     processes.start(ChildSpec("up", [*SCALETUNE, "up", "--port", str(port)],
                               child_env(SCALETUNE_HOME=str(embedded_home))))
     return wait_for_api(processes, f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture
+def embedded_token(embedded_service: str, embedded_home: Path) -> str:
+    return issue_token(child_env(SCALETUNE_HOME=str(embedded_home)), "it-embedded")

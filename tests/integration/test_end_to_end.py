@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -53,21 +54,23 @@ def all_trials(client: httpx.Client, study_id: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(params=["production", "embedded"])
-def service_url(request: pytest.FixtureRequest) -> str:
+def client(request: pytest.FixtureRequest) -> Iterator[httpx.Client]:
     """production: PostgreSQL + Redis + separate processes; embedded: `scaletune up` with SQLite + filesystem broker."""
-    return str(request.getfixturevalue(f"{request.param}_service"))
+    url = str(request.getfixturevalue(f"{request.param}_service"))
+    token = str(request.getfixturevalue(f"{request.param}_token"))
+    with httpx.Client(base_url=url, timeout=30.0, headers={"Authorization": f"Bearer {token}"}) as client:
+        yield client
 
 
 @pytest.mark.timeout(STUDY_TIMEOUT_S + 180)
-def test_tune_study_runs_to_completion(service_url: str) -> None:
-    with httpx.Client(base_url=service_url, timeout=30.0) as client:
-        created = client.post("/v1/studies", json=copy.deepcopy(SPEC))
-        assert created.status_code == 201, created.text
-        study_id = created.json()["id"]
+def test_tune_study_runs_to_completion(client: httpx.Client) -> None:
+    created = client.post("/v1/studies", json=copy.deepcopy(SPEC))
+    assert created.status_code == 201, created.text
+    study_id = created.json()["id"]
 
-        study = wait_for_study(client, study_id)
-        assert study["status"] == "completed", study
-        trials = all_trials(client, study_id)
+    study = wait_for_study(client, study_id)
+    assert study["status"] == "completed", study
+    trials = all_trials(client, study_id)
 
     finished = [t for t in trials if t["state"] in ("complete", "pruned")]
     assert len(finished) == SPEC["n_trials"], [(t["number"], t["state"], t.get("failure_reason")) for t in trials]

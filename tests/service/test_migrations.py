@@ -9,16 +9,20 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import inspect
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
 
-from service.db import create_db_engine, database_is_current, downgrade_database, make_session_factory, \
-    upgrade_database
+from service.db import VERSION_TABLE, _alembic_config, create_db_engine, database_is_current, \
+    downgrade_database, make_session_factory, upgrade_database
+from service.models import Base
 from service.dispatch import dispatch
 from service.optuna_study import get_storage
 from service.spec import STUDY_SPEC
 from service.studies import create_study
 
-OUR_TABLES = {"st_studies", "st_trials", "st_events", "st_alembic_version"}
+OUR_TABLES = {"st_studies", "st_trials", "st_events", "st_tokens", "st_alembic_version"}
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -80,3 +84,54 @@ def test_create_and_dispatch_on_postgresql(postgres_url: str, spec_dict: dict[st
     finally:
         engine.dispose()
     assert len(first) == spec_dict["parallelism"] and again == [] and sent == first
+
+
+def _revisions() -> list[str]:
+    """Every revision, oldest first."""
+    script = ScriptDirectory.from_config(_alembic_config("sqlite://"))
+    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
+
+
+def test_upgrade_from_every_earlier_revision_keeps_the_data(empty_database: str,
+                                                            spec_dict: dict[str, Any]) -> None:
+    """A database left at any older revision, with a study in it, upgrades to head and downgrades back."""
+    revisions = _revisions()
+    assert len(revisions) >= 2
+    for earlier in revisions[:-1]:
+        upgrade_database(empty_database, earlier)
+        engine = create_db_engine(empty_database)
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(
+                    "INSERT INTO st_studies (id, name, kind, spec, status, tenant, optuna_study_name, created_at, "
+                    "updated_at) VALUES (:id, 'old', 'tune', '{}', 'completed', 'default', :name, "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"id": f"study-{earlier}", "name": f"optuna-{earlier}"})
+        finally:
+            engine.dispose()
+        upgrade_database(empty_database)
+        assert database_is_current(empty_database)
+        engine = create_db_engine(empty_database)
+        try:
+            with engine.connect() as connection:
+                names = set(connection.scalars(text("SELECT name FROM st_studies")))
+        finally:
+            engine.dispose()
+        assert names == {"old"}, f"the study written at {earlier} survives the upgrade"
+        downgrade_database(empty_database, earlier)
+        assert not database_is_current(empty_database)
+        downgrade_database(empty_database)
+    assert not (OUR_TABLES - {"st_alembic_version"}) & _tables(empty_database)
+
+
+def test_head_matches_the_models(empty_database: str) -> None:
+    """No change to models.py is left without a migration."""
+    upgrade_database(empty_database)
+    engine = create_db_engine(empty_database)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={
+                "version_table": VERSION_TABLE, "compare_type": True,
+                "include_name": lambda name, type_, _parents: type_ != "table" or name.startswith("st_")})
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()

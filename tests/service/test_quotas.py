@@ -1,0 +1,98 @@
+"""Per-tenant quotas (429 for concurrency, 422 for size, naming the limit) and idempotent study creation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.auth import create_token
+from service.db import SessionFactory
+from service.settings import Settings, TenantQuota
+
+
+@pytest.fixture
+def quota_settings(migrated: Settings) -> Settings:
+    return migrated.model_copy(update={
+        "MAX_CONCURRENT_STUDIES": 2,
+        "TENANT_QUOTAS": {"small": TenantQuota(concurrent_studies=1, trials_per_study=5, steps=300,
+                                               proxy_params=100_000)}})
+
+
+def as_tenant(settings: Settings, session_factory: SessionFactory, tenant: str) -> TestClient:
+    token = create_token(session_factory, f"user-of-{tenant}", tenant=tenant)
+    return TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.fixture
+def small(quota_settings: Settings, session_factory: SessionFactory) -> Iterator[TestClient]:
+    with as_tenant(quota_settings, session_factory, "small") as client:
+        yield client
+
+
+@pytest.fixture
+def big(quota_settings: Settings, session_factory: SessionFactory) -> Iterator[TestClient]:
+    with as_tenant(quota_settings, session_factory, "big") as client:
+        yield client
+
+
+def test_concurrent_studies_are_limited_per_tenant_with_429(small: TestClient, big: TestClient,
+                                                            spec_dict: dict[str, Any]) -> None:
+    spec_dict["n_trials"] = 5
+    first = small.post("/v1/studies", json=spec_dict)
+    assert first.status_code == 201
+    refused = small.post("/v1/studies", json=spec_dict)
+    assert refused.status_code == 429
+    assert "limit of concurrent studies is 1" in refused.json()["detail"]
+    assert [big.post("/v1/studies", json=spec_dict).status_code for _ in range(3)] == [201, 201, 429], \
+        "another tenant has the server-wide limit of 2"
+
+    small.post(f"/v1/studies/{first.json()['id']}/cancel")
+    assert small.post("/v1/studies", json=spec_dict).status_code == 201, "a finished study frees its slot"
+
+
+@pytest.mark.parametrize("change,loc,message", [
+    ({"n_trials": 6}, ["body", "n_trials"], "limit of 5 trials per study"),
+    ({"budget": {"steps": 301, "batch_size": 64, "eval_every": 50}}, ["body", "budget", "steps"],
+     "limit of 300 training steps"),
+    ({"model": {"family": "mlp", "base": {"width": 64, "depth": 2}, "proxy": {"width": 256, "depth": 2}}},
+     ["body", "model", "proxy"], "limit of 100,000"),
+])
+def test_size_quotas_are_422_naming_the_limit(small: TestClient, big: TestClient, spec_dict: dict[str, Any],
+                                              change: dict[str, Any], loc: list[str], message: str) -> None:
+    spec_dict["n_trials"] = 5
+    spec_dict.update(change)
+    response = small.post("/v1/studies", json=spec_dict)
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["detail"]
+    assert problem["loc"] == loc and message in problem["msg"]
+    assert big.post("/v1/studies", json=spec_dict).status_code == 201, "the tenant override applies to one tenant"
+
+
+def test_same_idempotency_key_returns_the_same_study(client: TestClient, spec_dict: dict[str, Any]) -> None:
+    headers = {"Idempotency-Key": "submit-42"}
+    first = client.post("/v1/studies", json=spec_dict, headers=headers)
+    again = client.post("/v1/studies", json=spec_dict, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"]
+    assert client.get("/v1/studies").json()["total"] == 1
+    trials = client.get(f"/v1/studies/{first.json()['id']}/trials").json()
+    assert trials["total"] == spec_dict["parallelism"], "a replay queues no extra trials"
+
+    conflict = client.post("/v1/studies", json={**spec_dict, "n_trials": 3}, headers=headers)
+    assert conflict.status_code == 409 and "different spec" in conflict.json()["detail"]
+    other = client.post("/v1/studies", json=spec_dict, headers={"Idempotency-Key": "submit-43"})
+    assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
+
+
+def test_idempotency_keys_are_per_tenant(migrated: Settings, session_factory: SessionFactory,
+                                         spec_dict: dict[str, Any]) -> None:
+    headers = {"Idempotency-Key": "shared-key"}
+    with as_tenant(migrated, session_factory, "a") as a, as_tenant(migrated, session_factory, "b") as b:
+        first = a.post("/v1/studies", json=spec_dict, headers=headers)
+        second = b.post("/v1/studies", json=spec_dict, headers=headers)
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert first.json()["id"] != second.json()["id"], "one tenant's key never reveals another tenant's study"
