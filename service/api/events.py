@@ -19,10 +19,11 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service.api.state import ServiceState, service_state
+from service.auth import UNAUTHORIZED, CurrentPrincipal
 from service.models import UNFINISHED_STUDY, Event, EventType, Study
 from service.studies import StudyNotFound, get_study
 
-router = APIRouter(prefix="/v1/studies", tags=["events"])
+router = APIRouter(prefix="/v1/studies", tags=["events"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]
 
 POLL_S = 0.5
@@ -79,13 +80,13 @@ async def event_stream(state: ServiceState, study_id: str, after: int, request: 
                              "description": "`id:` event row id, `event:` type, `data:` JSON"},
                        404: {"description": "no study with this id"}},
             summary="Live study events (Server-Sent Events); resume with Last-Event-ID, ends after study_finished")
-async def get_events(study_id: str, request: Request, state: State,
+async def get_events(study_id: str, request: Request, state: State, principal: CurrentPrincipal,
                      last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
                      after: Annotated[int | None, Query(ge=0, description="same as Last-Event-ID")] = None,
                      ) -> StreamingResponse:
     def exists() -> None:
         with state.session_factory() as session:
-            get_study(session, study_id)
+            get_study(session, study_id, principal.tenant_scope)
 
     try:
         await run_in_threadpool(exists)

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from scaletune.client import (Client, Conflict, EndpointMissing, NotFound, ServiceUnavailable, StudyDetail,
                               Unauthorized, ValidationFailed)
 from service.api.app import create_app
+from service.auth import create_token
 from service.cli import app
 from service.db import SessionFactory, write_session
 from service.models import EventType, Study, StudyStatus
@@ -53,9 +54,27 @@ def live_url(migrated: Settings) -> Iterator[str]:
 
 
 @pytest.fixture
-def api(live_url: str) -> Iterator[Client]:
-    with Client(live_url) as client:
+def token(session_factory: SessionFactory) -> str:
+    return create_token(session_factory, "client-test")
+
+
+@pytest.fixture
+def api(live_url: str, token: str) -> Iterator[Client]:
+    with Client(live_url, token=token) as client:
         yield client
+
+
+@pytest.fixture
+def env(live_url: str, token: str) -> dict[str, str]:
+    """What a user exports for the CLI."""
+    return {"SCALETUNE_URL": live_url, "SCALETUNE_TOKEN": token}
+
+
+def test_the_server_refuses_a_missing_or_wrong_token(live_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SCALETUNE_TOKEN", raising=False)
+    for token in (None, "st_0000_wrong"):
+        with Client(live_url, token=token) as client, pytest.raises(Unauthorized, match="SCALETUNE_TOKEN"):
+            client.studies()
 
 
 def _finish(session_factory: SessionFactory, study_id: str, events: list[tuple[EventType, dict[str, Any]]],
@@ -193,9 +212,8 @@ def test_cli_help_shows_an_example(command: str) -> None:
     assert re.search(rf"scaletune {command}\b", result.output.split("Example", 1)[1])
 
 
-def test_cli_submit_status_trials_cancel_with_exit_codes(live_url: str, spec_dict: dict[str, Any],
+def test_cli_submit_status_trials_cancel_with_exit_codes(env: dict[str, str], spec_dict: dict[str, Any],
                                                          tmp_path: Path) -> None:
-    env = {"SCALETUNE_URL": live_url}
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec_dict))
     submitted = runner.invoke(app, ["submit", str(spec_file), "--json"], env=env)
@@ -217,12 +235,12 @@ def test_cli_submit_status_trials_cancel_with_exit_codes(live_url: str, spec_dic
     assert missing.exit_code == 1 and "no-such-study" in missing.output
 
 
-def test_cli_rejected_spec_prints_field_errors_and_exits_1(live_url: str, spec_dict: dict[str, Any],
+def test_cli_rejected_spec_prints_field_errors_and_exits_1(env: dict[str, str], spec_dict: dict[str, Any],
                                                            tmp_path: Path) -> None:
     spec_dict["budget"]["eval_every"] = 10_000
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec_dict))
-    result = runner.invoke(app, ["submit", str(spec_file)], env={"SCALETUNE_URL": live_url})
+    result = runner.invoke(app, ["submit", str(spec_file)], env=env)
     assert result.exit_code == 1
     assert "budget.eval_every" in result.output
 
@@ -233,9 +251,10 @@ def test_cli_unreachable_server_exits_1_naming_the_url(tmp_path: Path) -> None:
     assert result.exit_code == 1 and url in result.output
 
 
-def test_cli_watch_follows_events_until_the_study_finishes(live_url: str, session_factory: SessionFactory,
+def test_cli_watch_follows_events_until_the_study_finishes(api: Client, env: dict[str, str],
+                                                           session_factory: SessionFactory,
                                                            spec_dict: dict[str, Any]) -> None:
-    study_id = Client(live_url).submit(spec_dict).id
+    study_id = api.submit(spec_dict).id
 
     def progress() -> None:
         time.sleep(1.0)
@@ -244,11 +263,11 @@ def test_cli_watch_follows_events_until_the_study_finishes(live_url: str, sessio
 
     thread = threading.Thread(target=progress)
     thread.start()
-    result = runner.invoke(app, ["watch", study_id, "--json"], env={"SCALETUNE_URL": live_url})
+    result = runner.invoke(app, ["watch", study_id, "--json"], env=env)
     thread.join()
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert [line["type"] for line in lines] == ["trial_started", "trial_reported", "study_finished"]
 
-    table = runner.invoke(app, ["watch", study_id], env={"SCALETUNE_URL": live_url})
+    table = runner.invoke(app, ["watch", study_id], env=env)
     assert table.exit_code == 0 and "completed" in table.output

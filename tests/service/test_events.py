@@ -13,6 +13,7 @@ from sqlalchemy import update
 
 from scaletune.client import parse_sse
 from service.api import events as events_api
+from service.auth import create_token
 from service.db import SessionFactory, write_session
 from service.models import EventType, Study, StudyStatus
 from service.studies import add_event
@@ -100,3 +101,19 @@ def test_stream_of_a_finished_study_without_new_events_ends_at_once(
 def test_events_of_unknown_study_is_404(client: TestClient) -> None:
     response = client.get("/v1/studies/nope/events")
     assert response.status_code == 404 and "nope" in response.json()["detail"]
+
+
+def test_events_need_a_token_and_take_it_from_the_cookie_the_web_page_sets(
+        client: TestClient, session_factory: SessionFactory, study_id: str) -> None:
+    _add(session_factory, study_id, EventType.study_finished, {"status": "completed"}, finish=True)
+    bearer = client.headers.pop("Authorization")
+    assert client.get(f"/v1/studies/{study_id}/events").status_code == 401
+    client.cookies.set("scaletune_token", bearer.removeprefix("Bearer "))  # EventSource cannot send headers
+    assert [kind for _, kind, _ in _frames(client.get(f"/v1/studies/{study_id}/events").text)] == ["study_finished"]
+
+
+def test_another_tenants_events_are_not_found(client: TestClient, session_factory: SessionFactory,
+                                              study_id: str) -> None:
+    other = create_token(session_factory, "other-tenant", tenant="other")
+    response = client.get(f"/v1/studies/{study_id}/events", headers={"Authorization": f"Bearer {other}"})
+    assert response.status_code == 404

@@ -10,9 +10,11 @@ import optuna
 import pytest
 from fastapi.testclient import TestClient
 from matplotlib.image import imread
+from sqlalchemy import update
 
+from service.auth import create_token
 from service.db import SessionFactory, write_session
-from service.models import TrialAttempt, TrialState
+from service.models import Study, TrialAttempt, TrialState
 from service.optuna_study import distributions
 from service.spec import STUDY_SPEC
 
@@ -109,3 +111,19 @@ def test_unknown_plot_kind_or_study_is_404(client: TestClient, study_id: str) ->
     assert response.status_code == 404 and "no plot kind 'pie'" in response.json()["detail"]
     assert "history" in response.json()["detail"]
     assert "no study with id nope" in client.get("/v1/studies/nope/plots/history.json").json()["detail"]
+
+
+def test_another_tenants_plots_are_not_found(client: TestClient, session_factory: SessionFactory, storage: Any,
+                                             study_id: str) -> None:
+    _seed_trials(client, session_factory, storage, study_id, 2)
+    other = create_token(session_factory, "other-tenant", tenant="other")
+    response = client.get(f"/v1/studies/{study_id}/plots/history.json", headers={"Authorization": f"Bearer {other}"})
+    assert response.status_code == 404
+
+
+def test_plots_of_a_study_that_is_not_a_tune_study_are_404_with_a_pointer(
+        client: TestClient, session_factory: SessionFactory, study_id: str) -> None:
+    with write_session(session_factory) as session:
+        session.execute(update(Study).where(Study.id == study_id).values(kind="transfer_check"))
+    response = client.get(f"/v1/studies/{study_id}/plots/history.json")
+    assert response.status_code == 404 and "check.png" in response.json()["detail"]
