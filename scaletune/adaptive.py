@@ -99,11 +99,13 @@ def phase_ends(phases: Sequence[Phase], flops_per_step: Callable[[Shape], float]
 
 def run_schedule(cfg: TrialConfig, phases: Sequence[Phase], checkpoint_dir: str | Path,
                  callback: Callback | None = None, data_root: str | Path | None = None,
-                 noise: float = 0.0) -> ScheduleResult:
+                 noise: float = 0.5) -> ScheduleResult:
     """Train through ``phases`` (the first at ``cfg.shape``), resuming from ``checkpoint_dir`` if it holds one.
 
     ``cfg.budget`` gives batch size, eval cadence, decay fraction and clipping; its ``steps`` are replaced
-    by the steps the phases need. ``noise`` breaks symmetry after width growth (see ``surgery.width``).
+    by the steps the phases need. ``noise`` (in units of the new width's init std) breaks symmetry after width
+    growth (see ``surgery.width``): with 0, a grown muP + Adam model follows the narrow one's trajectory exactly
+    and the growth can never pay; 0.5 left the narrow model's plateau in bench/adaptive_schedule.py.
     """
     if not phases or phases[0].shape != cfg.shape:
         raise ValueError(f"the first phase must train cfg.shape {cfg.shape}")
