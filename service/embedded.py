@@ -23,7 +23,6 @@ from typing import IO
 import httpx
 
 from service.db import upgrade_database
-from service.reconcile import reconcile_forever
 from service.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
@@ -123,10 +122,11 @@ def worker_fleet(gpus: Sequence[int], cpu_workers: int, queues: str | None) -> l
     return [celery_worker(f"worker-cpu-{i}", queues or "cpu") for i in range(cpu_workers)]
 
 
-def api_server(host: str, port: int) -> ChildSpec:
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app",
-            "--host", host, "--port", str(port)]
-    return ChildSpec(name="api", argv=argv)
+def api_server(host: str, port: int, no_auth: bool) -> ChildSpec:
+    """``scaletune api`` running the reconciler in-process, so its actions show on the API's /metrics."""
+    argv = [sys.executable, "-m", "service.cli", "api", "--host", host, "--port", str(port),
+            *(["--no-auth"] if no_auth else [])]
+    return ChildSpec(name="api", argv=argv, env={"SCALETUNE_RECONCILE_IN_API": "true"})
 
 
 def stop_on_signals() -> threading.Event:
@@ -191,25 +191,18 @@ def wait_until_healthy(url: str, supervisor: Supervisor, stop: threading.Event, 
 
 def run_up(settings: Settings, host: str, port: int, workers: int, gpus: Sequence[int],
            announce: Callable[[str], None]) -> int:
-    """Embedded mode: migrate, then run API, workers and the reconciler until SIGINT/SIGTERM."""
+    """Embedded mode: migrate, then run the API (with the reconciler inside) and workers until SIGINT/SIGTERM."""
     settings.ensure_dirs()
     upgrade_database(settings.DATABASE_URL)
     # Children resolve their settings from the environment; an absolute HOME makes them agree with us.
     os.environ["SCALETUNE_HOME"] = str(settings.HOME.resolve())
-    os.environ["SCALETUNE_AUTH_DISABLED"] = "true" if settings.AUTH_DISABLED else "false"
     stop = stop_on_signals()
     with Supervisor() as supervisor:
-        supervisor.start(api_server(host, port))
+        supervisor.start(api_server(host, port, settings.AUTH_DISABLED))
         # The only workers on this machine: with GPUs they also take studies queued for cpu (the spec's default).
         for spec in worker_fleet(gpus, workers, "gpu,cpu" if gpus else "cpu"):
             supervisor.start(spec)
-        reconciler = threading.Thread(target=reconcile_forever, args=(settings, stop), name="reconciler")
-        reconciler.start()
-        try:
-            base_url = f"http://{_client_host(host)}:{port}"
-            if wait_until_healthy(f"{base_url}/healthz", supervisor, stop):
-                announce(base_url)
-            return supervise(supervisor, stop)
-        finally:
-            stop.set()
-            reconciler.join()
+        base_url = f"http://{_client_host(host)}:{port}"
+        if wait_until_healthy(f"{base_url}/healthz", supervisor, stop):
+            announce(base_url)
+        return supervise(supervisor, stop)

@@ -13,6 +13,8 @@ from sqlalchemy import select, update
 
 from service.db import SessionFactory, create_db_engine, make_session_factory, write_session
 from service.dispatch import dispatch, send_all
+from service.logging import log_context
+from service.metrics import RECONCILER_ACTIONS
 from service.models import UNFINISHED_STUDY, Study, TrialAttempt, TrialState, utcnow
 from service.optuna_study import get_storage
 from service.queue import Enqueue, make_celery, trial_sender
@@ -110,9 +112,10 @@ def reconcile_forever(settings: Settings, stop_event: threading.Event) -> None:
     try:
         while not stop_event.is_set():
             try:
-                actions = reconcile_once(session_factory, enqueue, settings)
-                if actions:
-                    log.info("reconciler: %s", ", ".join(f"{a.kind} {a.attempt_id}" for a in actions))
+                for action in reconcile_once(session_factory, enqueue, settings):
+                    RECONCILER_ACTIONS.labels(action.kind).inc()
+                    with log_context(study_id=action.study_id, trial_id=action.attempt_id):
+                        log.info("reconciler: %s", action.kind)
             except Exception:
                 log.exception("reconcile pass failed; trying again in %.0f s", settings.RECONCILE_INTERVAL)
             stop_event.wait(settings.RECONCILE_INTERVAL)

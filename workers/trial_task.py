@@ -21,7 +21,8 @@ from service.db import SessionFactory, create_db_engine, make_session_factory
 from service.dispatch import dispatch, send_all
 from service.kinds.grid import grid_distributions, grid_trial_config, load_grid_study
 from service.kinds.setup import resolve_source
-from service.models import Study, TrialState
+from service.logging import log_context
+from service.models import Study, TrialAttempt, TrialState
 from service.optuna_study import distributions, failure_value, get_storage, load_optuna_study
 from service.queue import Enqueue
 from service.settings import Settings
@@ -132,6 +133,11 @@ def _failure(error: Exception) -> Outcome:
 
 def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None) -> TrialState | None:
     """Run one attempt; returns its final state, or None if it was not ours to run (duplicate or cancelled)."""
+    with log_context(trial_id=attempt_id):
+        return _run_attempt(ctx, attempt_id, task_id)
+
+
+def _run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> TrialState | None:
     worker = f"{socket.gethostname()}:{os.getpid()}"
     attempt = claim_attempt(ctx.session_factory, attempt_id, worker, task_id)
     if attempt is None:
@@ -139,6 +145,13 @@ def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None)
         return None
     with ctx.session_factory() as session:
         study_row = session.get_one(Study, attempt.study_id)
+    with log_context(study_id=attempt.study_id):
+        return _train_and_record(ctx, attempt_id, attempt, study_row)
+
+
+def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt,
+                      study_row: Study) -> TrialState | None:
+    log.info("attempt %s started (attempt number %d)", attempt_id, attempt.attempt)
     spec = STUDY_SPEC.validate_python(study_row.spec)
     storage = get_storage(ctx.settings.DATABASE_URL)
     fixed = attempt.params if attempt.retry_of else None
@@ -174,4 +187,5 @@ def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None)
         if finished.retry is not None:
             send_all(ctx.enqueue, [finished.retry.id], spec.queue)
     dispatch(ctx.session_factory, attempt.study_id, ctx.enqueue)
+    log.info("attempt %s ended %s", attempt_id, outcome.state if finished is not None else "elsewhere (lost its lease)")
     return outcome.state if finished is not None else None

@@ -3,24 +3,45 @@
 from __future__ import annotations
 
 import gc
+import logging
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.responses import Response
 
 from service.api import check, events, health, plots, schedule, studies, transfer, web
 from service.api.body_limit import BodySizeLimit
 from service.api.state import ServiceState
 from service.db import create_db_engine, database_is_current, make_session_factory
+from service.logging import log_context
+from service.metrics import router as metrics_router
 from service.optuna_study import get_storage
 from service.queue import make_celery, trial_sender
 from service.reconcile import reconcile_forever
 from service.settings import Settings
 from service.spec import SpecError, without_kind_tag
+
+
+log = logging.getLogger("service.api.requests")
+
+
+async def _log_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """One JSON line per request: method, path (never the query, which may carry a token), status, duration."""
+    started = time.perf_counter()
+    parts = request.url.path.split("/")
+    study_id = parts[3] if len(parts) > 3 and parts[1:3] == ["v1", "studies"] else None
+    with log_context(study_id=study_id):
+        response = await call_next(request)
+        log.info("%s %s %s", request.method, request.url.path, response.status_code,
+                 extra={"fields": {"method": request.method, "path": request.url.path, "status": response.status_code,
+                                   "duration_ms": round(1000 * (time.perf_counter() - started), 1)}})
+    return response
 
 
 class DatabaseNotMigrated(RuntimeError):
@@ -84,9 +105,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="scaletune", version="0.1.0", lifespan=lifespan,
                   description="Tune hyperparameters on small proxy models and transfer them to the large target.")
     app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES)
+    app.middleware("http")(_log_request)
     app.add_exception_handler(SpecError, _spec_error_response)
     app.add_exception_handler(RequestValidationError, _validation_error_response)
     app.include_router(health.router)
+    app.include_router(metrics_router)
     app.include_router(studies.router)
     app.include_router(events.router)
     app.include_router(plots.router)

@@ -79,10 +79,12 @@ def up(
     Example: scaletune up --port 8000 --workers 2
     """
     from service.embedded import run_up
+    from service.logging import configure_logging
     from service.settings import Settings
 
     _refuse_open_network_without_auth(host, no_auth)
     settings = Settings(AUTH_DISABLED=no_auth)
+    configure_logging("up", settings.LOG_LEVEL)
     gpu_count = _cuda_device_count()
     gpus = [i % gpu_count for i in range(workers)] if gpu_count else []
     console.print(f"Starting scaletune (data in {settings.HOME.resolve()}, database {_safe_url(settings.DATABASE_URL)})")
@@ -136,8 +138,11 @@ def api(
     import uvicorn
 
     from service.api.app import create_app
+    from service.logging import configure_logging
 
-    uvicorn.run(create_app(settings), host=host, port=port)
+    configure_logging("api", settings.LOG_LEVEL)
+    # Our JSON logs instead of uvicorn's config; our request log leaves out query strings (a token may be there).
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
 
 
 def worker(
@@ -164,7 +169,10 @@ def reconciler() -> None:
     Example: scaletune reconciler
     """
     from service.embedded import stop_on_signals
+    from service.logging import configure_logging
     from service.reconcile import reconcile_forever
     from service.settings import Settings
 
-    reconcile_forever(Settings(), stop_on_signals())
+    settings = Settings()
+    configure_logging("reconciler", settings.LOG_LEVEL)
+    reconcile_forever(settings, stop_on_signals())

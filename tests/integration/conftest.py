@@ -11,20 +11,27 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import redis
 
-from service.embedded import ChildSpec, Supervisor, wait_until_healthy
+from service.embedded import ChildSpec, Supervisor, celery_worker, wait_until_healthy
 
 SCALETUNE = [sys.executable, "-c", "from service.cli import main; main()"]
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/15"  # a database number of its own, flushed before and after
 LOG_DIR = pytest.StashKey[Path]()
 LOG_TAIL_LINES = 150
+FAST_RECOVERY = {"SCALETUNE_HEARTBEAT_INTERVAL": "0.5", "SCALETUNE_STALE_AFTER": "4",
+                 "SCALETUNE_RECONCILE_INTERVAL": "1", "SCALETUNE_REQUEUE_AFTER": "8"}
+STUDY_TIMEOUT_S = 180.0
 
 
 @pytest.hookimpl(wrapper=True)
@@ -138,3 +145,89 @@ def embedded_service(processes: Supervisor, embedded_home: Path) -> str:
 @pytest.fixture
 def embedded_token(embedded_service: str, embedded_home: Path) -> str:
     return issue_token(child_env(SCALETUNE_HOME=str(embedded_home)), "it-embedded")
+
+
+@dataclass
+class Deployment:
+    """A running production-mode deployment and an authenticated client for its API."""
+
+    processes: Supervisor
+    env: dict[str, str]
+    port: int
+    client: httpx.Client
+
+    def start_api(self, name: str = "api") -> None:
+        """Start an API process and wait for it (an API killed earlier by the test does not count as a failure)."""
+        api = self.processes.start(ChildSpec(name, [*SCALETUNE, "api", "--host", "127.0.0.1",
+                                                    "--port", str(self.port)], self.env))
+        deadline = time.monotonic() + 120
+        while api.poll() is None and time.monotonic() < deadline:
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        pytest.fail(f"the API {name} did not become healthy (exit code {api.poll()})")
+
+    def start_worker(self, name: str) -> None:
+        spec = celery_worker(name, "cpu")
+        self.processes.start(ChildSpec(name, spec.argv, {**spec.env, **self.env}))
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        response = self.client.post("/v1/studies", json=spec)
+        assert response.status_code == 201, response.text
+        return str(response.json()["id"])
+
+    def trials(self, study_id: str) -> list[dict[str, Any]]:
+        return self.client.get(f"/v1/studies/{study_id}/trials", params={"limit": 1000}).raise_for_status() \
+            .json()["items"]
+
+    def terminate_database_connections(self) -> int:
+        return terminate_backends(self.env["SCALETUNE_DATABASE_URL"])
+
+    def wait_for_trial(self, study_id: str, found: Callable[[dict[str, Any]], bool],
+                       timeout_s: float = 120.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if match := next((t for t in self.trials(study_id) if found(t)), None):
+                return match
+            time.sleep(0.2)
+        pytest.fail(f"no matching trial in {timeout_s:.0f} s: {self.trials(study_id)}")
+
+    def wait_until_finished(self, study_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + STUDY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                study = self.client.get(f"/v1/studies/{study_id}").raise_for_status().json()
+            except httpx.TransportError:  # the API may be restarting
+                study = {}
+            if study.get("status") in ("completed", "failed", "cancelled"):
+                return study
+            time.sleep(0.5)
+        pytest.fail(f"study {study_id} did not finish in {STUDY_TIMEOUT_S:.0f} s: {self.trials(study_id)}")
+
+
+@pytest.fixture
+def service(processes: Supervisor, production_env: dict[str, str]) -> Iterator[Deployment]:
+    """API, reconciler and two workers; the test starts nothing else unless it needs to."""
+    env = {**production_env, **FAST_RECOVERY}
+    token = issue_token(env, "faults")
+    port = free_port()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0,
+                      headers={"Authorization": f"Bearer {token}"}) as client:
+        result = Deployment(processes, env, port, client)
+        processes.start(ChildSpec("reconciler", [*SCALETUNE, "reconciler"], env))
+        result.start_worker("worker-a")
+        result.start_worker("worker-b")
+        result.start_api()
+        yield result
+
+
+def terminate_backends(database_url: str) -> int:
+    """Kill every PostgreSQL connection to the test database (the server stays up for everyone else)."""
+    database = database_url.rsplit("/", 1)[1]
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        rows = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             "WHERE datname = %s AND pid <> pg_backend_pid()", (database,)).fetchall()
+    return len(rows)

@@ -46,7 +46,11 @@ def test_up_announces_its_url_and_stops_everything_on_sigterm(
     (_, up), = processes.children
     started = descendants(up.pid)
     assert len(started) >= 2, "the API and one worker run as child processes"
-    assert f"scaletune is up at {embedded_service}" in (tmp_path / "logs" / "up.log").read_text()
+    announcement = f"scaletune is up at {embedded_service}"
+    deadline = time.monotonic() + 10  # up polls /healthz itself and may see it a moment after the test did
+    while announcement not in (tmp_path / "logs" / "up.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert announcement in (tmp_path / "logs" / "up.log").read_text()
     assert (embedded_home / "scaletune.db").exists()
 
     up.send_signal(signal.SIGTERM)
