@@ -13,24 +13,25 @@ from sqlalchemy import select
 from scaletune.transfer_check import TransferCheckResult, draw
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
+from service.auth import UNAUTHORIZED, CurrentPrincipal, Principal
 from service.kinds import transfer_check
 from service.kinds.setup import SourceError, resolve_source
 from service.models import TrialAttempt
 from service.spec import STUDY_SPEC, TransferCheckSpec
 from service.studies import StudyNotFound, get_study
 
-router = APIRouter(prefix="/v1/studies", tags=["transfer check"])
+router = APIRouter(prefix="/v1/studies", tags=["transfer check"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]
 RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "no study with this id"},
     409: {"model": Problem, "description": "not a transfer_check study, or fewer than two sizes have results"}}
 
 
-def _analysed(state: ServiceState, study_id: str) -> tuple[TransferCheckSpec, list[TrialAttempt], str,
+def _analysed(state: ServiceState, principal: Principal, study_id: str) -> tuple[TransferCheckSpec, list[TrialAttempt], str,
                                                             TransferCheckResult]:
     with state.session_factory() as session:
         try:
-            study = get_study(session, study_id)
+            study = get_study(session, study_id, principal.tenant_scope)
         except StudyNotFound:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study with id {study_id}") from None
         spec = STUDY_SPEC.validate_python(study.spec)
@@ -63,8 +64,8 @@ def _point(spec: TransferCheckSpec, attempt: TrialAttempt) -> dict[str, Any]:
 
 @router.get("/{study_id}/check", responses=RESPONSES,
             summary="Transfer check: optimum log2 LR per size with a seed bootstrap, drift, verdict, raw points")
-def get_check(study_id: str, state: State) -> dict[str, Any]:
-    spec, attempts, study_status, result = _analysed(state, study_id)
+def get_check(study_id: str, state: State, principal: CurrentPrincipal) -> dict[str, Any]:
+    spec, attempts, study_status, result = _analysed(state, principal, study_id)
     return {"study_id": study_id, "status": study_status, "final": study_status == "completed",
             "tuned_lr": transfer_check.tuned_lr(spec), **result.to_dict(),
             "points": [_point(spec, a) for a in attempts]}
@@ -72,10 +73,10 @@ def get_check(study_id: str, state: State) -> dict[str, Any]:
 
 @router.get("/{study_id}/check.png", responses={**RESPONSES, 200: {"content": {"image/png": {}}}},
             response_class=Response, summary="Transfer check: loss vs LR per size (x = diverged)")
-def get_check_png(study_id: str, state: State) -> Response:
+def get_check_png(study_id: str, state: State, principal: CurrentPrincipal) -> Response:
     from matplotlib.figure import Figure
 
-    _, _, study_status, result = _analysed(state, study_id)
+    _, _, study_status, result = _analysed(state, principal, study_id)
     fig = Figure(figsize=(6.4, 4.4), dpi=100)
     suffix = "" if study_status == "completed" else f" (study {study_status}, partial)"
     draw(result, fig.add_subplot(), title=f"transfer check: {result.verdict}{suffix}")

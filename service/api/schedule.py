@@ -1,53 +1,60 @@
-"""GET /v1/studies/{id}/schedule: per-shape scaling fits of a shape_schedule study and the adaptive schedule."""
+"""/v1/studies/{id}/schedule: per-shape scaling fits of a shape_schedule study, the adaptive schedule, and runs of it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from scaletune.data.registry import dataset_spec
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
-from service.kinds import shape_schedule
+from service.auth import UNAUTHORIZED, CurrentPrincipal, Principal
+from service.db import write_session
+from service.dispatch import send_all
+from service.kinds import schedule_run, shape_schedule
 from service.kinds.setup import SourceError, resolve_source
-from service.models import TrialAttempt
+from service.models import StudyStatus, TrialAttempt, TrialState, new_id
 from service.spec import STUDY_SPEC, ShapeScheduleSpec
 from service.studies import StudyNotFound, get_study
 
-router = APIRouter(prefix="/v1/studies", tags=["shape schedule"])
+router = APIRouter(prefix="/v1/studies", tags=["shape schedule"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]
+NOT_A_SCHEDULE = {404: {"model": Problem, "description": "no study with this id"},
+                  409: {"model": Problem, "description": "not a shape_schedule study, or too few runs yet"}}
 
 
-def _unprocessable(msg: str, name: str) -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, [{"type": "value_error", "loc": ["query", name],
+def _unprocessable(msg: str, name: str, where: str = "query") -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, [{"type": "value_error", "loc": [where, name],
                                                                   "msg": msg}])
 
 
 def _query(target_loss: float | None, budget_flops: float | None, target_width: int | None,
-           target_depth: int | None, axis: str) -> shape_schedule.ScheduleQuery:
+           target_depth: int | None, axis: str, where: str = "query") -> shape_schedule.ScheduleQuery:
     if (target_loss is None) == (budget_flops is None):
         raise _unprocessable("give exactly one of target_loss (compute to reach it) or budget_flops (loss at it)",
-                             "target_loss")
+                             "target_loss", where)
     if axis in ("width", "depth") and {"width": target_width, "depth": target_depth}[axis] is not None:
         raise _unprocessable(f"the schedule moves along {axis}; the target's {axis} is the schedule's to choose",
-                             f"target_{axis}")
+                             f"target_{axis}", where)
     return shape_schedule.ScheduleQuery(target_loss, budget_flops, target_width, target_depth)
 
 
-@router.get("/{study_id}/schedule",
-            responses={404: {"model": Problem, "description": "no study with this id"},
-                       409: {"model": Problem, "description": "not a shape_schedule study, or too few runs yet"}},
-            summary="Fits per shape, the adaptive shape schedule, its predicted saving and the projection tier")
-def get_schedule(study_id: str, state: State,
-                 target_loss: Annotated[float | None, Query(gt=0)] = None,
-                 budget_flops: Annotated[float | None, Query(gt=0)] = None,
-                 target_width: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
-                 target_depth: Annotated[int | None, Query(ge=1, le=100_000)] = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Loaded:
+    spec: ShapeScheduleSpec
+    attempts: list[TrialAttempt]
+    status: str
+
+
+def _load(state: ServiceState, principal: Principal, study_id: str) -> _Loaded:
+    """The study's resolved spec and attempts; 404 for another tenant's study, 409 for another kind."""
     with state.session_factory() as session:
         try:
-            study = get_study(session, study_id)
+            study = get_study(session, study_id, principal.tenant_scope)
         except StudyNotFound:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study with id {study_id}") from None
         spec = STUDY_SPEC.validate_python(study.spec)
@@ -59,14 +66,72 @@ def get_schedule(study_id: str, state: State,
         except SourceError as error:
             raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
         attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study_id)))
-        study_status = study.status
-    query = _query(target_loss, budget_flops, target_width, target_depth, spec.axis)
-    assert spec.dataset is not None
-    data = dataset_spec(spec.dataset.name, spec.dataset.args, state.settings.DATA_ROOT)
+        return _Loaded(spec, attempts, study.status)
+
+
+def _plan(state: ServiceState, loaded: _Loaded, query: shape_schedule.ScheduleQuery,
+          where: str = "query") -> shape_schedule.Plan:
+    assert loaded.spec.dataset is not None
+    data = dataset_spec(loaded.spec.dataset.name, loaded.spec.dataset.args, state.settings.DATA_ROOT)
     try:
-        result = shape_schedule.schedule(spec, attempts, query, data)
+        return shape_schedule.plan(loaded.spec, loaded.attempts, query, data)
     except shape_schedule.NotEnoughRuns as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     except ValueError as error:
-        raise _unprocessable(str(error), "target_loss" if target_loss is not None else "budget_flops") from None
-    return {"study_id": study_id, "status": study_status, "final": study_status == "completed", **result}
+        raise _unprocessable(str(error), "target_loss" if query.target_loss is not None else "budget_flops",
+                             where) from None
+
+
+@router.get("/{study_id}/schedule", responses=NOT_A_SCHEDULE,
+            summary="Fits per shape, the adaptive shape schedule, its predicted saving, the projection tier, and "
+                    "the schedule runs with their realised FLOPs")
+def get_schedule(study_id: str, state: State, principal: CurrentPrincipal,
+                 target_loss: Annotated[float | None, Query(gt=0)] = None,
+                 budget_flops: Annotated[float | None, Query(gt=0)] = None,
+                 target_width: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+                 target_depth: Annotated[int | None, Query(ge=1, le=100_000)] = None) -> dict[str, Any]:
+    loaded = _load(state, principal, study_id)
+    query = _query(target_loss, budget_flops, target_width, target_depth, loaded.spec.axis)
+    result = shape_schedule.describe(_plan(state, loaded, query), loaded.spec.axis)
+    return {"study_id": study_id, "status": loaded.status, "final": loaded.status == StudyStatus.completed, **result,
+            "runs": schedule_run.runs(loaded.attempts)}
+
+
+class ScheduleRunRequest(BaseModel):
+    """Which schedule to run (the same query as GET /schedule, on the proxies) and the run's data seed."""
+
+    model_config = ConfigDict(extra="forbid")
+    target_loss: float | None = Field(None, gt=0, description="plan the cheapest schedule to this eval loss")
+    budget_flops: float | None = Field(None, gt=0, description="plan the lowest loss at this many training FLOPs")
+    seed: int = Field(0, ge=0, le=1_000_000)
+
+
+@router.post("/{study_id}/schedule/run", status_code=status.HTTP_202_ACCEPTED,
+             responses={**NOT_A_SCHEDULE, 409: {"model": Problem, "description": "not a completed shape_schedule "
+                                                                                  "study"}},
+             summary="Queue one trial that executes the planned schedule and measures its FLOPs to the target loss")
+def post_schedule_run(study_id: str, body: ScheduleRunRequest, state: State,
+                      principal: CurrentPrincipal) -> dict[str, Any]:
+    loaded = _load(state, principal, study_id)
+    if loaded.status != StudyStatus.completed:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"study {study_id} is {loaded.status}; a schedule can run "
+                                                      "once every grid trial has finished and the study completed")
+    query = _query(body.target_loss, body.budget_flops, None, None, loaded.spec.axis, where="body")
+    run_id = new_id()
+    params = schedule_run.run_params(loaded.spec, _plan(state, loaded, query, where="body"), query, body.seed,
+                                     run_id)
+    assert loaded.spec.dataset is not None
+    data = dataset_spec(loaded.spec.dataset.name, loaded.spec.dataset.args, state.settings.DATA_ROOT)
+    steps = schedule_run.step_ends(schedule_run.run_config(loaded.spec, params), schedule_run.phases_of(params),
+                                   data)[-1]
+    if steps > state.settings.MAX_STEPS:
+        raise _unprocessable(f"the planned schedule needs {steps} training steps, above this server's limit of "
+                             f"{state.settings.MAX_STEPS}; ask for a higher target loss or a smaller budget",
+                             "target_loss" if query.target_loss is not None else "budget_flops", "body")
+    attempt = TrialAttempt(id=run_id, study_id=study_id, state=TrialState.queued, params=params, intermediate=[])
+    with write_session(state.session_factory) as session:
+        session.add(attempt)
+    send_all(state.enqueue, [run_id], loaded.spec.queue)
+    return {"study_id": study_id, "run": {**schedule_run.runs([attempt])[0], "phases": params["phases"],
+                                          "steps": steps},
+            "links": {"schedule": f"/v1/studies/{study_id}/schedule", "trials": f"/v1/studies/{study_id}/trials"}}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -53,6 +53,31 @@ class StudyPage(BaseModel):
     offset: int
 
 
+class CheckVerdict(BaseModel):
+    """A completed transfer_check: does the optimal LR stay put across sizes?"""
+
+    kind: Literal["transfer_check"]
+    verdict: str = Field(description="holds (drift <= tolerance and monotone), drifts, or not_monotone")
+    drift: float | None = Field(description="the largest move of the optimal log2 LR vs the smallest size, octaves")
+    direction: Literal["higher", "lower"] | None = Field(description="where the optimum moves with size")
+    monotone: bool = Field(description="the loss at the optimum improves with every size step")
+    reasons: list[str]
+
+
+class ScheduleSummary(BaseModel):
+    """A completed shape_schedule: the planned schedule to the lowest loss its first proxy size reached."""
+
+    kind: Literal["shape_schedule"]
+    target_loss: float
+    shapes: list[str] = Field(description="the shapes the schedule trains in, in order")
+    adaptive_flops: float
+    static_shape: str
+    static_flops: float
+    saving: float = Field(description="predicted fraction of compute saved vs the best static shape")
+    saving_interval: dict[str, Any]
+    low_confidence: bool
+
+
 class StudyDetail(BaseModel):
     id: str
     name: str
@@ -67,15 +92,18 @@ class StudyDetail(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    result: CheckVerdict | ScheduleSummary | None = Field(
+        None, discriminator="kind",
+        description="once a transfer_check or shape_schedule study has completed: its verdict or schedule summary")
     links: StudyLinks
 
     @classmethod
-    def of(cls, study: Study, counts: dict[str, int]) -> StudyDetail:
+    def of(cls, study: Study, counts: dict[str, int], result: dict[str, Any] | None = None) -> StudyDetail:
         return cls(id=study.id, name=study.name, kind=study.kind, status=study.status,
                    spec=STUDY_SPEC.validate_python(study.spec), trial_counts=counts, best_value=study.best_value,
                    best_params=study.best_params, error=study.error, optuna_study_name=study.optuna_study_name,
                    created_at=study.created_at, updated_at=study.updated_at, finished_at=study.finished_at,
-                   links=study_links(study.id))
+                   result=result, links=study_links(study.id))
 
 
 class EvalPointOut(BaseModel):
@@ -84,6 +112,8 @@ class EvalPointOut(BaseModel):
     flops: float | None = None
     train_loss: float | None = None
     eval_loss: float | None = None
+    phase: int | None = Field(None, description="a schedule run's phase at this eval")
+    shape: dict[str, int] | None = Field(None, description="a schedule run's shape at this eval")
 
 
 class TrialOut(BaseModel):

@@ -14,7 +14,9 @@ from service.auth import UNAUTHORIZED, CurrentPrincipal
 from service.dispatch import dispatch
 from service.models import Study, StudyStatus, TrialState
 from service.quotas import ConcurrencyQuotaExceeded, concurrent_studies_limit, spec_limits_for
-from service.spec import StudySpec, check_spec
+from service.kinds.setup import SourceError, resolve_source
+from service.kinds.summary import finished_result
+from service.spec import SpecError, SpecProblem, StudySpec, TuneSpec, check_spec
 from service.studies import StudyAlreadyFinished, StudyNotFound, cancel_study, create_study, \
     find_by_idempotency_key, get_study, list_studies, spec_fingerprint, trial_counts
 from service.trials import get_trial, list_trials
@@ -42,6 +44,20 @@ def _replayed(state: ServiceState, tenant: str, key: str, spec: StudySpec) -> St
     return earlier
 
 
+def _with_source(state: ServiceState, spec: StudySpec, tenant: str) -> StudySpec:
+    """A grid spec with its source tune study's setup, so the checks see every shape; 422 when the source cannot give one.
+
+    The study keeps the spec as submitted; workers resolve the source again (it is completed, so it stays the same).
+    """
+    if isinstance(spec, TuneSpec):
+        return spec
+    with state.session_factory() as session:
+        try:
+            return resolve_source(session, spec, tenant)
+        except SourceError as error:
+            raise SpecError([SpecProblem(("source", "study_id"), str(error))]) from None
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyCreated,
              responses={200: {"model": StudyCreated, "description": "a retry with the same Idempotency-Key"},
                         409: {"model": Problem, "description": "Idempotency-Key reused with a different spec"},
@@ -50,7 +66,7 @@ def _replayed(state: ServiceState, tenant: str, key: str, spec: StudySpec) -> St
 def post_study(spec: StudySpec, state: State, principal: CurrentPrincipal, response: Response,
                idempotency_key: IdempotencyKey = None) -> StudyCreated:
     settings = state.settings
-    check_spec(spec, spec_limits_for(settings, principal.tenant))
+    check_spec(_with_source(state, spec, principal.tenant), spec_limits_for(settings, principal.tenant))
     earlier = _replayed(state, principal.tenant, idempotency_key, spec) if idempotency_key else None
     if earlier is not None:
         response.status_code = status.HTTP_200_OK
@@ -89,7 +105,8 @@ def get_one_study(study_id: str, state: State, principal: CurrentPrincipal) -> S
             study = get_study(session, study_id, principal.tenant_scope)
         except StudyNotFound:
             raise _not_found(study_id) from None
-        return StudyDetail.of(study, trial_counts(session, study_id))
+        return StudyDetail.of(study, trial_counts(session, study_id),
+                              finished_result(session, study, state.settings.DATA_ROOT))
 
 
 @router.get("/{study_id}/trials", response_model=TrialPage, responses=NOT_FOUND,

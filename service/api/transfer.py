@@ -15,12 +15,13 @@ from scaletune.shapes import Shape
 from scaletune.transfer import TransferPlan, transfer_plan
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
+from service.auth import UNAUTHORIZED, CurrentPrincipal
 from service.kinds.setup import params_by_depth
 from service.kinds.tune import NoCompletedTrial, best_attempt, tuned_values
 from service.spec import STUDY_SPEC, ShapeSpec, TuneSpec
 from service.studies import StudyNotFound, get_study
 
-router = APIRouter(prefix="/v1/studies", tags=["transfer"])
+router = APIRouter(prefix="/v1/studies", tags=["transfer"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]
 
 
@@ -94,10 +95,11 @@ def plan_for(spec: TuneSpec, tuned: dict[str, float], request: TransferRequest, 
              responses={404: {"model": Problem, "description": "no study with this id"},
                         409: {"model": Problem, "description": "not a tune study, or no completed trial yet"}},
              summary="Project the study's best hyperparameters to a target shape")
-def post_transfer(study_id: str, request: TransferRequest, state: State) -> TransferPlanOut:
+def post_transfer(study_id: str, request: TransferRequest, state: State,
+                  principal: CurrentPrincipal) -> TransferPlanOut:
     with state.session_factory() as session:
         try:
-            study = get_study(session, study_id)
+            study = get_study(session, study_id, principal.tenant_scope)
         except StudyNotFound:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study with id {study_id}") from None
         spec = STUDY_SPEC.validate_python(study.spec)

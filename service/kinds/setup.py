@@ -10,7 +10,7 @@ from scaletune.runner import TrialConfig, count_params
 from scaletune.shapes import Shape
 from scaletune.train import Budget
 from service.kinds.tune import NoCompletedTrial, best_attempt, tuned_values
-from service.models import Study, StudyStatus
+from service.models import UNFINISHED_STUDY, Study, StudyStatus
 from service.spec import STUDY_SPEC, CheckedModelSpec, ShapeScheduleSpec, TransferCheckSpec, TuneSpec
 
 GridSpec = TransferCheckSpec | ShapeScheduleSpec
@@ -30,12 +30,16 @@ def resolve_source(session: Session, spec: GridSpec, tenant: str) -> GridSpec:
     study_id = spec.source.study_id
     study = session.get(Study, study_id)
     if study is None or study.tenant != tenant:
-        raise SourceError(f"source study {study_id} does not exist")
+        raise SourceError(f"you have no study with id {study_id}; give the id of one of your completed tune studies "
+                          "(scaletune studies lists them)")
     source = STUDY_SPEC.validate_python(study.spec)
     if not isinstance(source, TuneSpec):
-        raise SourceError(f"source study {study_id} is a {study.kind} study; give a tune study")
+        raise SourceError(f"study {study_id} is a {study.kind} study; a source must be a completed tune study")
+    if study.status in UNFINISHED_STUDY:
+        raise SourceError(f"source study {study_id} is still {study.status}; submit again once it has completed")
     if study.status != StudyStatus.completed:
-        raise SourceError(f"source study {study_id} is {study.status}; wait until it has completed")
+        raise SourceError(f"source study {study_id} {study.status} and will not complete; give a completed "
+                          "tune study")
     try:
         best = best_attempt(session, study)
     except NoCompletedTrial as error:

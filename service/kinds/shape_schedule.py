@@ -13,7 +13,7 @@ from scaletune.models.registry import get_family
 from scaletune.runner import TrialConfig, family_factory
 from scaletune.scaling.fit import FitResult, Run, fit_shapes
 from scaletune.scaling.project import MIN_SIZES, Projection, project_tier_a, project_tier_b
-from scaletune.scaling.schedule import ScheduleReport, schedule_from_fits
+from scaletune.scaling.schedule import ScheduleConstraints, ScheduleReport, schedule_from_fits
 from scaletune.shapes import Shape
 from scaletune.train import Budget
 from service.kinds.setup import base_config, params_by_depth
@@ -22,6 +22,7 @@ from service.spec import ShapeScheduleSpec
 
 N_BOOTSTRAP = 30  # refits per shape: a coarse 90% interval, but a GET must answer in seconds on a CPU
 GRID_AXES = ("value_index", "size_index", "seed", "budget_index")
+RUN_KEY = "schedule_run"  # in an attempt's params: the id of the schedule run it executes (not a grid point)
 
 
 def grid_points(spec: ShapeScheduleSpec) -> list[dict[str, Any]]:
@@ -63,7 +64,8 @@ def runs_by_shape(spec: ShapeScheduleSpec, attempts: Iterable[TrialAttempt]) -> 
     """Completed attempts as learning curves: one Run per (shape, size, seed), one point per budget."""
     points: dict[tuple[int, int, int], list[tuple[float, float]]] = {}
     for a in attempts:
-        if a.state == TrialState.complete and a.params and a.flops and a.value is not None:
+        if (a.state == TrialState.complete and a.params and RUN_KEY not in a.params and a.flops
+                and a.value is not None):
             key = (int(a.params["value_index"]), int(a.params["size_index"]), int(a.params["seed"]))
             points.setdefault(key, []).append((float(a.flops), float(a.value)))
     runs: dict[str, dict[float, list[Run]]] = {}
@@ -93,16 +95,24 @@ def _fit_summary(fit: FitResult) -> dict[str, Any]:
             "flops_range": list(fit.flops_range), "loss_range": list(fit.loss_range), "n_runs": fit.n_runs}
 
 
-def _segments(report: ScheduleReport) -> list[dict[str, Any]]:
-    return [{"shape": s.shape, "loss_enter": s.e_enter, "loss_exit": s.e_exit, "flops_enter": s.c_enter,
-             "flops_exit": s.c_exit, "extrapolated": s.extrapolated} for s in report.schedule.segments]
-
-
 def _target_shapes(spec: ShapeScheduleSpec, query: ScheduleQuery) -> dict[str, Shape]:
     """Each schedule shape at the target's width and depth (the axis keeps each shape's own value)."""
     base = base_shape(spec)
     target = base.with_(width=query.target_width or base.width, depth=query.target_depth or base.depth)
     return {shape_label(spec, i): target.with_(**{spec.axis: value}) for i, value in enumerate(spec.values)}
+
+
+def executable_moves(spec: ShapeScheduleSpec) -> ScheduleConstraints:
+    """The switches surgery can make: width grows by a whole factor, depth grows, patch size changes either way."""
+    values = {shape_label(spec, i): value for i, value in enumerate(spec.values)}
+
+    def allowed(src: str, dst: str) -> bool:
+        old, new = values[src], values[dst]
+        if spec.axis == "width":
+            return new > old and new % old == 0
+        return spec.axis == "patch_size" or new > old
+
+    return ScheduleConstraints(allowed=allowed)
 
 
 def _project(spec: ShapeScheduleSpec, query: ScheduleQuery, runs: dict[str, dict[float, list[Run]]],
@@ -112,6 +122,7 @@ def _project(spec: ShapeScheduleSpec, query: ScheduleQuery, runs: dict[str, dict
     family, args = get_family(spec.model.family), spec.model.args
     targets = _target_shapes(spec, query)
     sizes = sorted({size for by_size in runs.values() for size in by_size})
+    moves = executable_moves(spec)
     if len(sizes) >= MIN_SIZES:
         def at(i: int, size: float) -> Shape:
             return spec.shape_at(base_shape(spec), spec.values[i], size)
@@ -128,18 +139,27 @@ def _project(spec: ShapeScheduleSpec, query: ScheduleQuery, runs: dict[str, dict
                          target_index: family.train_flops_per_sample(targets[label], data, args)}
                  for label, i in labels.items()}
         return project_tier_a(by_index, table, target_index, start_loss, query.target_loss, query.budget_flops,
-                              n_bootstrap=N_BOOTSTRAP)
+                              constraints=moves, n_bootstrap=N_BOOTSTRAP)
     first = next(iter(fits))
     proxy = spec.shape_at(base_shape(spec), spec.values[0], sizes[0])
     kappa = family.train_flops_per_sample(targets[first], data, args) / family.train_flops_per_sample(proxy, data, args)
-    return project_tier_b(fits, kappa, start_loss, query.target_loss, query.budget_flops)
+    return project_tier_b(fits, kappa, start_loss, query.target_loss, query.budget_flops, constraints=moves)
 
 
-def schedule(spec: ShapeScheduleSpec, attempts: Iterable[TrialAttempt], query: ScheduleQuery,
-             data: DataSpec) -> dict[str, Any]:
-    """Fits per shape at the first proxy size, the DP schedule and its saving vs the best static shape.
+@dataclass(frozen=True)
+class Plan:
+    """The per-shape fits at the first proxy size and the schedule planned on them (or on a projection)."""
 
-    Raises ValueError when the curves cannot be fitted or the target cannot be reached.
+    fits: dict[str, FitResult]
+    start_loss: float
+    report: ScheduleReport
+    projection: Projection | None
+
+
+def plan(spec: ShapeScheduleSpec, attempts: Iterable[TrialAttempt], query: ScheduleQuery, data: DataSpec) -> Plan:
+    """Fit a law per shape and plan the cheapest schedule surgery can execute.
+
+    Raises NotEnoughRuns before two shapes have runs, ValueError when the target cannot be reached.
     """
     runs = runs_by_shape(spec, attempts)
     at_proxy = {label: by_size[spec.sizes[0]] for label, by_size in runs.items() if spec.sizes[0] in by_size}
@@ -147,22 +167,32 @@ def schedule(spec: ShapeScheduleSpec, attempts: Iterable[TrialAttempt], query: S
         raise NotEnoughRuns(f"need completed runs of at least two shapes at size {spec.sizes[0]}, have {len(at_proxy)}")
     fits = fit_shapes(at_proxy, n_bootstrap=N_BOOTSTRAP)
     start_loss = max(fit.loss_range[1] for fit in fits.values())
-    projection: Projection | None = None
     if query.target_width is None and query.target_depth is None:
-        report = schedule_from_fits(fits, start_loss, query.target_loss, query.budget_flops)
-    else:
-        projection = _project(spec, query, runs, fits, start_loss, data)
-        report = projection.report
+        report = schedule_from_fits(fits, start_loss, query.target_loss, query.budget_flops,
+                                    constraints=executable_moves(spec))
+        return Plan(fits, start_loss, report, None)
+    projection = _project(spec, query, runs, fits, start_loss, data)
+    return Plan(fits, start_loss, projection.report, projection)
+
+
+def segments(report: ScheduleReport) -> list[dict[str, Any]]:
+    return [{"shape": s.shape, "loss_enter": s.e_enter, "loss_exit": s.e_exit, "flops_enter": s.c_enter,
+             "flops_exit": s.c_exit, "extrapolated": s.extrapolated} for s in report.schedule.segments]
+
+
+def describe(planned: Plan, axis: str) -> dict[str, Any]:
+    """The plan as JSON: fits per shape, the schedule's segments, its saving vs the best static shape, flags."""
+    report, projection = planned.report, planned.projection
     return {
-        "axis": spec.axis,
+        "axis": axis,
         "tier": "proxy" if projection is None else projection.tier,
         "heuristic": projection is not None and projection.heuristic,
         "compute_factor": None if projection is None else projection.compute_factor,
-        "fits": {label: _fit_summary(fit) for label, fit in fits.items()},
-        "start_loss": start_loss,
+        "fits": {label: _fit_summary(fit) for label, fit in planned.fits.items()},
+        "start_loss": planned.start_loss,
         "target_loss": report.schedule.target_loss,
         "budget_flops": report.schedule.budget_flops,
-        "segments": _segments(report),
+        "segments": segments(report),
         "adaptive_flops": report.schedule.adaptive_flops,
         "static": {"shape": report.schedule.static_shape, "flops": report.schedule.static_flops,
                    "loss_at_budget": report.schedule.static_loss_at_budget},

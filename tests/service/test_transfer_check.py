@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from optuna.trial import TrialState as OptunaState
 
+from service.auth import create_token
 from service.dispatch import dispatch
 from service.models import Study
 from service.settings import Settings
@@ -101,6 +102,12 @@ def test_check_reports_an_optimum_per_size_and_a_verdict(client: TestClient, ctx
     assert len(body["points"]) == 30 and {p["state"] for p in body["points"]} == {"complete"}
     assert sorted({p["seed"] for p in body["points"]}) == [0, 1]
 
+    detail = client.get(f"/v1/studies/{study.id}").json()["result"]
+    assert detail == {"kind": "transfer_check", "verdict": body["verdict"], "drift": body["max_drift"],
+                      "direction": body["direction"], "monotone": body["monotone"], "reasons": body["reasons"]}
+    other = create_token(ctx.session_factory, "other-user", tenant="other")
+    assert client.get(f"/v1/studies/{study.id}/check", headers={"Authorization": f"Bearer {other}"}).status_code == 404
+
     png = client.get(f"/v1/studies/{study.id}/check.png")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.content.startswith(b"\x89PNG")
@@ -142,3 +149,27 @@ def test_check_answers_409_for_other_kinds_and_before_results(client: TestClient
     assert response.status_code == 409 and "not enough finished trials" in response.json()["detail"]
     with session_factory() as session:
         assert session.get(Study, study.id) is not None
+
+
+def test_an_unfinished_study_has_no_verdict_yet(client: TestClient, session_factory: Any, storage: Any) -> None:
+    study = create_study(session_factory, storage, STUDY_SPEC.validate_python(CHECK_SPEC))
+    assert client.get(f"/v1/studies/{study.id}").json()["result"] is None
+
+
+def test_a_source_that_cannot_give_a_setup_is_refused_at_submit(client: TestClient, session_factory: Any,
+                                                                 storage: Any, tuned_study: str,
+                                                                 tune_spec: dict[str, Any]) -> None:
+    running = create_study(session_factory, storage, STUDY_SPEC.validate_python(tune_spec))
+    theirs = create_study(session_factory, storage, STUDY_SPEC.validate_python(tune_spec), tenant="other")
+    check = create_study(session_factory, storage, STUDY_SPEC.validate_python(CHECK_SPEC))
+    sources = [("no-such-study", "you have no study with id"), (theirs.id, "you have no study with id"),
+               (check.id, "a source must be a completed tune study"), (running.id, "once it has completed")]
+    spec = {"name": "from-source", "kind": "transfer_check", "sizes": CHECK_SPEC["sizes"], "octaves": 0.5}
+    for study_id, says in sources:
+        response = client.post("/v1/studies", json={**spec, "source": {"study_id": study_id}})
+        assert response.status_code == 422, response.text
+        [problem] = response.json()["detail"]
+        assert problem["loc"] == ["body", "source", "study_id"] and says in problem["msg"], problem
+
+    response = client.post("/v1/studies", json={**spec, "source": {"study_id": tuned_study}})
+    assert response.status_code == 201, response.text

@@ -1,0 +1,115 @@
+"""Schedule runs of a shape_schedule study: one trial that executes the planned schedule, measured against it.
+
+A run is an attempt whose params hold the planned phases (fixed when it is queued, so a retry resumes the very
+same schedule from its checkpoint), the prediction, and ``RUN_KEY`` = the run's id, which names its checkpoint
+directory: every attempt of one run shares it. Each eval point records the phase and shape it was taken in.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from scaletune.adaptive import Phase, phase_ends, phases_from_schedule
+from scaletune.data.base import DataSpec
+from scaletune.models.registry import get_family
+from scaletune.runner import TrialConfig
+from scaletune.shapes import Shape
+from scaletune.train import Budget
+from service.kinds.setup import base_config
+from service.kinds.shape_schedule import RUN_KEY, Plan, ScheduleQuery, base_shape, shape_label
+from service.models import TrialAttempt
+from service.spec import ShapeScheduleSpec
+
+
+def is_schedule_run(params: dict[str, Any] | None) -> bool:
+    return params is not None and RUN_KEY in params
+
+
+def proxy_shapes(spec: ShapeScheduleSpec) -> dict[str, Shape]:
+    """Each shape along the axis at the first proxy size: the shapes the planned schedule moves through."""
+    return {shape_label(spec, i): spec.shape_at(base_shape(spec), value, spec.sizes[0])
+            for i, value in enumerate(spec.values)}
+
+
+def run_params(spec: ShapeScheduleSpec, planned: Plan, query: ScheduleQuery, seed: int, run_id: str) -> dict[str, Any]:
+    """What an attempt of this run needs and what it is measured against, planned once at submit."""
+    schedule = planned.report.schedule
+    phases = phases_from_schedule(schedule, proxy_shapes(spec), schedule.adaptive_flops)
+    return {RUN_KEY: run_id, "seed": seed, "target_loss": query.target_loss, "budget_flops": query.budget_flops,
+            "phases": [p.to_dict() for p in phases], "loss_target": schedule.target_loss,
+            "predicted_flops": schedule.adaptive_flops, "static_shape": schedule.static_shape,
+            "static_flops": schedule.static_flops, "saving_predicted": schedule.saving}
+
+
+def phases_of(params: dict[str, Any]) -> list[Phase]:
+    return [Phase(Shape.from_dict(p["shape"]), float(p["until_flops"])) for p in params["phases"]]
+
+
+def run_config(spec: ShapeScheduleSpec, params: dict[str, Any]) -> TrialConfig:
+    """The first phase's shape with the study's setup; run_schedule sets the steps from the phases."""
+    assert spec.budget is not None, "resolve the source first"
+    budget = Budget(steps=spec.budget.steps, batch_size=spec.budget.batch_size, eval_every=spec.budget.eval_every,
+                    schedule="wsd")
+    return base_config(spec, phases_of(params)[0].shape, budget, dict(spec.hyperparameters), int(params["seed"]))
+
+
+def step_ends(config: TrialConfig, phases: list[Phase], data: DataSpec) -> list[int]:
+    """The step at which each phase ends, as the adaptive run counts them."""
+    family = get_family(config.family)
+
+    def flops_per_step(shape: Shape) -> float:
+        return config.budget.batch_size * family.train_flops_per_sample(shape, data, config.args)
+
+    return phase_ends(phases, flops_per_step)
+
+
+def phase_at(ends: list[int]) -> Callable[[int], int]:
+    """The phase an eval after ``step`` steps is taken in (the eval at a phase's last step precedes its surgery)."""
+    return lambda step: min(bisect_left(ends, step), len(ends) - 1)
+
+
+def checkpoint_dir(artifacts: Path, study_id: str, params: dict[str, Any]) -> Path:
+    return artifacts / study_id / str(params[RUN_KEY])
+
+
+def _curve(attempts: list[TrialAttempt]) -> list[dict[str, Any]]:
+    """The run's eval points over all its attempts; a resumed attempt's points replace the ones it redid."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for attempt in sorted(attempts, key=lambda a: a.attempt):
+        by_step.update({int(point["step"]): point for point in attempt.intermediate})
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _summary(attempts: list[TrialAttempt]) -> dict[str, Any]:
+    latest = max(attempts, key=lambda a: a.attempt)
+    params = latest.params or {}
+    curve = _curve(attempts)
+    reached = [p for p in curve if p.get("eval_loss") is not None and p["eval_loss"] <= params["loss_target"]]
+    realised = float(reached[0]["flops"]) if reached else None
+    static = params["static_flops"]
+    last = curve[-1] if curve else None
+    return {"id": params[RUN_KEY], "seed": params["seed"], "target_loss": params["loss_target"],
+            "query": {"target_loss": params["target_loss"], "budget_flops": params["budget_flops"]},
+            "predicted_flops": params["predicted_flops"], "realised_flops": realised,
+            "saving_predicted": params["saving_predicted"],
+            "saving_realised": None if realised is None or static <= 0 else 1.0 - realised / static,
+            "static_shape": params["static_shape"], "status": latest.state, "attempts": len(attempts),
+            "step": None if last is None else last["step"], "shape": None if last is None else last.get("shape"),
+            "final_loss": latest.value}
+
+
+def runs(attempts: Iterable[TrialAttempt]) -> list[dict[str, Any]]:
+    """Each schedule run, in the order they were queued: predicted vs realised FLOPs to its target loss.
+
+    ``saving_realised`` compares the realised FLOPs with the best static shape's predicted FLOPs to the same loss;
+    ``realised_flops`` is null until an eval reaches the target loss (and stays null if the run ends above it).
+    """
+    by_run: dict[str, list[TrialAttempt]] = {}
+    for attempt in sorted(attempts, key=lambda a: (a.queued_at, a.attempt)):
+        if is_schedule_run(attempt.params):
+            assert attempt.params is not None
+            by_run.setdefault(str(attempt.params[RUN_KEY]), []).append(attempt)
+    return [_summary(run_attempts) for run_attempts in by_run.values()]
