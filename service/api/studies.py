@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response, status
 from sqlalchemy.exc import IntegrityError
 
 from service.api.schemas import (Problem, StudyCreated, StudyDetail, StudyPage, StudySummary, TrialOut,
@@ -126,7 +126,8 @@ def get_trials(study_id: str, state: State, principal: CurrentPrincipal, state_:
 @router.get("/{study_id}/trials/{number}", response_model=TrialOut,
             responses={404: {"model": Problem, "description": "no such study or trial number"}},
             summary="One trial by its Optuna trial number")
-def get_one_trial(study_id: str, number: int, state: State, principal: CurrentPrincipal) -> TrialOut:
+def get_one_trial(study_id: str, number: Annotated[int, Path(ge=0, le=2**31 - 1)], state: State,
+                  principal: CurrentPrincipal) -> TrialOut:
     with state.session_factory() as session:
         try:
             get_study(session, study_id, principal.tenant_scope)
