@@ -20,6 +20,7 @@ from scaletune.train import Budget, EvalPoint, TrainResult
 from service.db import SessionFactory, create_db_engine, make_session_factory
 from service.dispatch import dispatch, send_all
 from service.kinds.grid import grid_distributions, grid_trial_config, load_grid_study
+from service.kinds.schedule_run import is_schedule_run
 from service.kinds.setup import resolve_source
 from service.logging import log_context
 from service.models import Study, TrialAttempt, TrialState
@@ -29,6 +30,7 @@ from service.settings import Settings
 from service.spec import STUDY_SPEC, StudySpec, TuneSpec
 from service.studies import study_is_cancelled
 from service.trials import Outcome, claim_attempt, finish_attempt, heartbeat, record_asked, record_point
+from workers.schedule_run import run_planned_schedule
 
 log = logging.getLogger(__name__)
 
@@ -159,21 +161,25 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
     trial: optuna.Trial | None = None
     with Heartbeat(ctx.session_factory, attempt_id, ctx.settings.HEARTBEAT_INTERVAL) as beat:
         try:
-            if isinstance(spec, TuneSpec):
-                study = load_optuna_study(storage, study_row.optuna_study_name, spec, fixed_params=fixed)
-                trial = study.ask(distributions(spec))
+            if is_schedule_run(attempt.params):
+                outcome = outcome_of(*run_planned_schedule(ctx.settings, ctx.session_factory, attempt, study_row,
+                                                           beat.lost))
             else:
-                with ctx.session_factory() as session:
-                    spec = resolve_source(session, spec, study_row.tenant)
-                study = load_grid_study(storage, study_row.optuna_study_name, retried_params=fixed)
-                trial = study.ask(grid_distributions(spec))
-            record_asked(ctx.session_factory, attempt_id, trial.number, trial.params)
-            progress = _Progress(ctx, attempt_id, attempt.study_id, trial, beat)
-            config = (trial_config(spec, trial.params) if isinstance(spec, TuneSpec)
-                      else grid_trial_config(spec, trial.params))
-            result = run_trial(config, progress, data_root=ctx.settings.DATA_ROOT,
-                               max_params=ctx.settings.MAX_PROXY_PARAMS)
-            outcome = outcome_of(result, progress.stop_reason)
+                if isinstance(spec, TuneSpec):
+                    study = load_optuna_study(storage, study_row.optuna_study_name, spec, fixed_params=fixed)
+                    trial = study.ask(distributions(spec))
+                else:
+                    with ctx.session_factory() as session:
+                        spec = resolve_source(session, spec, study_row.tenant)
+                    study = load_grid_study(storage, study_row.optuna_study_name, retried_params=fixed)
+                    trial = study.ask(grid_distributions(spec))
+                record_asked(ctx.session_factory, attempt_id, trial.number, trial.params)
+                progress = _Progress(ctx, attempt_id, attempt.study_id, trial, beat)
+                config = (trial_config(spec, trial.params) if isinstance(spec, TuneSpec)
+                          else grid_trial_config(spec, trial.params))
+                result = run_trial(config, progress, data_root=ctx.settings.DATA_ROOT,
+                                   max_params=ctx.settings.MAX_PROXY_PARAMS)
+                outcome = outcome_of(result, progress.stop_reason)
         except Exception as error:
             log.exception("attempt %s failed", attempt_id)
             outcome = _failure(error)

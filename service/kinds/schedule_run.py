@@ -37,11 +37,20 @@ def proxy_shapes(spec: ShapeScheduleSpec) -> dict[str, Shape]:
 def run_params(spec: ShapeScheduleSpec, planned: Plan, query: ScheduleQuery, seed: int, run_id: str) -> dict[str, Any]:
     """What an attempt of this run needs and what it is measured against, planned once at submit."""
     schedule = planned.report.schedule
-    phases = phases_from_schedule(schedule, proxy_shapes(spec), schedule.adaptive_flops)
+    phases = _trainable(phases_from_schedule(schedule, proxy_shapes(spec), schedule.adaptive_flops))
     return {RUN_KEY: run_id, "seed": seed, "target_loss": query.target_loss, "budget_flops": query.budget_flops,
             "phases": [p.to_dict() for p in phases], "loss_target": schedule.target_loss,
             "predicted_flops": schedule.adaptive_flops, "static_shape": schedule.static_shape,
             "static_flops": schedule.static_flops, "saving_predicted": schedule.saving}
+
+
+def _trainable(phases: list[Phase]) -> list[Phase]:
+    """Without the phases the plan gives no compute (a segment that ends where it starts)."""
+    kept: list[Phase] = []
+    for phase in phases:
+        if phase.until_flops > (kept[-1].until_flops if kept else 0.0):
+            kept.append(phase)
+    return kept
 
 
 def phases_of(params: dict[str, Any]) -> list[Phase]:

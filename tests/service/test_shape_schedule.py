@@ -9,11 +9,13 @@ import pytest
 from fastapi.testclient import TestClient
 from test_transfer_check import run_all
 
+import workers.schedule_run
+from scaletune.adaptive import CHECKPOINT
 from service.kinds.shape_schedule import trial_config
 from service.settings import Settings
 from service.spec import STUDY_SPEC, ShapeScheduleSpec, SpecError, parse_spec
 from service.studies import create_study
-from workers.trial_task import WorkerContext
+from workers.trial_task import WorkerContext, run_attempt
 
 SCHEDULE_SPEC: dict[str, Any] = {
     "name": "schedule-mlp", "kind": "shape_schedule",
@@ -97,3 +99,91 @@ def test_one_proxy_size_projects_by_the_heuristic_tier_b_and_bad_queries_are_422
     for params, says in BAD_QUERIES:
         response = client.get(f"/v1/studies/{finished_study}/schedule", params=params)
         assert response.status_code == 422 and says in response.text, (params, response.text)
+
+
+def test_the_detail_of_a_finished_study_summarises_its_schedule(client: TestClient, finished_study: str) -> None:
+    result = client.get(f"/v1/studies/{finished_study}").json()["result"]
+    assert result["kind"] == "shape_schedule" and result["shapes"] and result["static_shape"] in ("width=8", "width=32")
+    best = min(t["value"] for t in client.get(f"/v1/studies/{finished_study}/trials").json()["items"])
+    assert result["target_loss"] == pytest.approx(best) and result["adaptive_flops"] <= result["static_flops"] * 1.001
+
+
+def test_three_proxy_sizes_project_by_tier_a(client: TestClient, ctx: WorkerContext, storage: Any) -> None:
+    spec = {**SCHEDULE_SPEC, "values": [8, 16], "sizes": [1, 2, 4]}
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(spec))
+    assert set(run_all(ctx, study.id)) == {"complete"}
+    loss = sorted(t["value"] for t in client.get(f"/v1/studies/{study.id}/trials?limit=100").json()["items"])[30]
+
+    body = client.get(f"/v1/studies/{study.id}/schedule", params={"target_loss": loss, "target_depth": 16}).json()
+    assert body.get("tier") == "A" and not body["heuristic"], body
+    assert body["segments"] and body["segments"][-1]["flops_exit"] == pytest.approx(body["adaptive_flops"])
+    proxy = client.get(f"/v1/studies/{study.id}/schedule", params={"target_loss": loss}).json()
+    assert body["adaptive_flops"] > proxy["adaptive_flops"]  # a 4x deeper target than the largest proxy costs more
+
+
+SWITCHING_SPEC = {**SCHEDULE_SPEC, "values": [2, 16], "budgets": [5, 10, 20, 40]}
+
+
+@pytest.fixture
+def switching_study(ctx: WorkerContext, storage: Any) -> str:
+    """Width 2 is cheapest early and plateaus; the schedule switches to width 16."""
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(copy.deepcopy(SWITCHING_SPEC)))
+    assert set(run_all(ctx, study.id)) == {"complete"}
+    return study.id
+
+
+def test_a_schedule_run_resumes_from_its_checkpoint_in_the_shape_it_reached(
+        client: TestClient, ctx: WorkerContext, switching_study: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    trials = client.get(f"/v1/studies/{switching_study}/trials").json()["items"]
+    budget = max(t["flops"] for t in trials)  # at this budget the plan starts in width 2 and grows to 16
+    response = client.post(f"/v1/studies/{switching_study}/schedule/run", json={"budget_flops": budget, "seed": 1})
+    assert response.status_code == 202, response.text
+    run = response.json()["run"]
+    assert [p["shape"]["width"] for p in run["phases"]] == [2, 16] and run["status"] == "queued"
+
+    recorded = workers.schedule_run.record_point
+
+    def killed_after_the_switch(session_factory: Any, attempt_id: str, point: dict[str, Any]) -> None:
+        recorded(session_factory, attempt_id, point)
+        if point["phase"] == 1:
+            raise RuntimeError("worker killed")
+
+    monkeypatch.setattr(workers.schedule_run, "record_point", killed_after_the_switch)
+    assert run_attempt(ctx, run["id"]) == "failed"
+    monkeypatch.undo()
+    [retry] = ctx.enqueue.ids()
+    assert (ctx.settings.ARTIFACTS_DIR / switching_study / run["id"] / CHECKPOINT).exists()
+    assert run_attempt(ctx, ctx.enqueue.pop(0)[0]) == "complete"
+    attempts = [t for t in client.get(f"/v1/studies/{switching_study}/trials?limit=100").json()["items"]
+                if t["params"].get("schedule_run") == run["id"]]
+    killed, resumed = sorted(attempts, key=lambda t: t["attempt"])
+    assert resumed["id"] == retry and resumed["retry_of"] == killed["id"]
+    # It continued after the surgery, in the grown shape, and did not train width 2 again.
+    assert killed["intermediate"][-1]["shape"]["width"] == 16
+    assert all(p["shape"]["width"] == 16 for p in resumed["intermediate"])
+    assert resumed["intermediate"][0]["step"] <= killed["intermediate"][-1]["step"]
+
+    again = client.post(f"/v1/studies/{switching_study}/schedule/run", json={"budget_flops": budget, "seed": 1})
+    assert run_attempt(ctx, again.json()["run"]["id"]) == "complete"
+    body = client.get(f"/v1/studies/{switching_study}/schedule", params={"budget_flops": budget}).json()
+    interrupted, uninterrupted = body["runs"]
+    assert interrupted["id"] == run["id"] and interrupted["attempts"] == 2 and uninterrupted["attempts"] == 1
+    assert interrupted["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-5)
+    for r in body["runs"]:
+        assert r["status"] == "complete" and r["predicted_flops"] == pytest.approx(run["predicted_flops"])
+        assert r["saving_predicted"] == pytest.approx(run["saving_predicted"]) and r["shape"]["width"] == 16
+        if r["realised_flops"] is not None:
+            assert r["realised_flops"] <= r["predicted_flops"] * 1.01
+            assert r["saving_realised"] == pytest.approx(1 - r["realised_flops"] / body["static"]["flops"], rel=1e-3)
+    assert all(f["n_runs"] == 2 for f in body["fits"].values())  # the runs are not grid points
+
+
+def test_a_schedule_run_needs_a_completed_shape_schedule_and_one_target(
+        client: TestClient, session_factory: Any, storage: Any, finished_study: str) -> None:
+    unfinished = create_study(session_factory, storage, STUDY_SPEC.validate_python(copy.deepcopy(SCHEDULE_SPEC)))
+    response = client.post(f"/v1/studies/{unfinished.id}/schedule/run", json={"target_loss": 1.0})
+    assert response.status_code == 409 and "once every grid trial has finished" in response.text
+    response = client.post(f"/v1/studies/{finished_study}/schedule/run", json={"target_loss": 1.0, "budget_flops": 1e6})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "target_loss"]
+    response = client.post(f"/v1/studies/{finished_study}/schedule/run", json={"target_loss": 1.0, "lr": 3})
+    assert response.status_code == 422
