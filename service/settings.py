@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     MAX_STEPS: int = Field(100_000, ge=1)
     MAX_BATCH_SIZE: int = Field(4096, ge=1)
     MAX_PROXY_PARAMS: int = Field(50_000_000, ge=1)
-    MAX_TARGET_PARAMS: int = Field(10**13, ge=1, description="largest target a transfer plan is computed for")
+    MAX_TARGET_PARAMS: int = Field(10**12, ge=1, description="largest target a transfer plan is computed for")
     MAX_REQUEST_BYTES: int = Field(256 * 1024, ge=1024)
     MAX_CONCURRENT_STUDIES: int = Field(20, ge=1, description="unfinished studies one tenant may have at once")
     TENANT_QUOTAS: dict[str, TenantQuota] = Field(

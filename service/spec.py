@@ -30,9 +30,9 @@ class _Strict(BaseModel):
 
 
 class ShapeSpec(_Strict):
-    width: int = Field(ge=1, le=1_000_000)
-    depth: int = Field(ge=1, le=100_000)
-    patch_size: int | None = Field(None, ge=1, le=4096)
+    width: int = Field(ge=1, le=65_536)
+    depth: int = Field(ge=1, le=1024, description="residual blocks; planning deeper targets is not supported")
+    patch_size: int | None = Field(None, ge=1, le=1024)
 
 
 class ModelSpec(_Strict):

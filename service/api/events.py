@@ -30,6 +30,7 @@ POLL_S = 0.5
 KEEPALIVE_S = 15.0
 BATCH = 500
 RECONNECT_MS = 2000
+MAX_EVENT_ID = 2**62  # event ids are 64-bit integers in SQLite and PostgreSQL
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -81,8 +82,8 @@ async def event_stream(state: ServiceState, study_id: str, after: int, request: 
                        404: {"description": "no study with this id"}},
             summary="Live study events (Server-Sent Events); resume with Last-Event-ID, ends after study_finished")
 async def get_events(study_id: str, request: Request, state: State, principal: CurrentPrincipal,
-                     last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
-                     after: Annotated[int | None, Query(ge=0, description="same as Last-Event-ID")] = None,
+                     last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0, le=MAX_EVENT_ID)] = None,
+                     after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="same as Last-Event-ID")] = None,
                      ) -> StreamingResponse:
     def exists() -> None:
         with state.session_factory() as session:

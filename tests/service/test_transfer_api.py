@@ -90,7 +90,7 @@ def test_no_plan_before_a_trial_completes(client: TestClient, tune_spec: dict[st
     ({"target": {"width": -8, "depth": 2}}, ["body", "target", "width"], "greater than or equal to 1"),
     ({"target": {"width": 64, "depth": 2}, "colour": "red"}, ["body", "colour"], "Extra inputs"),
     ({"target": {"width": 64, "depth": 2, "heads": 4}}, ["body", "target", "heads"], "Extra inputs"),
-    ({"target": {"width": 900_000, "depth": 90_000}}, ["body", "target"], "SCALETUNE_MAX_TARGET_PARAMS"),
+    ({"target": {"width": 65_536, "depth": 1024}}, ["body", "target"], "SCALETUNE_MAX_TARGET_PARAMS"),
     ({"target": {"width": 64, "depth": 2}, "optimizer": "sgd"}, ["body", "optimizer"], "do not transfer"),
     ({"target": {"width": 64, "depth": 2}, "batch_rule": "sqrt"}, ["body", "batch_size"], "needs batch_size"),
 ])
