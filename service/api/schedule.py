@@ -1,4 +1,4 @@
-"""/v1/studies/{id}/schedule: per-shape scaling fits of a shape_schedule study, the adaptive schedule, and runs of it."""
+"""/v1/studies/{id}/schedule: a shape_schedule study's per-shape fits, its adaptive schedule, and runs of it."""
 
 from __future__ import annotations
 

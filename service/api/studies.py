@@ -45,7 +45,7 @@ def _replayed(state: ServiceState, tenant: str, key: str, spec: StudySpec) -> St
 
 
 def _with_source(state: ServiceState, spec: StudySpec, tenant: str) -> StudySpec:
-    """A grid spec with its source tune study's setup, so the checks see every shape; 422 when the source cannot give one.
+    """A grid spec with its source tune study's setup, so the checks see every shape; 422 if the source has none.
 
     The study keeps the spec as submitted; workers resolve the source again (it is completed, so it stays the same).
     """

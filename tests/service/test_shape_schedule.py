@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from test_transfer_check import run_all
+from test_transfer_check_study import run_all
 
 import workers.schedule_run
 from scaletune.adaptive import CHECKPOINT
