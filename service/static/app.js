@@ -146,16 +146,28 @@ function renderTrials() {
   $("#trials-next").disabled = start + PAGE >= sorted.length;
 }
 
-async function loadPlots(studyId) {
-  for (const figure of document.querySelectorAll(".plots figure")) {
+function clearPlot(img) {
+  if (img.src) URL.revokeObjectURL(img.src);
+  img.removeAttribute("src");
+}
+
+function studyPlots(study, fixed) {
+  // The plots of this study's kind; `fixed` ones (the coordinate check) do not change as trials end.
+  const figures = [...document.querySelectorAll(".plots figure")];
+  for (const figure of figures) figure.hidden = figure.dataset.studyKind !== study.kind;
+  return figures.filter((f) => !f.hidden && ("fixed" in f.dataset) === fixed);
+}
+
+async function loadPlots(studyId, figures) {
+  for (const figure of figures) {
     const img = figure.querySelector("img"), caption = figure.querySelector("figcaption");
     try {
       const blob = await (await api(`/v1/studies/${studyId}/plots/${figure.dataset.kind}.png`)).blob();
-      if (img.src) URL.revokeObjectURL(img.src);
+      clearPlot(img);
       img.src = URL.createObjectURL(blob);
       caption.textContent = "";
     } catch (error) {
-      img.removeAttribute("src");
+      clearPlot(img);
       caption.textContent = error.message;
     }
   }
@@ -169,8 +181,11 @@ async function refreshStudy(studyId) {
     await loadTrials(studyId);
     const done = DONE_STATES.map((s) => study.trial_counts[s] || 0).join(",");
     if (done !== state.plotsDrawnAt) {  // plots change only when a trial ends
+      const first = state.plotsDrawnAt === null;
       state.plotsDrawnAt = done;
-      await loadPlots(studyId);
+      if (first) for (const img of document.querySelectorAll(".plots img")) clearPlot(img);  // the last study's
+      await loadPlots(studyId, studyPlots(study, false));
+      if (first) await loadPlots(studyId, studyPlots(study, true));
     }
     return study;
   } catch (error) { showError(error.message); return null; }
