@@ -17,6 +17,11 @@ DOCS = ROOT / "docs"
 BENCHMARKS_MD = DOCS / "benchmarks.md"
 IMG = DOCS / "img"
 PROCESSES = 2  # the benchmarks are budgeted for 2 CPU cores
+# Readout and query start from their normal init, not zero, in the LR benchmarks: at these few-hundred-step
+# budgets zero-init made the muP family's loss worse and far noisier between seeds (gpt w64, 150 steps,
+# lr 2^-4.5, seeds 0/1: zero-init 2.68/2.82, normal init 2.43/2.45), which buried the optimum in noise.
+# SP never zero-inits, so with these options mup at the base width is exactly SP.
+PARAM_OPTIONS: dict[str, bool] = {"zero_init_readout": False, "zero_init_query": False}
 
 if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout
     sys.path.insert(0, str(ROOT))

@@ -1,8 +1,8 @@
 """Does the optimal learning rate hold as models grow? LR sweeps over width and depth ladders.
 
-For ``mlp`` (teacher data) and ``gpt`` (pytext), sweep log2 LR at every size of a width ladder (16x) and a
-depth ladder (8x) under sp, mup, depth_mup and completep, with two seeds; the optimum per size is the
-transfer check's parabola. The LR grid is adaptive to save compute: 1-octave steps around a start
+For ``mlp`` (teacher data) and ``gpt`` (pytext), sweep log2 LR at every size of a width ladder (16x, sp and
+mup, two seeds) and a depth ladder from base depth 2 (8x, mup, depth_mup and completep, three seeds); the
+optimum per size is the transfer check's parabola. The LR grid is adaptive to save compute: 1-octave steps around a start
 point, extended while the minimum sits at an edge, then refined with the half-octave neighbours of the
 minimum. Writes its section of docs/benchmarks.md and the plots into docs/img/.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import IMG, Outcome, make_pool, markdown_table, run_config, write_section
+from common import IMG, PARAM_OPTIONS, Outcome, make_pool, markdown_table, run_config, write_section
 
 from scaletune.hparams import HParams
 from scaletune.runner import TrialConfig
@@ -29,12 +29,7 @@ from scaletune.train import Budget
 from scaletune.transfer_check import SizeResult, TransferCheckResult, analyse, draw
 
 SECTION = "Transfer landscape: does the optimal LR hold across width and depth?"
-SEEDS = (0, 1)
 WARMUP_FRAC = 0.05
-# Readout and query start from their normal init, not zero: at these few-hundred-step budgets zero-init made
-# the muP family's loss worse and far noisier between seeds (gpt w64, 150 steps, lr 2^-4.5, seeds 0/1: zero-init
-# 2.68/2.82, normal init 2.43/2.45), which buried the optimum in noise; SP never zero-inits.
-PARAM_OPTIONS = {"zero_init_readout": False, "zero_init_query": False}
 MAX_EXTENSIONS = 4  # octaves an LR sweep may walk beyond its start window
 WIDTH_TARGETS = {"mup": "drift <= 0.5", "sp": "drift >= 1.5"}
 DEPTH_TARGETS = {"depth_mup": "drift <= 0.5", "completep": "drift <= 0.5"}
@@ -52,6 +47,7 @@ class Ladder:
     shapes: tuple[Shape, ...]
     parametrizations: tuple[str, ...]
     budget: Budget
+    seeds: tuple[int, ...]
     start_log2_lr: float
     start_halfwidth: int
 
@@ -72,23 +68,36 @@ class Ladder:
 
 
 def ladders(quick: bool) -> list[Ladder]:
-    """Width ladders keep depth fixed (so depth_mup and completep equal mup there: r = 1, not re-run)."""
+    """Width ladders keep depth fixed (r = 1, where depth_mup and completep equal mup, so they are not run).
+
+    Depth ladders start at depth 2 (depth-muP and CompleteP are infinite-depth limits; from depth 1 the first
+    step is far from the limit) and keep width fixed at the base, where mup with these options *is* SP, so SP is
+    not run twice. Their tasks are ones where depth lowers the loss (100-class teacher for mlp; pytext for gpt)
+    and their budgets are long enough that depth pays (pilots in docs/benchmarks.md).
+    """
     widths = (16, 64) if quick else (16, 64, 256)
-    depths = (1, 4) if quick else (1, 2, 4, 8)
-    mlp_budget = Budget(steps=40 if quick else 300, batch_size=32, eval_every=10_000)
-    gpt_budget = Budget(steps=30 if quick else 150, batch_size=8, eval_every=10_000)
+    depths = (2, 4) if quick else (2, 4, 8, 16)
+    width_seeds, depth_seeds = ((0, 1), (0, 1)) if quick else ((0, 1), (0, 1, 2))
     halfwidth = 1 if quick else 2
-    mlp = dict(family="mlp", args={}, dataset="teacher", dataset_args={}, budget=mlp_budget,
-               start_log2_lr=-5.0, start_halfwidth=halfwidth)
-    gpt = dict(family="gpt", args={"head_dim": 8}, dataset="pytext",
-               dataset_args={"seq_len": 32, "max_bytes": 2_000_000, "eval_windows": 256}, budget=gpt_budget,
-               start_log2_lr=-5.0, start_halfwidth=halfwidth)
-    all_four = ("sp", "mup", "depth_mup", "completep")
+    gpt_data = dict(family="gpt", args={"head_dim": 8}, dataset="pytext",
+                    dataset_args={"seq_len": 32, "max_bytes": 2_000_000, "eval_windows": 256})
+    depth_parametrizations = ("mup", "depth_mup", "completep")
     return [
-        Ladder(**mlp, axis="width", shapes=tuple(Shape(w, 2) for w in widths), parametrizations=("sp", "mup")),
-        Ladder(**mlp, axis="depth", shapes=tuple(Shape(64, d) for d in depths), parametrizations=all_four),
-        Ladder(**gpt, axis="width", shapes=tuple(Shape(w, 2) for w in widths), parametrizations=("sp", "mup")),
-        Ladder(**gpt, axis="depth", shapes=tuple(Shape(32, d) for d in depths), parametrizations=all_four),
+        Ladder(family="mlp", args={}, dataset="teacher", dataset_args={}, axis="width",
+               shapes=tuple(Shape(w, 2) for w in widths), parametrizations=("sp", "mup"),
+               budget=Budget(steps=40 if quick else 300, batch_size=32, eval_every=10_000), seeds=width_seeds,
+               start_log2_lr=-5.0, start_halfwidth=halfwidth),
+        Ladder(family="mlp", args={}, dataset="teacher", dataset_args={"classes": 100, "teacher_width": 256},
+               axis="depth", shapes=tuple(Shape(64, d) for d in depths), parametrizations=depth_parametrizations,
+               budget=Budget(steps=40 if quick else 600, batch_size=32, eval_every=10_000), seeds=depth_seeds,
+               start_log2_lr=-5.0, start_halfwidth=1),
+        Ladder(**gpt_data, axis="width", shapes=tuple(Shape(w, 2) for w in widths), parametrizations=("sp", "mup"),
+               budget=Budget(steps=30 if quick else 150, batch_size=8, eval_every=10_000), seeds=width_seeds,
+               start_log2_lr=-5.0, start_halfwidth=halfwidth),
+        Ladder(**gpt_data, axis="depth", shapes=tuple(Shape(32, d) for d in depths),
+               parametrizations=depth_parametrizations,
+               budget=Budget(steps=30 if quick else 300, batch_size=8, eval_every=10_000), seeds=depth_seeds,
+               start_log2_lr=-6.0, start_halfwidth=1),
     ]
 
 
@@ -113,12 +122,20 @@ class AdaptiveSweep:
                     self.results[key], self.extensions[key] = {}, 0
 
     def run_pending(self, pool: Any) -> int:
-        jobs = [(key, x, seed) for key, xs in self.pending.items() for x in sorted(xs) for seed in SEEDS]
+        jobs = [(key, x, seed) for key, xs in self.pending.items() for x in sorted(xs)
+                for seed in self.ladders[key[0]].seeds]
+        jobs.sort(key=lambda job: -self.cost(job[0]))  # longest first, so both processes finish together
         configs = [self.ladders[k[0]].config(k[1], self.shapes[(k[0], k[2])], x, seed) for k, x, seed in jobs]
         for (key, x, _), outcome in zip(jobs, pool.map(run_config, configs, chunksize=1)):
             self.results[key].setdefault(x, []).append(outcome)
         self.pending = {}
         return len(jobs)
+
+    def cost(self, key: Key) -> float:
+        """Relative cost of one run: steps x batch x width^2 x depth (gpt sequences count 32x an mlp sample)."""
+        ladder, shape = self.ladders[key[0]], self.shapes[(key[0], key[2])]
+        per_sample = 32 if ladder.family == "gpt" else 1
+        return ladder.budget.steps * ladder.budget.batch_size * per_sample * shape.width ** 2 * shape.depth
 
     def mean_loss(self, key: Key, x: float) -> float:
         losses = [o.loss for o in self.results[key][x]]
@@ -150,7 +167,7 @@ class AdaptiveSweep:
         for shape in ladder.shapes:
             key = (ladder.name, parametrization, ladder.label(shape))
             for x, outcomes in self.results[key].items():
-                for seed, o in zip(SEEDS, outcomes):
+                for seed, o in zip(ladder.seeds, outcomes):
                     rows.append({"size": ladder.label(shape), "shape": shape.to_dict(), "log2_lr": x, "seed": seed,
                                  "loss": o.loss})
         return rows
@@ -207,21 +224,25 @@ def report(all_ladders: list[Ladder], sweep: AdaptiveSweep, img_dir: Path, runs:
         f"- `{ld.name}`: {ld.dataset} {ld.dataset_args or ''}, args {ld.args or '{}'}, sizes "
         f"{', '.join(ld.label(s) for s in ld.shapes)} (base {ld.label(ld.shapes[0])}, "
         f"{'depth' if ld.axis == 'width' else 'width'} {ld.shapes[0].depth if ld.axis == 'width' else ld.shapes[0].width}), "
-        f"AdamW, {ld.budget.steps} steps, batch {ld.budget.batch_size}, cosine, warmup {WARMUP_FRAC:.0%}"
+        f"AdamW, {ld.budget.steps} steps, batch {ld.budget.batch_size}, cosine, warmup {WARMUP_FRAC:.0%}, "
+        f"{len(ld.seeds)} seeds, {', '.join(ld.parametrizations)}, LR start 2^{ld.start_log2_lr:g} "
+        f"+- {ld.start_halfwidth} oct"
         for ld in all_ladders)
     pictures = "\n".join(f"![{p.stem}](img/{p.name})" for p in images)
     return f"""Command: `.venv/bin/python bench/transfer_landscape.py{' --quick' if quick else ''}`
-({runs} training runs, {len(SEEDS)} seeds each point, {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min, 2 processes).
+({runs} training runs, {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min, 2 processes on a machine shared with other
+engineers' jobs, so wall time is pessimistic).
 
 {setup}
 
-LR sweep: log2 grid, 1-octave steps around 2^{all_ladders[0].start_log2_lr:g} extended (up to {MAX_EXTENSIONS}
+LR sweep: log2 grid, 1-octave steps around the ladder's start (below) extended (up to {MAX_EXTENSIONS}
 octaves) while the seed-mean minimum sits at an edge, then the half-octave neighbours of the minimum; the
 optimum is the parabola through the grid minimum and its neighbours (`scaletune.transfer_check`), its interval
 a bootstrap over seeds; drift is the largest move vs the smallest size, in octaves (negative = lower LR).
 A point where any seed diverged counts as diverged. Options: {PARAM_OPTIONS} (readout and query initialised
 normally, not zero). On the width ladders depth is fixed (r = 1), where depth_mup
-and completep are identical to mup, so they are not re-run. Targets: drift <= 0.5 octave along width for the
+and completep are identical to mup, so they are not re-run; on the depth ladders width is fixed at the base
+(m = 1), where mup with these options is exactly SP, so the `mup` rows there are also SP. Targets: drift <= 0.5 octave along width for the
 muP family and along depth for depth_mup/completep; SP drifts >= 1.5 along width.
 
 {table}
