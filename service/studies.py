@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -42,7 +42,7 @@ def add_event(session: Session, study_id: str, type_: EventType, payload: dict[s
     session.add(Event(study_id=study_id, trial_id=trial_id, type=type_, payload=payload))
 
 
-def create_study(session_factory: SessionFactory, storage: RDBStorage, spec: TuneSpec,
+def create_study(session_factory: SessionFactory, storage: BaseStorage, spec: TuneSpec,
                  tenant: str = DEFAULT_TENANT, idempotency_key: str | None = None,
                  max_unfinished: int | None = None) -> Study:
     """Create the Optuna study, then our row; if our write fails the Optuna study is deleted again.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 from fastapi import Request
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage
 from sqlalchemy import Engine
 
 from service.db import SessionFactory
@@ -19,7 +19,7 @@ class ServiceState:
     settings: Settings
     engine: Engine
     session_factory: SessionFactory
-    storage: RDBStorage
+    storage: BaseStorage
     celery: Celery
     enqueue: Enqueue
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage
 
 from scaletune.runner import TrialConfig
 from service.kinds import shape_schedule, transfer_check
@@ -26,7 +26,7 @@ def grid_distributions(spec: GridSpec) -> dict[str, BaseDistribution]:
     return shape_schedule.distributions(spec)
 
 
-def load_grid_study(storage: RDBStorage, name: str, retried_params: dict[str, Any] | None) -> optuna.Study:
+def load_grid_study(storage: BaseStorage, name: str, retried_params: dict[str, Any] | None) -> optuna.Study:
     """The study with every grid point enqueued; ``ask()`` pops the next one atomically. Nothing is pruned.
 
     A retry puts the failed attempt's point back in the queue and runs the next waiting point: every point
