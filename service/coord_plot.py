@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaletune.coord_check import coord_check
+from scaletune.coord_check import FLAT_SLOPE, coord_check
 from scaletune.data.registry import dataset_spec
 from scaletune.models.registry import get_family
 from scaletune.runner import family_factory
 from scaletune.shapes import Shape
-from service.cli.coord import FLAT_SLOPE
 from service.kinds.setup import params_by_depth
 from service.plots import NoPlotData
 from service.spec import TuneSpec

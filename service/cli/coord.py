@@ -11,9 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from scaletune.coord_check import CoordCheckResult, coord_check
+from scaletune.coord_check import FLAT_SLOPE, CoordCheckResult, coord_check
 
-FLAT_SLOPE = 0.1  # |slope| of log2 value vs log2 size counted as flat (research notes §6.4)
 
 
 def parse_sizes(text: str, what: str) -> list[int]:
