@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from common import IMG, make_pool, markdown_table, run_config, write_section
+from common import IMG, PARAM_OPTIONS, make_pool, markdown_table, run_config, write_section
 
 from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
@@ -32,7 +32,7 @@ from scaletune.train import Budget
 SECTION = "Tuning cost: tune on a proxy and transfer vs tune at the target"
 SAMPLER_SEED = 0
 TRIAL_SEED = 0
-EVAL_SEEDS = (1, 2)  # fresh seeds for the final comparison, so neither winner is judged on the seed it was picked on
+EVAL_SEEDS = (1, 2, 3)  # fresh seeds for the final comparison, so neither winner is judged on the seed it was picked on
 WARMUP_FRAC = 0.05
 LOG2_LR_RANGE = (-10.0, -2.0)
 LOG2_OUTPUT_MULT_RANGE = (-3.0, 3.0)
@@ -57,7 +57,7 @@ class Setup:
         return TrialConfig(family=self.family, args=self.args, base=self.proxy, shape=shape,
                            parametrization=self.parametrization, optimizer="adamw", dataset=self.dataset,
                            dataset_args=self.dataset_args, budget=self.budget, hparams=hparams, seed=seed,
-                           device="cpu")
+                           device="cpu", options=PARAM_OPTIONS)
 
     def params(self, shape: Shape) -> int:
         spec = dataset_spec(self.dataset, self.dataset_args)
@@ -105,7 +105,7 @@ def tune(setup: Setup, shape: Shape) -> Search:
 def setups(quick: bool) -> list[Setup]:
     """Targets 16x wider and 4x deeper than the proxies (quick: 4x and 2x)."""
     target_width, target_depth = (64, 2) if quick else (256, 4)
-    trials, startup = (3, 2) if quick else (10, 4)
+    trials, startup = (3, 2) if quick else (16, 6)
     return [
         Setup("mlp", {}, "teacher", {}, "depth_mup", Shape(16, 1), Shape(target_width, target_depth),
               Budget(steps=30 if quick else 300, batch_size=32, eval_every=10_000), trials, startup),
@@ -185,13 +185,16 @@ def report(rows: list[dict[str, Any]], image: Path, wall: float, quick: bool) ->
         f"{row['direct'].best['lr']:.3g}, output_mult {row['direct'].best['output_mult']:.3g} "
         f"(search loss {row['direct'].best_loss:.4f}); {row['setup'].budget.steps} steps, batch "
         f"{row['setup'].budget.batch_size}" for row in rows)
-    return f"""Command: `.venv/bin/python bench/tuning_cost.py{' --quick' if quick else ''}` ({wall / 60:.1f} min wall, 2 processes).
+    return f"""Command: `.venv/bin/python bench/tuning_cost.py{' --quick' if quick else ''}` ({wall / 60:.1f} min wall, 2 processes
+on a machine shared with other engineers' jobs, so wall and CPU seconds are pessimistic).
 
 Each search: N trials of Optuna TPE (seed {SAMPLER_SEED}, {rows[0]['setup'].startup_trials} random start-up trials)
 over log2 LR in {list(LOG2_LR_RANGE)} and log2 output multiplier in {list(LOG2_OUTPUT_MULT_RANGE)}, in base units
 (base shape = the proxy) for both searches, trial seed {TRIAL_SEED}; a diverged trial is told to Optuna as failed.
 Tuning compute counts the search only: the final training of the target is the same run either way. The
 losses compared are the mean over fresh seeds {list(EVAL_SEEDS)} of training each winner at the target.
+Parametrization options {PARAM_OPTIONS}, the same as the transfer landscape: readout and query start from
+their normal init, not zero (at these budgets zero-init made the muP family's loss worse and noisier).
 FLOPs are the trainer's analytic count; CPU seconds are per-process CPU time (one torch thread). Targets:
 FLOP ratio >= {COST_TARGET:.0f}x, transferred loss within {100 * LOSS_TARGET:.0f}% of the target-tuned one.
 
