@@ -91,7 +91,7 @@ def post_study(spec: StudySpec, state: State, principal: CurrentPrincipal, respo
 @router.get("", response_model=StudyPage, summary="List studies, newest first")
 def get_studies(state: State, principal: CurrentPrincipal, status_: Annotated[StudyStatus | None, Query(alias="status")] = None,
                 limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                offset: Annotated[int, Query(ge=0)] = 0) -> StudyPage:
+                offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> StudyPage:
     with state.session_factory() as session:
         rows, total = list_studies(session, principal.tenant_scope, status=status_, limit=limit, offset=offset)
         return StudyPage(items=[StudySummary.of(s) for s in rows], total=total, limit=limit, offset=offset)
@@ -113,7 +113,7 @@ def get_one_study(study_id: str, state: State, principal: CurrentPrincipal) -> S
             summary="A study's trial attempts in the order they were queued")
 def get_trials(study_id: str, state: State, principal: CurrentPrincipal, state_: Annotated[TrialState | None, Query(alias="state")] = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-               offset: Annotated[int, Query(ge=0)] = 0) -> TrialPage:
+               offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> TrialPage:
     with state.session_factory() as session:
         try:
             get_study(session, study_id, principal.tenant_scope)

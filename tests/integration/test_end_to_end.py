@@ -6,34 +6,19 @@ import copy
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 pytestmark = pytest.mark.integration
 
 # The spec, with a shorter budget so twelve trials fit in a test.
-SPEC: dict[str, Any] = {
-    "name": "mlp-digits",
-    "kind": "tune",
-    "model": {"family": "mlp", "base": {"width": 64, "depth": 2}, "proxy": {"width": 128, "depth": 2}, "args": {}},
-    "parametrization": "mup",
-    "optimizer": "adamw",
-    "dataset": {"name": "digits"},
-    "budget": {"steps": 60, "batch_size": 64, "eval_every": 20, "schedule": "cosine"},
-    "search_space": {
-        "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-1, "log": True},
-        "output_mult": {"type": "float", "low": 0.25, "high": 8.0, "log": True},
-    },
-    "hyperparameters": {"weight_decay": 0.0},
-    "objective": {"metric": "eval_loss", "direction": "minimize"},
-    "n_trials": 12,
-    "parallelism": 2,
-    "sampler": {"name": "tpe", "seed": 0},
-    "pruner": {"name": "none"},
-    "enqueue": [],
-}
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mlp-digits.yaml"
+SPEC: dict[str, Any] = {**yaml.safe_load(EXAMPLE.read_text()),
+                        "budget": {"steps": 60, "batch_size": 64, "eval_every": 20, "schedule": "cosine"}}
 STUDY_TIMEOUT_S = 300.0
 FINISHED_STUDY = {"completed", "failed", "cancelled"}
 

@@ -21,8 +21,9 @@ SPEC: dict[str, Any] = {
 }
 
 
-def test_a_tiny_transfer_check_runs_end_to_end(embedded_service: str) -> None:
-    with httpx.Client(base_url=embedded_service, timeout=30.0) as client:
+def test_a_tiny_transfer_check_runs_end_to_end(embedded_service: str, embedded_token: str) -> None:
+    with httpx.Client(base_url=embedded_service, timeout=30.0,
+                      headers={"Authorization": f"Bearer {embedded_token}"}) as client:
         created = client.post("/v1/studies", json=SPEC)
         assert created.status_code == 201, created.text
         study_id = created.json()["id"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
@@ -16,26 +17,9 @@ from service.db import SessionFactory, create_db_engine, make_session_factory, u
 from service.optuna_study import get_storage
 from service.settings import Settings
 
-EXAMPLE_SPEC: dict[str, Any] = {
-    "name": "mlp-digits",
-    "kind": "tune",
-    "model": {"family": "mlp", "base": {"width": 64, "depth": 2}, "proxy": {"width": 128, "depth": 2}, "args": {}},
-    "parametrization": "mup",
-    "optimizer": "adamw",
-    "dataset": {"name": "digits"},
-    "budget": {"steps": 200, "batch_size": 64, "eval_every": 50, "schedule": "cosine"},
-    "search_space": {
-        "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-1, "log": True},
-        "output_mult": {"type": "float", "low": 0.25, "high": 8.0, "log": True},
-    },
-    "hyperparameters": {"weight_decay": 0.0},
-    "objective": {"metric": "eval_loss", "direction": "minimize"},
-    "n_trials": 12,
-    "parallelism": 2,
-    "sampler": {"name": "tpe", "seed": 0},
-    "pruner": {"name": "none"},
-    "enqueue": [],
-}
+# The spec, exactly as shipped for users in examples/.
+EXAMPLE_SPEC: dict[str, Any] = yaml.safe_load(
+    (Path(__file__).resolve().parents[2] / "examples" / "mlp-digits.yaml").read_text())
 
 
 class SentTasks(list[tuple[str, str]]):
