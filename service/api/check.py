@@ -11,14 +11,13 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from scaletune.transfer_check import TransferCheckResult, draw
+from service.api.lookup import study_of_kind, with_source
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
 from service.auth import UNAUTHORIZED, CurrentPrincipal, Principal
 from service.kinds import transfer_check
-from service.kinds.setup import SourceError, resolve_source
 from service.models import TrialAttempt
-from service.spec import STUDY_SPEC, TransferCheckSpec
-from service.studies import StudyNotFound, get_study
+from service.spec import TransferCheckSpec
 
 router = APIRouter(prefix="/v1/studies", tags=["transfer check"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]
@@ -30,18 +29,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 def _analysed(state: ServiceState, principal: Principal, study_id: str) -> tuple[TransferCheckSpec, list[TrialAttempt], str,
                                                             TransferCheckResult]:
     with state.session_factory() as session:
-        try:
-            study = get_study(session, study_id, principal.tenant_scope)
-        except StudyNotFound:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study with id {study_id}") from None
-        spec = STUDY_SPEC.validate_python(study.spec)
-        if not isinstance(spec, TransferCheckSpec):
-            raise HTTPException(status.HTTP_409_CONFLICT, f"study {study_id} is a {study.kind} study, "
-                                                          "not a transfer_check")
-        try:
-            spec = resolve_source(session, spec, study.tenant)
-        except SourceError as error:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+        study, spec = study_of_kind(session, study_id, principal, TransferCheckSpec, "this needs a transfer_check study")
+        spec = with_source(session, study, spec)
         attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study_id)
                                         .order_by(TrialAttempt.number)))
         study_status = study.status

@@ -10,16 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from scaletune.data.registry import dataset_spec
+from service.api.lookup import study_of_kind, with_source
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
 from service.auth import UNAUTHORIZED, CurrentPrincipal, Principal
 from service.db import write_session
 from service.dispatch import send_all
 from service.kinds import schedule_run, shape_schedule
-from service.kinds.setup import SourceError, resolve_source
 from service.models import StudyStatus, TrialAttempt, TrialState, new_id
-from service.spec import STUDY_SPEC, ShapeScheduleSpec
-from service.studies import StudyNotFound, get_study
+from service.spec import ShapeScheduleSpec
 
 router = APIRouter(prefix="/v1/studies", tags=["shape schedule"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]
@@ -53,18 +52,8 @@ class _Loaded:
 def _load(state: ServiceState, principal: Principal, study_id: str) -> _Loaded:
     """The study's resolved spec and attempts; 404 for another tenant's study, 409 for another kind."""
     with state.session_factory() as session:
-        try:
-            study = get_study(session, study_id, principal.tenant_scope)
-        except StudyNotFound:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study with id {study_id}") from None
-        spec = STUDY_SPEC.validate_python(study.spec)
-        if not isinstance(spec, ShapeScheduleSpec):
-            raise HTTPException(status.HTTP_409_CONFLICT, f"study {study_id} is a {study.kind} study, "
-                                                          "not a shape_schedule")
-        try:
-            spec = resolve_source(session, spec, study.tenant)
-        except SourceError as error:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+        study, spec = study_of_kind(session, study_id, principal, ShapeScheduleSpec, "this needs a shape_schedule study")
+        spec = with_source(session, study, spec)
         attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study_id)))
         return _Loaded(spec, attempts, study.status)
 

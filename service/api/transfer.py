@@ -13,13 +13,13 @@ from scaletune.models.registry import get_family
 from scaletune.runner import family_factory
 from scaletune.shapes import Shape
 from scaletune.transfer import TransferPlan, transfer_plan
+from service.api.lookup import study_of_kind
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
 from service.auth import UNAUTHORIZED, CurrentPrincipal
 from service.kinds.setup import params_by_depth
 from service.kinds.tune import NoCompletedTrial, best_attempt, tuned_values
-from service.spec import STUDY_SPEC, ShapeSpec, TuneSpec
-from service.studies import StudyNotFound, get_study
+from service.spec import ShapeSpec, TuneSpec
 
 router = APIRouter(prefix="/v1/studies", tags=["transfer"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]
@@ -98,14 +98,8 @@ def plan_for(spec: TuneSpec, tuned: dict[str, float], request: TransferRequest, 
 def post_transfer(study_id: str, request: TransferRequest, state: State,
                   principal: CurrentPrincipal) -> TransferPlanOut:
     with state.session_factory() as session:
-        try:
-            study = get_study(session, study_id, principal.tenant_scope)
-        except StudyNotFound:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study with id {study_id}") from None
-        spec = STUDY_SPEC.validate_python(study.spec)
-        if not isinstance(spec, TuneSpec):
-            raise HTTPException(status.HTTP_409_CONFLICT, f"study {study_id} is a {study.kind} study; only tune "
-                                                          "studies have tuned values to transfer")
+        study, spec = study_of_kind(session, study_id, principal, TuneSpec,
+                                    "only tune studies have tuned values to transfer")
         try:
             best = best_attempt(session, study)
         except NoCompletedTrial as error:
