@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,25 @@ def test_lost_database_connections_are_survived(service: Deployment) -> None:
     assert study["status"] == "completed"
     assert_exactly_n_trials_finished(service, study_id, 6)
     assert service.processes.exited() == [], "no process crashed"
+
+
+def test_a_postgresql_restart_mid_study_is_survived(service: Deployment) -> None:
+    """The real server goes down and comes back (this machine's own PostgreSQL, as in CI)."""
+    study_id = service.submit({**SPEC, "n_trials": 6})
+    service.wait_for_trial(study_id, running_with_progress)
+    restart_postgresql()
+
+    study = service.wait_until_finished(study_id)
+
+    assert study["status"] == "completed"
+    assert_exactly_n_trials_finished(service, study_id, 6)
+    assert service.processes.exited() == [], "no process crashed"
+
+
+def restart_postgresql() -> None:
+    clusters = sorted(os.listdir("/etc/postgresql"), key=lambda v: [int(p) for p in v.split(".")])
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", clusters[-1], "main", "restart"],
+                   check=True, timeout=120, capture_output=True)
 
 
 def test_cancel_stops_running_trials_at_their_next_eval_and_starts_nothing(service: Deployment) -> None:
