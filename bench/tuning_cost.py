@@ -3,10 +3,12 @@
 For ``mlp`` (teacher data) and ``gpt`` (pytext): run N trials of Optuna TPE (fixed seed, in-process) on a
 small proxy and transfer the best to a target 16x wider and 4x deeper; run the same N trials with the same
 sampler and seeds directly at the target. Both searches live in the same base units (base shape = proxy),
-so they explore the same space. Then both winners are trained at the target on fresh seeds. Writes its
-section of docs/benchmarks.md and a plot into docs/img/.
+so they explore the same space. Then both winners are trained at the target on fresh seeds. Case
+``gpt-deep`` is a second experiment: a depth-2 gpt proxy (32x2 -> 256x8) whose trials average two seeds,
+because the depth-1 proxy of the first case was too flat to separate settings. Each case writes its own
+section of docs/benchmarks.md and its own plot into docs/img/.
 
-    .venv/bin/python bench/tuning_cost.py [--quick]
+    .venv/bin/python bench/tuning_cost.py [--case {proxy-16x1,gpt-deep,all}] [--quick]
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ from scaletune.shapes import Shape
 from scaletune.train import Budget
 
 SECTION = "Tuning cost: tune on a proxy and transfer vs tune at the target"
+DEEP_SECTION = "Tuning cost, second experiment: a depth-2 gpt proxy with seed-averaged trials"
+DEEP_PROXY_SEEDS = (0, 1)
+DEEP_MOTIVATION = f"""A second experiment, motivated by the first one's gpt result (section above: +2.40% with a 16x1
+proxy, whose winner and the target's winner scored within the seed spread at the proxy, i.e. the depth-1,
+12k-parameter proxy was too flat to separate them). Changed, and fixed before this single run: the proxy is
+32x2 (depth >= 2, so the depth transfer starts from a proxy that has residual depth to scale), the target
+256x8, and each proxy trial's objective is the mean loss over seeds {list(DEEP_PROXY_SEEDS)}; the target search keeps one seed
+per trial (two would double its cost, over this case's 20-minute budget). N, TPE settings, search space,
+steps, batch and evaluation seeds are those of the first experiment. Budget: <= 20 min wall on 2 cores shared
+with one or two other engineers' jobs."""
 SAMPLER_SEED = 0
 TRIAL_SEED = 0
 EVAL_SEEDS = (1, 2, 3)  # fresh seeds for the final comparison, so neither winner is judged on the seed it was picked on
@@ -52,6 +64,7 @@ class Setup:
     budget: Budget
     trials: int
     startup_trials: int
+    proxy_seeds: tuple[int, ...] = (TRIAL_SEED,)  # the proxy objective is the mean loss over these seeds
 
     def config(self, shape: Shape, hparams: HParams, seed: int) -> TrialConfig:
         return TrialConfig(family=self.family, args=self.args, base=self.proxy, shape=shape,
@@ -79,8 +92,21 @@ def hparams_of(values: dict[str, float]) -> HParams:
     return HParams(lr=values["lr"], output_mult=values["output_mult"], warmup_frac=WARMUP_FRAC)
 
 
-def tune(setup: Setup, shape: Shape) -> Search:
-    """TPE over (lr, output_mult) in base units at ``shape``; a diverged trial is told as failed."""
+@dataclass(frozen=True)
+class Case:
+    """One experiment: its setups, its docs section and plot, and why it exists."""
+
+    name: str
+    section: str
+    image: str
+    setups: list[Setup]
+    motivation: str = ""
+
+
+def tune(setup: Setup, shape: Shape, seeds: tuple[int, ...]) -> Search:
+    """TPE over (lr, output_mult) in base units at ``shape``, objective = mean loss over ``seeds``.
+
+    A trial with any diverged seed is told as failed; its FLOPs and CPU time count every seed."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=SAMPLER_SEED, n_startup_trials=setup.startup_trials)
     study = optuna.create_study(direction="minimize", sampler=sampler)
@@ -90,29 +116,38 @@ def tune(setup: Setup, shape: Shape) -> Search:
         values = {"lr": 2.0 ** trial.suggest_float("log2_lr", *LOG2_LR_RANGE),
                   "output_mult": 2.0 ** trial.suggest_float("log2_output_mult", *LOG2_OUTPUT_MULT_RANGE)}
         trial.set_user_attr("values", values)
-        outcome = run_config(setup.config(shape, hparams_of(values), TRIAL_SEED))
-        if outcome.loss is None:
+        outcomes = [run_config(setup.config(shape, hparams_of(values), seed)) for seed in seeds]
+        loss = mean_or_none([o.loss for o in outcomes])
+        if loss is None:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
-            study.tell(trial, outcome.loss)
-        losses.append(outcome.loss)
-        flops.append(outcome.flops)
-        cpu.append(outcome.cpu_seconds)
+            study.tell(trial, loss)
+        losses.append(loss)
+        flops.append(sum(o.flops for o in outcomes))
+        cpu.append(sum(o.cpu_seconds for o in outcomes))
     return Search(best=study.best_trial.user_attrs["values"], best_loss=study.best_value,
                   losses=losses, flops=flops, cpu_seconds=cpu)
 
 
-def setups(quick: bool) -> list[Setup]:
-    """Targets 16x wider and 4x deeper than the proxies (quick: 4x and 2x)."""
-    target_width, target_depth = (64, 2) if quick else (256, 4)
+GPT_ARGS: dict[str, Any] = {"head_dim": 8}
+PYTEXT_ARGS: dict[str, Any] = {"seq_len": 32, "max_bytes": 2_000_000, "eval_windows": 128}
+
+
+def cases(quick: bool) -> dict[str, Case]:
+    """proxy-16x1: targets 16x wider and 4x deeper (quick: 4x, 2x); gpt-deep: 32x2 -> 256x8 (quick: 64x4)."""
     trials, startup = (3, 2) if quick else (16, 6)
-    return [
-        Setup("mlp", {}, "teacher", {}, "depth_mup", Shape(16, 1), Shape(target_width, target_depth),
+    target = Shape(64, 2) if quick else Shape(256, 4)
+    gpt_budget = Budget(steps=20 if quick else 150, batch_size=8, eval_every=10_000)
+    shallow = Case("proxy-16x1", SECTION, "tuning_cost.png", [
+        Setup("mlp", {}, "teacher", {}, "depth_mup", Shape(16, 1), target,
               Budget(steps=30 if quick else 300, batch_size=32, eval_every=10_000), trials, startup),
-        Setup("gpt", {"head_dim": 8}, "pytext", {"seq_len": 32, "max_bytes": 2_000_000, "eval_windows": 128},
-              "completep", Shape(16, 1), Shape(target_width, target_depth),
-              Budget(steps=20 if quick else 150, batch_size=8, eval_every=10_000), trials, startup),
-    ]
+        Setup("gpt", GPT_ARGS, "pytext", PYTEXT_ARGS, "completep", Shape(16, 1), target, gpt_budget, trials, startup),
+    ])
+    deep = Case("gpt-deep", DEEP_SECTION, "tuning_cost_gpt_deep.png", [
+        Setup("gpt", GPT_ARGS, "pytext", PYTEXT_ARGS, "completep", Shape(32, 2),
+              Shape(64, 4) if quick else Shape(256, 8), gpt_budget, trials, startup, DEEP_PROXY_SEEDS),
+    ], motivation=DEEP_MOTIVATION)
+    return {case.name: case for case in (shallow, deep)}
 
 
 def mean_or_none(values: list[float | None]) -> float | None:
@@ -156,7 +191,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def report(rows: list[dict[str, Any]], image: Path, wall: float, quick: bool) -> str:
+def seeds_text(setup: Setup) -> str:
+    if setup.proxy_seeds == (TRIAL_SEED,):
+        return f"trial seed {TRIAL_SEED}"
+    return (f"target trials on seed {TRIAL_SEED}, proxy trials scored by their mean loss over seeds "
+            f"{list(setup.proxy_seeds)} (the proxy's FLOPs and CPU seconds count every seed)")
+
+
+def report(case: Case, rows: list[dict[str, Any]], image: Path, wall: float, quick: bool) -> str:
     table_rows = []
     for row in rows:
         s, proxy, direct = row["setup"], row["proxy"], row["direct"]
@@ -185,12 +227,13 @@ def report(rows: list[dict[str, Any]], image: Path, wall: float, quick: bool) ->
         f"{row['direct'].best['lr']:.3g}, output_mult {row['direct'].best['output_mult']:.3g} "
         f"(search loss {row['direct'].best_loss:.4f}); {row['setup'].budget.steps} steps, batch "
         f"{row['setup'].budget.batch_size}" for row in rows)
-    return f"""Command: `.venv/bin/python bench/tuning_cost.py{' --quick' if quick else ''}` ({wall / 60:.1f} min wall, 2 processes
-on a machine shared with other engineers' jobs, so wall and CPU seconds are pessimistic).
+    motivation = f"{case.motivation}\n\n" if case.motivation else ""
+    return f"""{motivation}Command: `.venv/bin/python bench/tuning_cost.py --case {case.name}{' --quick' if quick else ''}` ({wall / 60:.1f} min wall,
+2 processes on a machine shared with other engineers' jobs, so wall and CPU seconds are pessimistic).
 
 Each search: N trials of Optuna TPE (seed {SAMPLER_SEED}, {rows[0]['setup'].startup_trials} random start-up trials)
 over log2 LR in {list(LOG2_LR_RANGE)} and log2 output multiplier in {list(LOG2_OUTPUT_MULT_RANGE)}, in base units
-(base shape = the proxy) for both searches, trial seed {TRIAL_SEED}; a diverged trial is told to Optuna as failed.
+(base shape = the proxy) for both searches, {seeds_text(rows[0]['setup'])}; a diverged trial is told to Optuna as failed.
 Tuning compute counts the search only: the final training of the target is the same run either way. The
 losses compared are the mean over fresh seeds {list(EVAL_SEEDS)} of training each winner at the target.
 Parametrization options {PARAM_OPTIONS}, the same as the transfer landscape: readout and query start from
@@ -206,37 +249,46 @@ FLOP ratio >= {COST_TARGET:.0f}x, transferred loss within {100 * LOSS_TARGET:.0f
 """
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes to a temp dir")
-    opts = parser.parse_args()
-    all_setups = setups(opts.quick)
+def run_case(case: Case, quick: bool) -> None:
+    """Both searches of every setup, then both winners at the target on the fresh seeds; writes the case's section."""
     started = time.perf_counter()
-    jobs = [(i, shape) for i, s in enumerate(all_setups) for shape in (s.target, s.proxy)]
-    jobs.sort(key=lambda job: -all_setups[job[0]].params(job[1]))  # longest searches first: both processes end together
+    jobs = [(i, shape, seeds) for i, s in enumerate(case.setups)
+            for shape, seeds in ((s.target, (TRIAL_SEED,)), (s.proxy, s.proxy_seeds))]
+    jobs.sort(key=lambda job: -case.setups[job[0]].params(job[1]))  # longest searches first: both processes end together
     with make_pool() as pool:
-        searches = pool.starmap(tune, [(all_setups[i], shape) for i, shape in jobs], chunksize=1)
-        results = {(i, shape): search for (i, shape), search in zip(jobs, searches)}
+        searches = pool.starmap(tune, [(case.setups[i], shape, seeds) for i, shape, seeds in jobs], chunksize=1)
+        results = {(i, shape): search for (i, shape, _), search in zip(jobs, searches)}
         finals = [(i, which, s.config(s.target, hparams_of(results[(i, shape)].best), seed))
-                  for i, s in enumerate(all_setups) for which, shape in (("transferred", s.proxy), ("direct", s.target))
+                  for i, s in enumerate(case.setups) for which, shape in (("transferred", s.proxy), ("direct", s.target))
                   for seed in EVAL_SEEDS]
         outcomes = pool.map(run_config, [cfg for _, _, cfg in finals], chunksize=1)
     wall = time.perf_counter() - started
     rows = []
-    for i, s in enumerate(all_setups):
+    for i, s in enumerate(case.setups):
         final = {which: mean_or_none([o.loss for (j, w, _), o in zip(finals, outcomes) if j == i and w == which])
                  for which in ("transferred", "direct")}
         rows.append({"setup": s, "proxy": results[(i, s.proxy)], "direct": results[(i, s.target)],
                      "transferred_loss": final["transferred"], "direct_loss": final["direct"],
                      "proxy_params": s.params(s.proxy), "target_params": s.params(s.target)})
-    img_dir = Path(tempfile.mkdtemp(prefix="tuning_cost_")) if opts.quick else IMG
-    image = plot(rows, img_dir / "tuning_cost.png")
-    body = report(rows, image, wall, opts.quick)
+    img_dir = Path(tempfile.mkdtemp(prefix="tuning_cost_")) if quick else IMG
+    image = plot(rows, img_dir / case.image)
+    body = report(case, rows, image, wall, quick)
     print(body)
-    if opts.quick:
+    if quick:
         print(f"(quick run: plot in {img_dir}; docs/benchmarks.md not touched)")
     else:
-        write_section(SECTION, body)
+        write_section(case.section, body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes to a temp dir")
+    parser.add_argument("--case", choices=["proxy-16x1", "gpt-deep", "all"], default="all",
+                        help="proxy-16x1: mlp and gpt, 16x1 proxies; gpt-deep: the 32x2 -> 256x8 second experiment")
+    opts = parser.parse_args()
+    for name, case in cases(opts.quick).items():
+        if opts.case in (name, "all"):
+            run_case(case, opts.quick)
 
 
 if __name__ == "__main__":
