@@ -113,6 +113,16 @@ class PrunerSpec(_Strict):
     name: Literal["none", "median", "successive_halving", "hyperband", "wilcoxon"] = "none"
 
 
+class ParametrizationOptions(_Strict):
+    """Where the sources disagree (research notes §7): None keeps the parametrization's default."""
+
+    zero_init_readout: bool | None = Field(None, description="default: true for the muP family, false for sp")
+    zero_init_query: bool | None = Field(None, description="default: true for the muP family, false for sp")
+    weight_decay_rule: Literal["lr_wd_product", "unscaled"] = "lr_wd_product"
+    eps_rule: Literal["per_group", "global", "none"] = "per_group"
+    alpha: float | None = Field(None, gt=0, le=2, description="override the depth exponent of depth_mup/completep")
+
+
 class TuneSpec(_Strict):
     """Search hyperparameters (in base units) by training the proxy shape; transfer them to any target later."""
 
@@ -120,6 +130,7 @@ class TuneSpec(_Strict):
     kind: Literal["tune"]
     model: ModelSpec
     parametrization: Literal["sp", "mup", "depth_mup", "completep"]
+    parametrization_options: ParametrizationOptions = Field(default_factory=ParametrizationOptions)
     optimizer: Literal["adamw", "sgd"]
     dataset: DatasetSpec
     budget: BudgetSpec
@@ -162,6 +173,7 @@ class _GridSpec(_Strict):
                                                         "fields given here override it")
     model: CheckedModelSpec | None = None
     parametrization: Literal["sp", "mup", "depth_mup", "completep"] | None = None
+    parametrization_options: ParametrizationOptions | None = Field(None, description="default: the source's")
     optimizer: Literal["adamw", "sgd"] | None = None
     dataset: DatasetSpec | None = None
     budget: BudgetSpec | None = None

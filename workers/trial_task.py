@@ -84,7 +84,8 @@ def trial_config(spec: TuneSpec, params: dict[str, Any]) -> TrialConfig:
         dataset=spec.dataset.name, dataset_args=spec.dataset.args,
         budget=Budget(steps=spec.budget.steps, batch_size=spec.budget.batch_size,
                       eval_every=spec.budget.eval_every, schedule=spec.budget.schedule),
-        hparams=HParams.from_dict({**spec.hyperparameters, **params}), seed=spec.dataset.seed)
+        hparams=HParams.from_dict({**spec.hyperparameters, **params}), seed=spec.dataset.seed,
+        options=spec.parametrization_options.model_dump())
 
 
 class _Progress:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
+from scaletune.parametrize import ParamOptions
 from scaletune.models.registry import get_family
 from scaletune.runner import family_factory
 from scaletune.shapes import Shape
@@ -84,6 +85,7 @@ def plan_for(spec: TuneSpec, tuned: dict[str, float], request: TransferRequest, 
                              f"{max_params:,} (SCALETUNE_MAX_TARGET_PARAMS)", "target")
     plan = transfer_plan(spec.model.family, data, spec.model.args, Shape(**spec.model.base.model_dump()), target,
                          spec.parametrization, HParams.from_dict(tuned), optimizer,
+                         ParamOptions.from_dict(spec.parametrization_options.model_dump()),
                          tuned_batch_size=spec.budget.batch_size, batch_size=request.batch_size,
                          tuned_steps=spec.budget.steps, steps=request.steps, batch_rule=request.batch_rule,
                          provenance=provenance)

@@ -48,6 +48,7 @@ def resolve_source(session: Session, spec: GridSpec, tenant: str) -> GridSpec:
     return spec.model_copy(update={
         "model": spec.model or model,
         "parametrization": spec.parametrization or source.parametrization,
+        "parametrization_options": spec.parametrization_options or source.parametrization_options,
         "optimizer": spec.optimizer or source.optimizer,
         "dataset": spec.dataset or source.dataset,
         "budget": spec.budget or source.budget,
@@ -62,7 +63,8 @@ def base_config(spec: GridSpec, shape: Shape, budget: Budget, hparams: dict[str,
         family=spec.model.family, args=spec.model.args, base=Shape(**spec.model.base.model_dump()), shape=shape,
         parametrization=spec.parametrization, optimizer=spec.optimizer, dataset=spec.dataset.name,
         dataset_args=spec.dataset.args, budget=budget, hparams=HParams.from_dict(hparams),
-        seed=spec.dataset.seed + seed)
+        seed=spec.dataset.seed + seed,
+        options=spec.parametrization_options.model_dump() if spec.parametrization_options else None)
 
 
 def params_by_depth(factory: Factory, shape: Shape) -> int:

@@ -11,8 +11,10 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from scaletune.parametrize import ParamOptions
 from service.settings import Settings
-from service.spec import SpecError, load_spec
+from service.spec import STUDY_SPEC, SpecError, load_spec
+from workers.trial_task import trial_config
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
@@ -64,6 +66,7 @@ BAD_SPECS = [
     ("model.colour", "red", ["body", "model", "colour"], "Extra inputs are not permitted"),
     ("sampler.name", "grid", ["body", "search_space", "lr"], "give this float a step"),
     ("enqueue", [{"lr": 0.01, "beta1": 0.9}], ["body", "enqueue", 0, "beta1"], "not in search_space"),
+    ("parametrization_options", {"eps_rule": "adam-atan2"}, ["body", "parametrization_options", "eps_rule"], "'per_group'"),
 ]
 
 
@@ -93,3 +96,12 @@ def test_proxy_over_the_parameter_limit_is_refused_with_count_and_limit(
     [problem] = response.json()["detail"]
     assert problem["loc"] == ["body", "model", "proxy"]
     assert re.search(r"the proxy has [\d,]{6,} parameters, above this server's limit of 10,000", problem["msg"])
+
+
+def test_parametrization_options_reach_every_trial(spec_dict: dict[str, Any]) -> None:
+    default = trial_config(STUDY_SPEC.validate_python(spec_dict), {"lr": 1e-3})
+    assert default.options is not None and ParamOptions.from_dict(default.options) == ParamOptions()
+    spec_dict["parametrization_options"] = {"zero_init_readout": False, "eps_rule": "none"}
+    chosen = trial_config(STUDY_SPEC.validate_python(spec_dict), {"lr": 1e-3})
+    assert chosen.options is not None
+    assert ParamOptions.from_dict(chosen.options) == ParamOptions(zero_init_readout=False, eps_rule="none")
