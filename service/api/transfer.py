@@ -39,25 +39,6 @@ class TransferRequest(BaseModel):
         None, description="scale LRs with the batch size by a labelled heuristic (needs batch_size)")
 
 
-class TransferPlanOut(BaseModel):
-    """The plan as ``scaletune.transfer.TransferPlan.to_dict()`` writes it; load it with ``TransferPlan.from_dict``."""
-
-    family: str
-    parametrization: str
-    optimizer: str
-    base: dict[str, int]
-    target: dict[str, int]
-    hparams: dict[str, float]
-    branch_multiplier: float
-    attention_scale: float | None
-    zero_init_query: bool
-    groups: list[dict[str, Any]]
-    module_multipliers: list[dict[str, Any]]
-    batch_scaling: dict[str, Any] | None
-    warnings: list[str]
-    provenance: dict[str, Any]
-
-
 def _unprocessable(msg: str, *loc: str | int) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                          [{"type": "value_error", "loc": ["body", *loc], "msg": msg}])
@@ -93,12 +74,12 @@ def plan_for(spec: TuneSpec, tuned: dict[str, float], request: TransferRequest, 
     return plan
 
 
-@router.post("/{study_id}/transfer", response_model=TransferPlanOut,
+@router.post("/{study_id}/transfer", response_model=TransferPlan,
              responses={404: {"model": Problem, "description": "no study with this id"},
                         409: {"model": Problem, "description": "not a tune study, or no completed trial yet"}},
              summary="Project the study's best hyperparameters to a target shape")
 def post_transfer(study_id: str, request: TransferRequest, state: State,
-                  principal: CurrentPrincipal) -> TransferPlanOut:
+                  principal: CurrentPrincipal) -> TransferPlan:
     with state.session_factory() as session:
         study, spec = study_of_kind(session, study_id, principal, TuneSpec,
                                     "only tune studies have tuned values to transfer")
@@ -108,5 +89,4 @@ def post_transfer(study_id: str, request: TransferRequest, state: State,
             raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
         tuned = tuned_values(spec, best)
         provenance = {"study_id": study_id, "best_trial": best.number, "value": best.value}
-    plan = plan_for(spec, tuned, request, state.settings.MAX_TARGET_PARAMS, state.settings.DATA_ROOT, provenance)
-    return TransferPlanOut.model_validate(plan.to_dict())
+    return plan_for(spec, tuned, request, state.settings.MAX_TARGET_PARAMS, state.settings.DATA_ROOT, provenance)
