@@ -26,7 +26,8 @@ from service.embedded import ChildSpec, Supervisor, celery_worker, wait_until_he
 
 SCALETUNE = [sys.executable, "-c", "from service.cli import main; main()"]
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS_URL = "redis://127.0.0.1:6379/15"  # a database number of its own, flushed before and after
+# A database number of its own, flushed before and after; parallel runs on one machine each pick another.
+REDIS_URL = os.environ.get("SCALETUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 LOG_DIR = pytest.StashKey[Path]()
 LOG_TAIL_LINES = 150
 FAST_RECOVERY = {"SCALETUNE_HEARTBEAT_INTERVAL": "0.5", "SCALETUNE_STALE_AFTER": "4",
