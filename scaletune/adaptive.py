@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from scaletune.data.base import DataSpec
 from scaletune.data.registry import dataset_spec, get_dataset
@@ -30,10 +29,7 @@ from scaletune.runner import TrialConfig
 from scaletune.scaling.schedule import Schedule
 from scaletune.shapes import Shape
 from scaletune.surgery import Recipe, Trainee, reshape
-from scaletune.train import (
-    Callback, EvalPoint, Status, TrainResult, _autocast, _to_device, apply_lr_factor, evaluate, loss_fn, lr_factor,
-    resolve_device,
-)
+from scaletune.train import Callback, EvalPoint, Loop, Progress, Status, TrainResult, resolve_device
 
 CHECKPOINT = "schedule.pt"
 
@@ -127,88 +123,39 @@ def run_schedule(cfg: TrialConfig, phases: Sequence[Phase], checkpoint_dir: str 
     progress, trainee = _resume(path, recipe, phases, device) if path.exists() else _start(recipe, cfg, device)
     example = next(dataset.eval_batches(budget.batch_size))[0].to(device)
     batches = islice(dataset.train_batches(budget.batch_size, cfg.seed), progress.step, None)
+    loop = Loop(dataset, budget, cfg.hparams.warmup_frac, device, callback)
     status: Status = "completed"
-
-    def eval_now() -> float:
-        return evaluate(trainee.model, dataset, budget.batch_size, budget.eval_batches, device)
-
-    while progress.step < budget.steps:
+    while status == "completed" and progress.step < budget.steps:
         if progress.step == ends[progress.phase]:
             _save(path, progress, trainee, phases)
-            before, old = eval_now(), trainee.shape
+            before, old = loop.eval_loss(trainee.model), trainee.shape
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + progress.phase)
             trainee = reshape(recipe, trainee, phases[progress.phase + 1].shape, example, noise, generator)
             progress.phase += 1
             progress.switches.append(Switch(progress.step, progress.flops, old.to_dict(), trainee.shape.to_dict(),
-                                            before, eval_now()))
+                                            before, loop.eval_loss(trainee.model)))
             _save(path, progress, trainee, phases)
-            continue
-        apply_lr_factor(trainee.optimizer, lr_factor(progress.step, budget, cfg.hparams.warmup_frac))
-        x, y = _to_device(next(batches), device)
-        with _autocast(device):
-            loss = loss_fn(trainee.model(x), y, spec.task)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            status = "diverged"
-            break
-        trainee.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if budget.grad_clip is not None:
-            nn.utils.clip_grad_norm_(list(trainee.model.parameters()), budget.grad_clip)
-        trainee.optimizer.step()
-        progress.advance(loss_value, flops_per_step(trainee.shape))
-        if progress.step % budget.eval_every and progress.step != budget.steps:
-            continue
-        point = progress.record(eval_now(), budget.batch_size)
-        if not math.isfinite(point.eval_loss):
-            status = "diverged"
-            break
-        if callback is not None and callback(point):
-            status = "stopped"
-            break
+        status = loop.run(trainee.model, trainee.optimizer, batches, progress, until=ends[progress.phase],
+                          flops_per_step=flops_per_step(trainee.shape))
     if status == "completed":
         _save(path, progress, trainee, phases)
-    losses = [p.eval_loss for p in progress.curve]
-    result = TrainResult(status=status, steps=progress.step, final_eval_loss=losses[-1] if losses else None,
-                         best_eval_loss=min(losses) if losses else None, curve=progress.curve,
-                         diverged_step=progress.step + 1 if status == "diverged" else None, flops=progress.flops,
-                         seconds=time.perf_counter() - started, device=str(device))
-    return ScheduleResult(result, progress.switches)
+    return ScheduleResult(progress.result(status, time.perf_counter() - started, device), progress.switches)
 
 
 @dataclass
-class _Progress:
-    """Everything about the run's position that a checkpoint must restore besides the tensors."""
+class _Progress(Progress):
+    """The run's position plus what a schedule adds (phase, switches): all a checkpoint restores besides tensors."""
 
     phase: int = 0
-    step: int = 0
-    flops: float = 0.0
-    window_loss: float = 0.0
-    window_steps: int = 0
-    curve: list[EvalPoint] = field(default_factory=list)
     switches: list[Switch] = field(default_factory=list)
-
-    def advance(self, loss: float, flops: float) -> None:
-        self.step += 1
-        self.flops += flops
-        self.window_loss += loss
-        self.window_steps += 1
-
-    def record(self, eval_loss: float, batch_size: int) -> EvalPoint:
-        point = EvalPoint(step=self.step, samples=self.step * batch_size, flops=self.flops,
-                          train_loss=self.window_loss / max(1, self.window_steps), eval_loss=eval_loss)
-        self.window_loss, self.window_steps = 0.0, 0
-        if math.isfinite(eval_loss):
-            self.curve.append(point)
-        return point
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> _Progress:
-        return cls(d["phase"], d["step"], d["flops"], d["window_loss"], d["window_steps"],
-                   [EvalPoint(**p) for p in d["curve"]], [Switch(**s) for s in d["switches"]])
+        return cls(**{**d, "curve": [EvalPoint(**p) for p in d["curve"]],
+                      "switches": [Switch(**s) for s in d["switches"]]})
 
 
 def _start(recipe: Recipe, cfg: TrialConfig, device: torch.device) -> tuple[_Progress, Trainee]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -104,6 +104,8 @@ def _finite_or_none(value: float | None) -> float | None:
 
 @dataclass
 class TrainResult:
+    """A run's outcome; ``steps`` counts the updates applied, ``diverged_step`` is the step whose loss was non-finite."""
+
     status: Status
     steps: int
     final_eval_loss: float | None
@@ -167,6 +169,87 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, max_batches: i
     return total / count
 
 
+@dataclass
+class Progress:
+    """Where a run stands: updates and FLOPs done, the train-loss window since the last eval, the finite curve."""
+
+    step: int = 0
+    flops: float = 0.0
+    window_loss: float = 0.0
+    window_steps: int = 0
+    curve: list[EvalPoint] = field(default_factory=list)
+    diverged_step: int | None = None
+
+    def result(self, status: Status, seconds: float, device: torch.device) -> TrainResult:
+        losses = [p.eval_loss for p in self.curve]
+        return TrainResult(status=status, steps=self.step, final_eval_loss=losses[-1] if losses else None,
+                           best_eval_loss=min(losses) if losses else None, curve=self.curve,
+                           diverged_step=self.diverged_step, flops=self.flops, seconds=seconds, device=str(device))
+
+
+@dataclass(frozen=True)
+class Loop:
+    """The training step and its evaluation, shared by ``train`` and the adaptive schedule (which swaps models)."""
+
+    dataset: Dataset
+    budget: Budget
+    warmup_frac: float
+    device: torch.device
+    callback: Callback | None = None
+
+    def run(self, model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[tuple[torch.Tensor, ...]],
+            progress: Progress, until: int, flops_per_step: float) -> Status:
+        """Train from ``progress.step`` to step ``until`` ("completed"), or to a divergence or a stop.
+
+        A non-finite training loss at step k stops before that update (``steps`` = k - 1); a non-finite eval
+        after step k stops after it (``steps`` = k). Either way ``diverged_step`` = k, the step whose loss was
+        non-finite, so it always names a step that ran and lies on the curve's step axis.
+        """
+        budget, task = self.budget, self.dataset.spec.task
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        while progress.step < until:
+            apply_lr_factor(optimizer, lr_factor(progress.step, budget, self.warmup_frac))
+            x, y = _to_device(next(batches), self.device)
+            with _autocast(self.device):
+                loss = loss_fn(model(x), y, task)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                progress.diverged_step = progress.step + 1
+                return "diverged"
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if budget.grad_clip is not None:
+                nn.utils.clip_grad_norm_(params, budget.grad_clip)
+            optimizer.step()
+            progress.step += 1
+            progress.flops += flops_per_step
+            progress.window_loss += loss_value
+            progress.window_steps += 1
+            if progress.step % budget.eval_every and progress.step != budget.steps:
+                continue
+            point = self.eval_point(model, progress)
+            if point is None:
+                progress.diverged_step = progress.step
+                return "diverged"
+            if self.callback is not None and self.callback(point):
+                return "stopped"
+        return "completed"
+
+    def eval_point(self, model: nn.Module, progress: Progress) -> EvalPoint | None:
+        """Close the train-loss window with an eval point; a finite one joins the curve, a non-finite one is None."""
+        eval_loss = self.eval_loss(model)
+        point = EvalPoint(step=progress.step, samples=progress.step * self.budget.batch_size, flops=progress.flops,
+                          train_loss=progress.window_loss / progress.window_steps, eval_loss=eval_loss)
+        progress.window_loss, progress.window_steps = 0.0, 0
+        if not math.isfinite(eval_loss):
+            return None
+        progress.curve.append(point)
+        return point
+
+    def eval_loss(self, model: nn.Module) -> float:
+        return evaluate(model, self.dataset, self.budget.batch_size, self.budget.eval_batches, self.device)
+
+
 def train(model: nn.Module, param_groups: list[dict[str, Any]], dataset: Dataset, budget: Budget,
           hparams: HParams, optimizer: str, *, flops_per_sample: float, seed: int = 0,
           device: str | torch.device | None = None, callback: Callback | None = None) -> TrainResult:
@@ -177,60 +260,8 @@ def train(model: nn.Module, param_groups: list[dict[str, Any]], dataset: Dataset
     model.to(dev)
     model.train()
     opt = make_optimizer(param_groups, optimizer, hparams)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    task = dataset.spec.task
-    batches = dataset.train_batches(budget.batch_size, seed)
-
-    curve: list[EvalPoint] = []
-    status: Status = "completed"
-    diverged_step: int | None = None
-    window_loss, window_steps = 0.0, 0
-    steps_done = 0
-
-    def flops_at(step: int) -> float:
-        return float(step * budget.batch_size * flops_per_sample)
-
-    for step in range(budget.steps):
-        apply_lr_factor(opt, lr_factor(step, budget, hparams.warmup_frac))
-        x, y = _to_device(next(batches), dev)
-        with _autocast(dev):
-            logits = model(x)
-        loss = loss_fn(logits, y, task)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            status, diverged_step = "diverged", step + 1
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if budget.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, budget.grad_clip)
-        opt.step()
-        steps_done = step + 1
-        window_loss += loss_value
-        window_steps += 1
-        if steps_done % budget.eval_every and steps_done != budget.steps:
-            continue
-        eval_loss = evaluate(model, dataset, budget.batch_size, budget.eval_batches, dev)
-        point = EvalPoint(step=steps_done, samples=steps_done * budget.batch_size, flops=flops_at(steps_done),
-                          train_loss=window_loss / window_steps, eval_loss=eval_loss)
-        window_loss, window_steps = 0.0, 0
-        if not math.isfinite(eval_loss):
-            status, diverged_step = "diverged", steps_done
-            break
-        curve.append(point)
-        if callback is not None and callback(point):
-            status = "stopped"
-            break
-
-    finite = [p.eval_loss for p in curve]
-    return TrainResult(
-        status=status,
-        steps=steps_done,
-        final_eval_loss=finite[-1] if finite else None,
-        best_eval_loss=min(finite) if finite else None,
-        curve=curve,
-        diverged_step=diverged_step,
-        flops=flops_at(steps_done),
-        seconds=time.perf_counter() - started,
-        device=str(dev),
-    )
+    progress = Progress()
+    status = Loop(dataset, budget, hparams.warmup_frac, dev, callback).run(
+        model, opt, dataset.train_batches(budget.batch_size, seed), progress, budget.steps,
+        flops_per_step=float(budget.batch_size * flops_per_sample))
+    return progress.result(status, time.perf_counter() - started, dev)

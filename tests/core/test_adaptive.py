@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,14 @@ def test_a_killed_run_resumes_in_the_right_shape_and_ends_where_an_uninterrupted
     resumed = run_schedule(CFG, PHASES, tmp_path / "run")
     assert resumed.train.curve == reference.train.curve
     assert resumed.switches == reference.switches
+
+
+def test_a_diverging_schedule_is_a_recorded_outcome_numbered_as_train_numbers_it(tmp_path: Path) -> None:
+    overflowing = replace(CFG, optimizer="sgd", hparams=HParams(lr=1e38), budget=replace(CFG.budget, grad_clip=None))
+    out = run_schedule(overflowing, PHASES, tmp_path)
+    assert out.train.status == "diverged" and out.train.diverged_step == out.train.steps + 1
+    assert out.train.steps < phase_ends(PHASES, per_step)[0] and not out.switches
+    assert all(math.isfinite(p.eval_loss) for p in out.train.curve)
 
 
 def test_a_checkpoint_is_not_reused_for_a_different_schedule(tmp_path: Path) -> None:

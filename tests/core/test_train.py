@@ -154,6 +154,33 @@ def test_overflowing_lr_is_a_recorded_divergence_not_an_exception() -> None:
     assert json.loads(payload)["status"] == "diverged"
 
 
+class NaNWhenEvaluated(nn.Module):
+    """Finite while training, NaN in eval mode: a divergence only the held-out pass can see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out if self.training else out * float("nan")
+
+
+def test_a_divergence_names_the_step_whose_loss_was_non_finite() -> None:
+    """A NaN train loss at step k stops before update k; a NaN eval after step k stops after it: both say k."""
+    in_training = run(Budget(steps=20, batch_size=8, eval_every=5, grad_clip=None, schedule="constant"),
+                      lr=1e30, optimizer="sgd")
+    assert in_training.diverged_step == in_training.steps + 1
+    model = NaNWhenEvaluated()
+    groups = [{"params": list(model.parameters()), "lr": 1e-2, "base_lr": 1e-2, "weight_decay": 0.0,
+               "eps": 1e-8, "name": "all"}]
+    in_eval = train(model, groups, Blobs(), Budget(steps=20, batch_size=4, eval_every=5), HParams(), "adamw",
+                    flops_per_sample=1.0, device="cpu")
+    assert in_eval.status == "diverged"
+    assert in_eval.steps == 5 and in_eval.diverged_step == 5
+    assert in_eval.curve == [] and in_eval.final_eval_loss is None and in_eval.flops == 5 * 4
+
+
 def test_callback_returning_true_stops_the_run() -> None:
     seen: list[EvalPoint] = []
 
