@@ -187,14 +187,20 @@ class Deployment:
     def terminate_database_connections(self) -> int:
         return terminate_backends(self.env["SCALETUNE_DATABASE_URL"])
 
-    def wait_for_trial(self, study_id: str, found: Callable[[dict[str, Any]], bool],
-                       timeout_s: float = 120.0) -> dict[str, Any]:
+    def wait_for_trials(self, study_id: str, found: Callable[[list[dict[str, Any]]], bool],
+                        timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        """The first listing of the study's trials that `found` accepts: one snapshot, so its facts agree."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if match := next((t for t in self.trials(study_id) if found(t)), None):
-                return match
+            if found(trials := self.trials(study_id)):
+                return trials
             time.sleep(0.2)
-        pytest.fail(f"no matching trial in {timeout_s:.0f} s: {self.trials(study_id)}")
+        pytest.fail(f"no matching trials in {timeout_s:.0f} s: {self.trials(study_id)}")
+
+    def wait_for_trial(self, study_id: str, found: Callable[[dict[str, Any]], bool],
+                       timeout_s: float = 120.0) -> dict[str, Any]:
+        trials = self.wait_for_trials(study_id, lambda listed: any(map(found, listed)), timeout_s)
+        return next(t for t in trials if found(t))
 
     def wait_until_finished(self, study_id: str) -> dict[str, Any]:
         deadline = time.monotonic() + STUDY_TIMEOUT_S

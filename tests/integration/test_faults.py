@@ -36,6 +36,10 @@ def running_with_progress(trial: dict[str, Any]) -> bool:
     return trial["state"] == "running" and len(trial["intermediate"]) >= 1
 
 
+def queued(trial: dict[str, Any]) -> bool:
+    return trial["state"] == "queued"
+
+
 def assert_exactly_n_trials_finished(service: Deployment, study_id: str, n_trials: int) -> list[dict[str, Any]]:
     """Every trial number finished once; every failed attempt was replaced by a retry with the same params."""
     trials = service.trials(study_id)
@@ -68,9 +72,9 @@ def test_a_killed_worker_is_found_stale_and_its_trial_retried_once(service: Depl
 
 def test_a_flushed_broker_is_repaired_by_the_reconciler(service: Deployment, redis_url: str) -> None:
     study_id = service.submit({**SPEC, "n_trials": 6, "parallelism": 3})  # two workers: one task waits in Redis
-    service.wait_for_trial(study_id, running_with_progress)
-    waiting = {t["id"] for t in service.trials(study_id) if t["state"] == "queued"}
-    assert waiting
+    trials = service.wait_for_trials(  # one snapshot: a trial runs while another waits in Redis
+        study_id, lambda listed: any(map(running_with_progress, listed)) and any(map(queued, listed)))
+    waiting = {t["id"] for t in trials if queued(t)}
     redis.Redis.from_url(redis_url).flushdb()
     flushed_at = time.time()
 
@@ -143,9 +147,7 @@ def test_cancel_stops_running_trials_at_their_next_eval_and_starts_nothing(servi
     assert cancelled.status_code == 200
     cancelled_at = time.time()
 
-    deadline = time.monotonic() + 60
-    while any(t["state"] == "running" for t in service.trials(study_id)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    service.wait_for_trials(study_id, lambda listed: not any(t["state"] == "running" for t in listed), timeout_s=60)
     time.sleep(6)  # longer than the reconcile interval and the re-send delay: nothing may start meanwhile
     trials = service.trials(study_id)
 

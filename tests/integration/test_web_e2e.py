@@ -66,13 +66,21 @@ def token(embedded_service: str, embedded_home: Path) -> str:
     return created.stdout.strip().splitlines()[-1]
 
 
+# The page re-renders as events arrive: every read of live state is one script call (one consistent snapshot,
+# no element handle that a re-render can make stale), and every check of live state waits for it.
 def _text(browser: WebDriver, selector: str) -> str:
-    return str(browser.find_element(By.CSS_SELECTOR, selector).text)
+    return str(browser.execute_script("return document.querySelector(arguments[0]).textContent.trim();", selector))
+
+
+def _texts(browser: WebDriver, *selectors: str) -> tuple[str, ...]:
+    return tuple(browser.execute_script(
+        "return arguments[0].map((s) => document.querySelector(s).textContent.trim());", list(selectors)))
 
 
 def _column(browser: WebDriver, index: int) -> list[str]:
-    return [row.find_elements(By.TAG_NAME, "td")[index].text
-            for row in browser.find_elements(By.CSS_SELECTOR, "#trials-table tbody tr")]
+    return list(browser.execute_script(
+        "return [...document.querySelectorAll('#trials-table tbody tr')]"
+        ".map((row) => row.cells[arguments[0]].textContent.trim());", index))
 
 
 @pytest.mark.timeout(STUDY_TIMEOUT_S + 180)
@@ -98,8 +106,8 @@ def test_study_page_shows_live_progress_to_completion(embedded_service: str, tok
     assert browser.execute_script("return window.__sameDocument === true;"), "the page reloaded"
     assert _text(browser, "#study-status") == "completed"
     assert len(seen) >= 2, f"progress never changed on the page: {seen}"
-    WebDriverWait(browser, 30).until(lambda b: _text(b, "#progress-text") == f"{N_TRIALS}/{N_TRIALS}")
-    assert _text(browser, "#live-state") == "finished"
+    final = ("completed", f"{N_TRIALS}/{N_TRIALS}", "finished")
+    WebDriverWait(browser, 30).until(lambda b: _texts(b, "#study-status", "#progress-text", "#live-state") == final)
 
     WebDriverWait(browser, 30).until(lambda b: _column(b, 2) == ["complete"] * N_TRIALS)
     browser.find_element(By.CSS_SELECTOR, "th[data-sort='value']").click()
