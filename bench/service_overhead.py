@@ -44,11 +44,12 @@ from scaletune.train import EvalPoint
 from service.db import create_db_engine, make_session_factory, upgrade_database
 from service.embedded import ChildSpec, Supervisor, celery_worker, wait_until_healthy
 from service.models import Event, EventType, Study, TrialAttempt
-from service.optuna_study import distributions, get_storage, load_optuna_study
-from service.spec import STUDY_SPEC, TuneSpec
+from service.kinds.registry import STUDY_SPEC
+from service.kinds.tune import KIND as TUNE
+from service.optuna_study import get_storage
+from service.spec import TuneSpec
 from service.studies import study_is_cancelled
 from service.trials import record_asked, record_point
-from workers.trial_task import trial_config
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SCALETUNE = [sys.executable, "-m", "service.cli"]
@@ -101,7 +102,7 @@ class Run:
 def bare_study(spec_dict: dict[str, Any]) -> Run:
     """ask / run_trial / tell in this process, the same callback work minus the database."""
     spec = TuneSpec.model_validate(spec_dict)
-    dists = distributions(spec)
+    dists = TUNE.distributions(spec)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=0),
                                 pruner=optuna.pruners.NopPruner())  # the spec's pruner "none", as in the service
     phases: dict[str, list[float]] = {"ask": [], "setup (dataset, model build)": [], "tell": [],
@@ -123,7 +124,7 @@ def bare_study(spec_dict: dict[str, Any]) -> Run:
             reported.append(time.perf_counter())
             return pruned
 
-        result = run_trial(trial_config(spec, trial.params), report)
+        result = run_trial(TUNE.trial_config(spec, trial.params), report)
         t2 = time.perf_counter()
         train_start = t2 - result.seconds
         phases["train(): start -> 1st eval reported"].append(reported[0] - train_start)
@@ -258,9 +259,9 @@ def replay_calls(service: Service, study_id: str) -> dict[str, float]:
 
     for _ in range(REPLAY_REPEATS):
         timed("spec validation", lambda: STUDY_SPEC.validate_python(study.spec))
-        loaded = timed("Optuna: load study + sampler", lambda: load_optuna_study(
-            storage, study.optuna_study_name, spec))
-        trial = timed("Optuna: ask (TPE over the finished trials)", lambda: loaded.ask(distributions(spec)))
+        loaded = timed("Optuna: load study + sampler", lambda: TUNE.load_optuna_study(
+            storage, study.optuna_study_name, spec, None))
+        trial = timed("Optuna: ask (TPE over the finished trials)", lambda: loaded.ask(TUNE.distributions(spec)))
         timed("ours: record asked params", lambda: record_asked(service.session_factory, attempt_id,
                                                               trial.number, trial.params))
         timed("Optuna: report (per eval)", lambda: trial.report(1.0, 1))

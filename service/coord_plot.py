@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scaletune.coord_check import FLAT_SLOPE, coord_check
 from scaletune.data.registry import dataset_spec
@@ -21,7 +22,7 @@ from scaletune.models.registry import get_family
 from scaletune.runner import family_factory
 from scaletune.shapes import Shape
 from service.kinds.setup import params_by_depth
-from service.plots import NoPlotData
+from service.plots import NoPlotData, Plot, PlotInput
 from service.spec import TuneSpec
 
 WIDTH_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # proxy/4 .. proxy*4
@@ -94,3 +95,22 @@ def coord_check_files(artifacts_dir: Path, study_id: str, spec: TuneSpec, data_r
         if not files.json.exists():
             _compute(spec, files, data_root, max_params)
     return files
+
+
+class CoordCheckPlot(Plot):
+    """The coordinate check as a plot: both forms read from the files computed on first request."""
+
+    def _files(self, given: PlotInput) -> CoordCheckFiles:
+        settings = given.settings
+        assert settings.ARTIFACTS_DIR is not None
+        return coord_check_files(settings.ARTIFACTS_DIR, given.study.id, given.spec, settings.DATA_ROOT,
+                                 settings.MAX_PROXY_PARAMS)
+
+    def data(self, given: PlotInput) -> dict[str, Any]:
+        return dict(json.loads(self._files(given).json.read_text()))
+
+    def png(self, given: PlotInput) -> bytes:
+        return self._files(given).png.read_bytes()
+
+
+COORD_CHECK = CoordCheckPlot()

@@ -8,6 +8,7 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session, aliased
 
 from service.db import SessionFactory, write_session
+from service.kinds.registry import kind_of
 from service.models import IN_FLIGHT, TERMINAL, EventType, Study, StudyStatus, TrialAttempt, TrialState, utcnow
 from service.queue import Enqueue
 from service.studies import add_event
@@ -60,6 +61,8 @@ def dispatch(session_factory: SessionFactory, study_id: str, enqueue: Enqueue) -
         remaining = study.spec["n_trials"] - _count_finished(session, study_id)
         if remaining <= 0 and in_flight == 0:
             _complete_study(session, study)
+            return []
+        if not kind_of(study).dispatches_trials:  # its trials are created by an HTTP ask, not queued here
             return []
         new = max(0, min(study.spec["parallelism"], remaining) - in_flight)
         attempts = [TrialAttempt(study_id=study_id, state=TrialState.queued, intermediate=[]) for _ in range(new)]

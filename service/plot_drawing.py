@@ -1,4 +1,4 @@
-"""Drawing the grid-study plots (transfer landscape, scaling fits, shape schedule) from their JSON data onto an Axes."""
+"""Drawing every study plot from its JSON data onto a matplotlib Axes: the one place plots are drawn."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import fields
 from typing import Any
 
 from scaletune.transfer_check import SizeResult, TransferCheckResult, draw
+from service.models import TrialState
 
 
 def transfer_result(data: dict[str, Any]) -> TransferCheckResult:
@@ -58,3 +59,37 @@ def draw_schedule(ax: Any, data: dict[str, Any]) -> None:
     ax.set_title(f"schedule {order}: saves {100 * data['saving']:.0f}% vs static {data['static']['shape']}",
                  fontsize=9)
     ax.legend(fontsize=7)
+
+
+def draw_history(ax: Any, data: dict[str, Any]) -> None:
+    numbers = [t["number"] for t in data["trials"]]
+    done = [(t["number"], t["value"]) for t in data["trials"] if t["state"] == TrialState.complete and t["value"]
+            is not None]
+    ax.scatter([n for n, _ in done], [v for _, v in done], s=14, label="trial value")
+    ax.step(numbers, data["best_so_far"], where="post", color="tab:red", label="best so far")
+    others = [t["number"] for t in data["trials"] if t["state"] != TrialState.complete]
+    if others:
+        top = max(v for _, v in done)
+        ax.scatter(others, [top] * len(others), marker="x", color="gray", label="pruned / failed / diverged")
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(f"objective ({data['direction']})")
+    ax.set_title("optimization history")
+    ax.legend(fontsize=7)
+
+
+def draw_intermediate(ax: Any, data: dict[str, Any]) -> None:
+    colors = {TrialState.complete: "tab:blue", TrialState.pruned: "tab:orange", TrialState.running: "tab:green"}
+    for trial in data["trials"]:
+        points = [(s, v) for s, v in zip(trial["step"], trial["eval_loss"]) if v is not None]
+        ax.plot([s for s, _ in points], [v for _, v in points], marker=".", ms=3, lw=1, alpha=0.8,
+                color=colors.get(trial["state"], "gray"))
+    ax.set_xlabel("step")
+    ax.set_ylabel(data["metric"])
+    ax.set_title("intermediate values (blue complete, orange pruned, green running, gray other)", fontsize=9)
+
+
+def draw_importance(ax: Any, data: dict[str, Any]) -> None:
+    items = sorted(data["importances"].items(), key=lambda kv: kv[1])
+    ax.barh([name for name, _ in items], [value for _, value in items], color="tab:blue")
+    ax.set_xlabel("importance (fANOVA, normalised)")
+    ax.set_title(f"parameter importance over {data['n_trials']} completed trials")

@@ -1,23 +1,24 @@
-"""The study spec users submit: Pydantic for its structure, ``check_spec`` for limits, registries and cross-field rules."""
+"""The study spec users submit: Pydantic for its structure; the checks every kind shares (limits, registries, shapes).
+
+Each kind's own checks are its ``StudyKind.check`` (service/kinds/); service/kinds/registry.py parses and checks a spec.
+"""
 
 from __future__ import annotations
 
-import json
-from abc import abstractmethod
 import math
+from abc import abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from scaletune.data.registry import dataset_names, dataset_spec
 from scaletune.hparams import HPARAM_NAMES
 from scaletune.models.registry import family_names, get_family
 from scaletune.runner import count_params, family_factory
 from scaletune.shapes import Shape
-from scaletune.train import Schedule
+from scaletune.train import Budget, Schedule
 from service.settings import Settings
 
 HParamName = Literal[HPARAM_NAMES]  # type: ignore[valid-type]
@@ -54,13 +55,53 @@ class BudgetSpec(_Strict):
     eval_every: int = Field(ge=1)
     schedule: Schedule = "cosine"
 
+    def to_budget(self, **changes: Any) -> Budget:
+        """The core's Budget; ``changes`` override fields (a grid trial's own steps or schedule)."""
+        return Budget(**{**self.model_dump(), **changes})
 
-class FloatParam(_Strict):
-    type: Literal["float"]
+
+class _Range(_Strict):
+    """What float and int parameters share: a [low, high] range, maybe log-scaled or stepped."""
+
+    type: str
     low: float
     high: float
     log: bool = False
+    step: float | None = None
+
+    @abstractmethod
+    def stepped(self) -> bool:
+        """Whether the range has a step other than its type's default."""
+
+    @abstractmethod
+    def grid_size(self) -> int:
+        """How many values the grid sampler would try."""
+
+    def problems(self, loc: Loc, grid: bool) -> list[SpecProblem]:
+        """What is wrong with the range; ``grid``: the grid sampler needs a finite set of values."""
+        problems = []
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low >= self.high:
+            problems.append(SpecProblem(loc + ("high",), f"high ({self.high}) must be a finite number above low "
+                                                          f"({self.low})."))
+        if self.log and self.low <= 0:
+            problems.append(SpecProblem(loc + ("low",), f"a log-scale range needs low > 0, got {self.low}."))
+        if self.log and self.stepped():
+            problems.append(SpecProblem(loc + ("step",), "step cannot be combined with log: true; drop one of them."))
+        if grid and self.step is None:
+            problems.append(SpecProblem(loc, "the grid sampler needs a finite set of values: give this float a "
+                                             "step, or make it categorical."))
+        elif grid and not problems and self.grid_size() > MAX_GRID_VALUES:
+            problems.append(SpecProblem(loc + ("step",), f"this gives {self.grid_size():,} grid values, more than "
+                                                         f"{MAX_GRID_VALUES:,}; use a larger step."))
+        return problems
+
+
+class FloatParam(_Range):
+    type: Literal["float"]
     step: float | None = Field(None, gt=0)
+
+    def stepped(self) -> bool:
+        return self.step is not None
 
     def grid_size(self) -> int:
         assert self.step is not None
@@ -70,19 +111,27 @@ class FloatParam(_Strict):
         assert self.step is not None
         return [self.low + i * self.step for i in range(self.grid_size())]
 
+    def distribution(self) -> BaseDistribution:
+        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
-class IntParam(_Strict):
+
+class IntParam(_Range):
     type: Literal["int"]
     low: int
     high: int
-    log: bool = False
     step: int = Field(1, ge=1)
+
+    def stepped(self) -> bool:
+        return self.step != 1
 
     def grid_size(self) -> int:
         return (self.high - self.low) // self.step + 1
 
     def grid(self) -> list[int]:
         return list(range(self.low, self.high + 1, self.step))
+
+    def distribution(self) -> BaseDistribution:
+        return IntDistribution(self.low, self.high, log=self.log, step=self.step)
 
 
 class CategoricalParam(_Strict):
@@ -94,6 +143,12 @@ class CategoricalParam(_Strict):
 
     def grid(self) -> list[float]:
         return list(self.choices)
+
+    def distribution(self) -> BaseDistribution:
+        return CategoricalDistribution(self.choices)
+
+    def problems(self, loc: Loc, grid: bool) -> list[SpecProblem]:
+        return []
 
 
 SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
@@ -165,7 +220,7 @@ class LossObjective(_Strict):
 SETUP_FIELDS = ("model", "parametrization", "optimizer", "dataset", "budget")
 
 
-class _GridSpec(_Strict):
+class GridSpec(_Strict):
     """A fixed grid of trials around values tuned elsewhere: a ``source`` tune study, or the explicit setup."""
 
     name: str = Field(min_length=1, max_length=200)
@@ -201,7 +256,7 @@ class _GridSpec(_Strict):
         return self
 
 
-class TransferCheckSpec(_GridSpec):
+class TransferCheckSpec(GridSpec):
     """Train a ladder of sizes at LR multipliers around the tuned LR, to show the optimum stays put."""
 
     kind: Literal["transfer_check"]
@@ -217,7 +272,7 @@ class TransferCheckSpec(_GridSpec):
         return len(self.sizes) * len(self.lr_multipliers_log2()) * self.seeds
 
 
-class ShapeScheduleSpec(_GridSpec):
+class ShapeScheduleSpec(GridSpec):
     """Train shapes along one axis at several compute budgets, to fit per-shape laws and plan a schedule."""
 
     kind: Literal["shape_schedule"]
@@ -241,16 +296,6 @@ class ShapeScheduleSpec(_GridSpec):
         return base.with_(**{scaled: round(grown)}).with_(**{self.axis: value})
 
 
-StudySpec = Annotated[TuneSpec | TransferCheckSpec | ShapeScheduleSpec, Field(discriminator="kind")]
-STUDY_SPEC = TypeAdapter(StudySpec)
-SPEC_KINDS = ("tune", "transfer_check", "shape_schedule")
-
-
-def without_kind_tag(loc: Loc) -> Loc:
-    """Pydantic puts the union tag in error paths (``tune.n_trials``); users wrote ``n_trials``."""
-    return loc[1:] if loc and loc[0] in SPEC_KINDS else loc
-
-
 @dataclass(frozen=True)
 class SpecProblem:
     loc: Loc
@@ -265,65 +310,27 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{'.'.join(map(str, p.loc)) or 'spec'}: {p.msg}" for p in problems))
 
 
-def _check_limits(spec: TuneSpec, settings: Settings) -> list[SpecProblem]:
-    limits: list[tuple[Loc, int, int, str, str]] = [
-        (("n_trials",), spec.n_trials, settings.MAX_TRIALS, "trials per study", "MAX_TRIALS"),
-        (("parallelism",), spec.parallelism, settings.MAX_PARALLELISM, "parallel trials", "MAX_PARALLELISM"),
-        (("budget", "steps"), spec.budget.steps, settings.MAX_STEPS, "training steps", "MAX_STEPS"),
-        (("budget", "batch_size"), spec.budget.batch_size, settings.MAX_BATCH_SIZE, "batch size", "MAX_BATCH_SIZE"),
-    ]
-    return [SpecProblem(loc, f"{value} is above this server's limit of {limit} {what}; lower it, or ask the "
-                             f"operator to raise SCALETUNE_{env}.")
-            for loc, value, limit, what, env in limits if value > limit]
+LIMITS: dict[str, tuple[str, str]] = {  # what a spec may ask for: the setting that bounds it, and its name
+    "trials": ("MAX_TRIALS", "trials per study"),
+    "parallelism": ("MAX_PARALLELISM", "parallel trials"),
+    "steps": ("MAX_STEPS", "training steps"),
+    "batch_size": ("MAX_BATCH_SIZE", "batch size"),
+}
 
 
-def _check_param(name: str, param: FloatParam | IntParam | CategoricalParam, grid: bool) -> list[SpecProblem]:
-    loc: Loc = ("search_space", name)
-    if isinstance(param, CategoricalParam):
-        return []
+def over_limits(asked: list[tuple[Loc, str, int]], settings: Settings) -> list[SpecProblem]:
+    """Each (field path, LIMITS key, value) above this server's limit, with the setting that raises it."""
     problems = []
-    if not (math.isfinite(param.low) and math.isfinite(param.high)) or param.low >= param.high:
-        problems.append(SpecProblem(loc + ("high",), f"high ({param.high}) must be a finite number above low "
-                                                      f"({param.low})."))
-    if param.log and param.low <= 0:
-        problems.append(SpecProblem(loc + ("low",), f"a log-scale range needs low > 0, got {param.low}."))
-    if param.log and (isinstance(param, FloatParam) and param.step is not None or
-                      isinstance(param, IntParam) and param.step != 1):
-        problems.append(SpecProblem(loc + ("step",), "step cannot be combined with log: true; drop one of them."))
-    if grid and isinstance(param, FloatParam) and param.step is None:
-        problems.append(SpecProblem(loc, "the grid sampler needs a finite set of values: give this float a step, "
-                                         "or make it categorical."))
-    elif grid and not problems and param.grid_size() > MAX_GRID_VALUES:
-        problems.append(SpecProblem(loc + ("step",), f"this gives {param.grid_size():,} grid values, more than "
-                                                     f"{MAX_GRID_VALUES:,}; use a larger step."))
+    for loc, name, value in asked:
+        setting, what = LIMITS[name]
+        limit = getattr(settings, setting)
+        if value > limit:
+            problems.append(SpecProblem(loc, f"{value} is above this server's limit of {limit} {what}; lower it, or "
+                                             f"ask the operator to raise SCALETUNE_{setting}."))
     return problems
 
 
-def _check_search(spec: TuneSpec) -> list[SpecProblem]:
-    grid = spec.sampler.name == "grid"
-    problems = [p for name, param in spec.search_space.items() for p in _check_param(name, param, grid)]
-    for name in sorted(set(spec.hyperparameters) & set(spec.search_space)):
-        problems.append(SpecProblem(("hyperparameters", name), f"{name} is both fixed and searched; remove it from "
-                                                                 "hyperparameters or from search_space."))
-    for i, point in enumerate(spec.enqueue):
-        for name in sorted(set(point) - set(spec.search_space)):
-            problems.append(SpecProblem(("enqueue", i, name), f"{name} is not in search_space, so it cannot be "
-                                                               "enqueued; add it to search_space or remove it."))
-    if len(spec.enqueue) > spec.n_trials:
-        problems.append(SpecProblem(("enqueue",), f"{len(spec.enqueue)} enqueued points but only n_trials="
-                                                  f"{spec.n_trials}; raise n_trials or enqueue fewer points."))
-    if grid and not problems:
-        points = math.prod(param.grid_size() for param in spec.search_space.values())
-        if points < spec.n_trials:
-            problems.append(SpecProblem(("n_trials",), f"the grid has only {points} points, fewer than n_trials="
-                                                       f"{spec.n_trials}; lower n_trials or widen the grid."))
-    if spec.budget.eval_every > spec.budget.steps:
-        problems.append(SpecProblem(("budget", "eval_every"), f"eval_every ({spec.budget.eval_every}) is larger "
-                                                              f"than steps ({spec.budget.steps}); no eval would run."))
-    return problems
-
-
-def _check_shapes(family_name: str, args: dict[str, Any], dataset: DatasetSpec, shapes: dict[Loc, Shape],
+def check_shapes(family_name: str, args: dict[str, Any], dataset: DatasetSpec, shapes: dict[Loc, Shape],
                   trained: dict[Loc, str], settings: Settings) -> list[SpecProblem]:
     """Names against the registries, shapes against the family, and each trained shape's size against the limit.
 
@@ -357,78 +364,3 @@ def _check_shapes(family_name: str, args: dict[str, Any], dataset: DatasetSpec, 
                                              f"{settings.MAX_PROXY_PARAMS:,}; use a smaller shape (that is what "
                                              "transfer is for)."))
     return problems
-
-
-def _check_model(spec: TuneSpec, settings: Settings) -> list[SpecProblem]:
-    shapes = {("model", which): Shape(**getattr(spec.model, which).model_dump()) for which in ("base", "proxy")}
-    return _check_shapes(spec.model.family, spec.model.args, spec.dataset, shapes, {("model", "proxy"): "the proxy"},
-                         settings)
-
-
-def _check_grid_limits(spec: TransferCheckSpec | ShapeScheduleSpec, settings: Settings) -> list[SpecProblem]:
-    assert spec.n_trials is not None
-    steps = [(("budget", "steps"), spec.budget.steps)] if spec.budget else []
-    if isinstance(spec, ShapeScheduleSpec):
-        steps = [(("budgets", i), b) for i, b in enumerate(spec.budgets)]
-    limits: list[tuple[Loc, int, int, str, str]] = [
-        (("n_trials",), spec.n_trials, settings.MAX_TRIALS, "trials per study", "MAX_TRIALS"),
-        (("parallelism",), spec.parallelism, settings.MAX_PARALLELISM, "parallel trials", "MAX_PARALLELISM"),
-        *[(loc, value, settings.MAX_STEPS, "training steps", "MAX_STEPS") for loc, value in steps],
-    ]
-    if spec.budget is not None:
-        limits.append((("budget", "batch_size"), spec.budget.batch_size, settings.MAX_BATCH_SIZE, "batch size",
-                       "MAX_BATCH_SIZE"))
-    return [SpecProblem(loc, f"{value} is above this server's limit of {limit} {what}; lower it, or ask the "
-                             f"operator to raise SCALETUNE_{env}.")
-            for loc, value, limit, what, env in limits if value > limit]
-
-
-def trained_shapes(spec: TransferCheckSpec | ShapeScheduleSpec, base: Shape) -> dict[Loc, Shape]:
-    """Every shape a trial of this grid trains, by where it comes from in the spec."""
-    if isinstance(spec, TransferCheckSpec):
-        return {("sizes", i): Shape(**size.model_dump()) for i, size in enumerate(spec.sizes)}
-    return {("values", i, "sizes", j): spec.shape_at(base, value, mult)
-            for i, value in enumerate(spec.values) for j, mult in enumerate(spec.sizes)}
-
-
-def _check_grid(spec: TransferCheckSpec | ShapeScheduleSpec, settings: Settings) -> list[SpecProblem]:
-    """Limits always; shapes only once the setup is known (with a source, the service checks them on submit)."""
-    problems = _check_grid_limits(spec, settings)
-    if problems or spec.model is None or spec.dataset is None:
-        return problems
-    base = Shape(**spec.model.base.model_dump())
-    try:
-        shapes = trained_shapes(spec, base)
-    except ValueError as error:
-        return [SpecProblem(("sizes",), str(error))]
-    return _check_shapes(spec.model.family, spec.model.args, spec.dataset, {("model", "base"): base, **shapes},
-                         {loc: f"the shape {shape.to_dict()}" for loc, shape in shapes.items()}, settings)
-
-
-def check_spec(spec: TuneSpec | TransferCheckSpec | ShapeScheduleSpec, settings: Settings) -> None:
-    """Raise SpecError listing every problem the types alone cannot catch."""
-    if isinstance(spec, TuneSpec):
-        problems = _check_limits(spec, settings) + _check_search(spec)
-        if not problems:
-            problems = _check_model(spec, settings)
-    else:
-        problems = _check_grid(spec, settings)
-    if problems:
-        raise SpecError(problems)
-
-
-def parse_spec(data: Any, settings: Settings) -> TuneSpec | TransferCheckSpec | ShapeScheduleSpec:
-    """Validate a decoded YAML/JSON document completely; every failure is a SpecError."""
-    try:
-        spec = STUDY_SPEC.validate_python(data)
-    except ValidationError as error:
-        raise SpecError([SpecProblem(without_kind_tag(tuple(e["loc"])), e["msg"]) for e in error.errors()]) from None
-    check_spec(spec, settings)
-    return spec
-
-
-def load_spec(path: str | Path, settings: Settings | None = None) -> TuneSpec | TransferCheckSpec | ShapeScheduleSpec:
-    """Read a spec from a .yaml/.yml or .json file (what the CLI submits)."""
-    text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    return parse_spec(data, settings or Settings())

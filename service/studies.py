@@ -14,7 +14,7 @@ from service.db import SessionFactory, write_session
 from service.models import UNFINISHED_STUDY, Event, EventType, Study, StudyStatus, TrialAttempt, TrialState, new_id, utcnow
 from service.optuna_study import create_optuna_study, delete_optuna_study, optuna_study_name
 from service.quotas import check_concurrent_studies
-from service.spec import TuneSpec
+from service.kinds.registry import StudySpec, kind_of
 
 DEFAULT_TENANT = "default"
 
@@ -27,7 +27,7 @@ class StudyAlreadyFinished(RuntimeError):
     pass
 
 
-def spec_fingerprint(spec: TuneSpec) -> str:
+def spec_fingerprint(spec: StudySpec) -> str:
     """sha256 of the spec as canonical JSON: tells a retried request from a different one under the same key."""
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -42,7 +42,7 @@ def add_event(session: Session, study_id: str, type_: EventType, payload: dict[s
     session.add(Event(study_id=study_id, trial_id=trial_id, type=type_, payload=payload))
 
 
-def create_study(session_factory: SessionFactory, storage: BaseStorage, spec: TuneSpec,
+def create_study(session_factory: SessionFactory, storage: BaseStorage, spec: StudySpec,
                  tenant: str = DEFAULT_TENANT, idempotency_key: str | None = None,
                  max_unfinished: int | None = None) -> Study:
     """Create the Optuna study, then our row; if our write fails the Optuna study is deleted again.
@@ -57,7 +57,7 @@ def create_study(session_factory: SessionFactory, storage: BaseStorage, spec: Tu
     """
     study_id = new_id()
     name = optuna_study_name(study_id)
-    create_optuna_study(storage, name, spec)
+    create_optuna_study(storage, name, spec.objective.direction, kind_of(spec).enqueued(spec))
     try:
         with write_session(session_factory) as session:
             if max_unfinished is not None:

@@ -10,10 +10,9 @@ from scaletune.data.registry import dataset_spec
 from scaletune.train import EvalPoint, TrainResult
 from service.db import SessionFactory
 from service.kinds.schedule_run import checkpoint_dir, phase_at, phases_of, run_config, step_ends
-from service.kinds.setup import resolve_source
+from service.kinds.registry import spec_of
 from service.models import Study, TrialAttempt, TrialState
 from service.settings import Settings
-from service.spec import STUDY_SPEC, ShapeScheduleSpec
 from service.studies import study_is_cancelled
 from service.trials import record_point
 
@@ -27,8 +26,7 @@ def run_planned_schedule(settings: Settings, session_factory: SessionFactory, at
     """
     assert attempt.params is not None
     with session_factory() as session:
-        spec = resolve_source(session, STUDY_SPEC.validate_python(study.spec), study.tenant)
-    assert isinstance(spec, ShapeScheduleSpec)
+        spec = spec_of(session, study)
     config, phases = run_config(spec, attempt.params), phases_of(attempt.params)
     data = dataset_spec(config.dataset, config.dataset_args, settings.DATA_ROOT)
     phase = phase_at(step_ends(config, phases, data))

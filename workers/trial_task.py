@@ -13,21 +13,17 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState as OptunaState
 
-from scaletune.hparams import HParams
-from scaletune.runner import TrialConfig, run_trial
-from scaletune.shapes import Shape
-from scaletune.train import Budget, EvalPoint, TrainResult
+from scaletune.runner import run_trial
+from scaletune.train import EvalPoint, TrainResult
 from service.db import SessionFactory, create_db_engine, make_session_factory
 from service.dispatch import dispatch, send_all
-from service.kinds.grid import grid_distributions, grid_trial_config, load_grid_study
+from service.kinds.registry import kind_of, spec_of
 from service.kinds.schedule_run import is_schedule_run
-from service.kinds.setup import resolve_source
 from service.logging import log_context
 from service.models import Study, TrialAttempt, TrialState
-from service.optuna_study import distributions, failure_value, get_storage, load_optuna_study
+from service.optuna_study import failure_value, get_storage
 from service.queue import Enqueue
 from service.settings import Settings
-from service.spec import STUDY_SPEC, StudySpec, TuneSpec
 from service.studies import study_is_cancelled
 from service.trials import Outcome, claim_attempt, finish_attempt, heartbeat, record_asked, record_point
 from workers.schedule_run import run_planned_schedule
@@ -75,19 +71,6 @@ class Heartbeat:
         self._thread.join()
 
 
-def trial_config(spec: TuneSpec, params: dict[str, Any]) -> TrialConfig:
-    """Fixed hyperparameters plus the sampled ones, at the proxy shape; device None means CUDA when available."""
-    return TrialConfig(
-        family=spec.model.family, args=spec.model.args,
-        base=Shape(**spec.model.base.model_dump()), shape=Shape(**spec.model.proxy.model_dump()),
-        parametrization=spec.parametrization, optimizer=spec.optimizer,
-        dataset=spec.dataset.name, dataset_args=spec.dataset.args,
-        budget=Budget(steps=spec.budget.steps, batch_size=spec.budget.batch_size,
-                      eval_every=spec.budget.eval_every, schedule=spec.budget.schedule),
-        hparams=HParams.from_dict({**spec.hyperparameters, **params}), seed=spec.dataset.seed,
-        options=spec.parametrization_options.model_dump())
-
-
 class _Progress:
     """The training callback: record each eval, report it to Optuna, and say when to stop (and why)."""
 
@@ -116,12 +99,12 @@ def outcome_of(result: TrainResult, stop_reason: TrialState | None) -> Outcome:
     return Outcome(TrialState.complete, value=result.final_eval_loss, **common)
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, outcome: Outcome) -> None:
+def _tell(study: optuna.Study, trial: optuna.Trial, direction: str, outcome: Outcome) -> None:
     match outcome.state:
         case TrialState.complete:
             study.tell(trial, outcome.value, skip_if_finished=True)
         case TrialState.diverged:
-            study.tell(trial, failure_value(spec), skip_if_finished=True)
+            study.tell(trial, failure_value(direction), skip_if_finished=True)
         case TrialState.pruned:
             study.tell(trial, state=OptunaState.PRUNED, skip_if_finished=True)
         case _:
@@ -155,7 +138,9 @@ def _run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> Tr
 def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt,
                       study_row: Study) -> TrialState | None:
     log.info("attempt %s started (attempt number %d)", attempt_id, attempt.attempt)
-    spec = STUDY_SPEC.validate_python(study_row.spec)
+    kind = kind_of(study_row)
+    with ctx.session_factory() as session:
+        spec = spec_of(session, study_row)
     storage = get_storage(ctx.settings.DATABASE_URL)
     fixed = attempt.params if attempt.retry_of else None
     study: optuna.Study | None = None
@@ -166,19 +151,11 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
                 outcome = outcome_of(*run_planned_schedule(ctx.settings, ctx.session_factory, attempt, study_row,
                                                            beat.lost))
             else:
-                if isinstance(spec, TuneSpec):
-                    study = load_optuna_study(storage, study_row.optuna_study_name, spec, fixed_params=fixed)
-                    trial = study.ask(distributions(spec))
-                else:
-                    with ctx.session_factory() as session:
-                        spec = resolve_source(session, spec, study_row.tenant)
-                    study = load_grid_study(storage, study_row.optuna_study_name, retried_params=fixed)
-                    trial = study.ask(grid_distributions(spec))
+                study = kind.load_optuna_study(storage, study_row.optuna_study_name, spec, retried_params=fixed)
+                trial = study.ask(kind.distributions(spec))
                 record_asked(ctx.session_factory, attempt_id, trial.number, trial.params)
                 progress = _Progress(ctx, attempt_id, attempt.study_id, trial, beat)
-                config = (trial_config(spec, trial.params) if isinstance(spec, TuneSpec)
-                          else grid_trial_config(spec, trial.params))
-                result = run_trial(config, progress, data_root=ctx.settings.DATA_ROOT,
+                result = run_trial(kind.trial_config(spec, trial.params), progress, data_root=ctx.settings.DATA_ROOT,
                                    max_params=ctx.settings.MAX_PROXY_PARAMS)
                 outcome = outcome_of(result, progress.stop_reason)
         except Exception as error:
@@ -188,7 +165,7 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
     if finished is not None:
         if study is not None and trial is not None:
             try:
-                _tell(study, trial, spec, outcome)
+                _tell(study, trial, spec.objective.direction, outcome)
             except Exception:
                 log.exception("could not tell Optuna how trial %s ended", trial.number)
         if finished.retry is not None:

@@ -25,7 +25,8 @@ from service.optuna_study import get_storage
 from service.queue import make_celery, trial_sender
 from service.reconcile import reconcile_forever
 from service.settings import Settings
-from service.spec import SpecError, without_kind_tag
+from service.kinds.registry import without_kind_tag
+from service.spec import SpecError
 
 
 log = logging.getLogger("service.api.requests")

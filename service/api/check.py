@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from scaletune.transfer_check import TransferCheckResult, draw
-from service.api.lookup import study_of_kind, with_source
+from service.api.lookup import study_of_kind
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
 from service.auth import UNAUTHORIZED, CurrentPrincipal, Principal
@@ -29,8 +29,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 def _analysed(state: ServiceState, principal: Principal, study_id: str) -> tuple[TransferCheckSpec, list[TrialAttempt], str,
                                                             TransferCheckResult]:
     with state.session_factory() as session:
-        study, spec = study_of_kind(session, study_id, principal, TransferCheckSpec, "this needs a transfer_check study")
-        spec = with_source(session, study, spec)
+        study, spec = study_of_kind(session, study_id, principal, transfer_check.KIND,
+                                    "this needs a transfer_check study")
         attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study_id)
                                         .order_by(TrialAttempt.number)))
         study_status = study.status

@@ -8,30 +8,27 @@ from fastapi import HTTPException, status
 from sqlalchemy.orm import Session
 
 from service.auth import Principal
-from service.kinds.setup import SourceError, resolve_source
+from service.kinds.base import StudyKind
+from service.kinds.registry import kind_of, spec_of
+from service.kinds.setup import SourceError
 from service.models import Study
-from service.spec import STUDY_SPEC, StudySpec
 from service.studies import StudyNotFound, get_study
 
-SpecT = TypeVar("SpecT", bound=StudySpec)
+SpecT = TypeVar("SpecT")
 
 
-def study_of_kind(session: Session, study_id: str, principal: Principal, kind: type[SpecT],
+def study_of_kind(session: Session, study_id: str, principal: Principal, kind: StudyKind[SpecT],
                   needed: str) -> tuple[Study, SpecT]:
-    """404 for a study the caller cannot see, 409 naming what the endpoint needs for another kind."""
+    """The study and its spec; 404 for a study the caller cannot see, 409 naming what the endpoint needs for another
+    kind, or when its source study no longer qualifies."""
     try:
         study = get_study(session, study_id, principal.tenant_scope)
     except StudyNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study with id {study_id}") from None
-    spec = STUDY_SPEC.validate_python(study.spec)
-    if not isinstance(spec, kind):
+    if kind_of(study) is not kind:
         raise HTTPException(status.HTTP_409_CONFLICT, f"study {study_id} is a {study.kind} study; {needed}")
-    return study, spec
-
-
-def with_source(session: Session, study: Study, spec: SpecT) -> SpecT:
-    """The spec with its source study's setup filled in; 409 if that source no longer qualifies."""
     try:
-        return resolve_source(session, spec, study.tenant)
+        spec: SpecT = spec_of(session, study)
     except SourceError as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    return study, spec

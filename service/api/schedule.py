@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from scaletune.data.registry import dataset_spec
-from service.api.lookup import study_of_kind, with_source
+from service.api.lookup import study_of_kind
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
 from service.auth import UNAUTHORIZED, CurrentPrincipal, Principal
@@ -52,8 +52,8 @@ class _Loaded:
 def _load(state: ServiceState, principal: Principal, study_id: str) -> _Loaded:
     """The study's resolved spec and attempts; 404 for another tenant's study, 409 for another kind."""
     with state.session_factory() as session:
-        study, spec = study_of_kind(session, study_id, principal, ShapeScheduleSpec, "this needs a shape_schedule study")
-        spec = with_source(session, study, spec)
+        study, spec = study_of_kind(session, study_id, principal, shape_schedule.KIND,
+                                    "this needs a shape_schedule study")
         attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study_id)))
         return _Loaded(spec, attempts, study.status)
 

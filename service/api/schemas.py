@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from service.models import Study, TrialAttempt
-from service.spec import STUDY_SPEC, StudySpec
+from service.kinds.registry import STUDY_SPEC, StudySpec
 
 
 class StudyLinks(BaseModel):

@@ -14,9 +14,10 @@ from service.auth import UNAUTHORIZED, CurrentPrincipal
 from service.dispatch import dispatch
 from service.models import Study, StudyStatus, TrialState
 from service.quotas import ConcurrencyQuotaExceeded, concurrent_studies_limit, spec_limits_for
-from service.kinds.setup import SourceError, resolve_source
+from service.kinds.registry import StudySpec, check_spec, kind_of
+from service.kinds.setup import SourceError
 from service.kinds.summary import finished_result
-from service.spec import SpecError, SpecProblem, StudySpec, TuneSpec, check_spec
+from service.spec import SpecError, SpecProblem
 from service.studies import StudyAlreadyFinished, StudyNotFound, cancel_study, create_study, \
     find_by_idempotency_key, get_study, list_studies, spec_fingerprint, trial_counts
 from service.trials import get_trial, list_trials
@@ -49,11 +50,9 @@ def _with_source(state: ServiceState, spec: StudySpec, tenant: str) -> StudySpec
 
     The study keeps the spec as submitted; workers resolve the source again (it is completed, so it stays the same).
     """
-    if isinstance(spec, TuneSpec):
-        return spec
     with state.session_factory() as session:
         try:
-            return resolve_source(session, spec, tenant)
+            return kind_of(spec).resolve(session, spec, tenant)
         except SourceError as error:
             raise SpecError([SpecProblem(("source", "study_id"), str(error))]) from None
 

@@ -19,7 +19,8 @@ from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
 from service.auth import UNAUTHORIZED, CurrentPrincipal
 from service.kinds.setup import params_by_depth
-from service.kinds.tune import NoCompletedTrial, best_attempt, tuned_values
+from service.kinds import tune
+from service.kinds.tuned import NoCompletedTrial, best_attempt, tuned_values
 from service.spec import ShapeSpec, TuneSpec
 
 router = APIRouter(prefix="/v1/studies", tags=["transfer"], responses=UNAUTHORIZED)
@@ -81,7 +82,7 @@ def plan_for(spec: TuneSpec, tuned: dict[str, float], request: TransferRequest, 
 def post_transfer(study_id: str, request: TransferRequest, state: State,
                   principal: CurrentPrincipal) -> TransferPlan:
     with state.session_factory() as session:
-        study, spec = study_of_kind(session, study_id, principal, TuneSpec,
+        study, spec = study_of_kind(session, study_id, principal, tune.KIND,
                                     "only tune studies have tuned values to transfer")
         try:
             best = best_attempt(session, study)

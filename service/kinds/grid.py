@@ -1,44 +1,71 @@
-"""What grid kinds (transfer_check, shape_schedule) share with the worker: the Optuna grid and each trial's setup."""
+"""What grid kinds (transfer_check, shape_schedule) share: a setup from a source tune study, every point enqueued."""
 
 from __future__ import annotations
 
-from typing import Any
+from abc import abstractmethod
+from typing import Any, TypeVar
 
 import optuna
-from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
+from sqlalchemy.orm import Session
 
-from scaletune.runner import TrialConfig
-from service.kinds import shape_schedule, transfer_check
-from service.kinds.setup import GridSpec
-from service.spec import TransferCheckSpec
+from scaletune.shapes import Shape
+from service.kinds.base import StudyKind
+from service.kinds.setup import resolve_source
+from service.settings import Settings
+from service.spec import Loc, SpecProblem, GridSpec, check_shapes, over_limits
 
-
-def grid_points(spec: GridSpec) -> list[dict[str, Any]]:
-    if isinstance(spec, TransferCheckSpec):
-        return transfer_check.grid_points(spec)
-    return shape_schedule.grid_points(spec)
+GridSpecT = TypeVar("GridSpecT", bound=GridSpec)
 
 
-def grid_distributions(spec: GridSpec) -> dict[str, BaseDistribution]:
-    if isinstance(spec, TransferCheckSpec):
-        return transfer_check.distributions(spec)
-    return shape_schedule.distributions(spec)
+class GridKind(StudyKind[GridSpecT]):
+    """A fixed grid of trials around values tuned elsewhere; nothing is sampled and nothing is pruned."""
 
+    @abstractmethod
+    def grid_points(self, spec: GridSpecT) -> list[dict[str, Any]]:
+        """Every trial's params, in the order they run."""
 
-def load_grid_study(storage: BaseStorage, name: str, retried_params: dict[str, Any] | None) -> optuna.Study:
-    """The study with every grid point enqueued; ``ask()`` pops the next one atomically. Nothing is pruned.
+    @abstractmethod
+    def trained_shapes(self, spec: GridSpecT, base: Shape) -> dict[Loc, Shape]:
+        """Every shape a trial of this grid trains, by where it comes from in the spec."""
 
-    A retry puts the failed attempt's point back in the queue and runs the next waiting point: every point
-    still runs exactly once, whatever order attempts fail in.
-    """
-    study = optuna.load_study(study_name=name, storage=storage, pruner=optuna.pruners.NopPruner())
-    if retried_params:
-        study.enqueue_trial(retried_params)
-    return study
+    def asked_steps(self, spec: GridSpecT) -> list[tuple[Loc, int]]:
+        """The training steps a trial may run, by where they come from in the spec."""
+        return [(("budget", "steps"), spec.budget.steps)] if spec.budget else []
 
+    def check(self, spec: GridSpecT, settings: Settings) -> list[SpecProblem]:
+        """Limits always; shapes only once the setup is known (with a source, once it is resolved)."""
+        assert spec.n_trials is not None
+        asked: list[tuple[Loc, str, int]] = [(("n_trials",), "trials", spec.n_trials),
+                                             (("parallelism",), "parallelism", spec.parallelism)]
+        asked += [(loc, "steps", steps) for loc, steps in self.asked_steps(spec)]
+        if spec.budget is not None:
+            asked.append((("budget", "batch_size"), "batch_size", spec.budget.batch_size))
+        problems = over_limits(asked, settings)
+        if problems or spec.model is None or spec.dataset is None:
+            return problems
+        base = Shape(**spec.model.base.model_dump())
+        try:
+            shapes = self.trained_shapes(spec, base)
+        except ValueError as error:
+            return [SpecProblem(("sizes",), str(error))]
+        return check_shapes(spec.model.family, spec.model.args, spec.dataset, {("model", "base"): base, **shapes},
+                            {loc: f"the shape {shape.to_dict()}" for loc, shape in shapes.items()}, settings)
 
-def grid_trial_config(spec: GridSpec, params: dict[str, Any]) -> TrialConfig:
-    if isinstance(spec, TransferCheckSpec):
-        return transfer_check.trial_config(spec, params)
-    return shape_schedule.trial_config(spec, params)
+    def resolve(self, session: Session, spec: GridSpecT, tenant: str) -> GridSpecT:
+        return resolve_source(session, spec, tenant)
+
+    def enqueued(self, spec: GridSpecT) -> list[dict[str, Any]]:
+        return self.grid_points(spec)
+
+    def load_optuna_study(self, storage: BaseStorage, name: str, spec: GridSpecT,
+                          retried_params: dict[str, Any] | None) -> optuna.Study:
+        """The study with every grid point enqueued; ``ask()`` pops the next one atomically. Nothing is pruned.
+
+        A retry puts the failed attempt's point back in the queue and runs the next waiting point: every point
+        still runs exactly once, whatever order attempts fail in.
+        """
+        study = optuna.load_study(study_name=name, storage=storage, pruner=optuna.pruners.NopPruner())
+        if retried_params:
+            study.enqueue_trial(retried_params)
+        return study

@@ -17,7 +17,6 @@ from scaletune.data.base import DataSpec
 from scaletune.models.registry import get_family
 from scaletune.runner import TrialConfig
 from scaletune.shapes import Shape
-from scaletune.train import Budget
 from service.kinds.setup import base_config
 from service.kinds.shape_schedule import RUN_KEY, Plan, ScheduleQuery, base_shape, shape_label
 from service.models import TrialAttempt
@@ -60,9 +59,8 @@ def phases_of(params: dict[str, Any]) -> list[Phase]:
 def run_config(spec: ShapeScheduleSpec, params: dict[str, Any]) -> TrialConfig:
     """The first phase's shape with the study's setup; run_schedule sets the steps from the phases."""
     assert spec.budget is not None, "resolve the source first"
-    budget = Budget(steps=spec.budget.steps, batch_size=spec.budget.batch_size, eval_every=spec.budget.eval_every,
-                    schedule="wsd")
-    return base_config(spec, phases_of(params)[0].shape, budget, dict(spec.hyperparameters), int(params["seed"]))
+    return base_config(spec, phases_of(params)[0].shape, spec.budget.to_budget(schedule="wsd"),
+                       dict(spec.hyperparameters), int(params["seed"]))
 
 
 def step_ends(config: TrialConfig, phases: list[Phase], data: DataSpec) -> list[int]:

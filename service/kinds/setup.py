@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from sqlalchemy.orm import Session
 
 from scaletune.hparams import HParams
@@ -9,18 +11,18 @@ from scaletune.parametrize import Factory
 from scaletune.runner import TrialConfig, count_params
 from scaletune.shapes import Shape
 from scaletune.train import Budget
-from service.kinds.tune import NoCompletedTrial, best_attempt, tuned_values
+from service.kinds.tuned import NoCompletedTrial, best_attempt, tuned_values
 from service.models import UNFINISHED_STUDY, Study, StudyStatus
-from service.spec import STUDY_SPEC, CheckedModelSpec, ShapeScheduleSpec, TransferCheckSpec, TuneSpec
+from service.spec import CheckedModelSpec, GridSpec, TuneSpec
 
-GridSpec = TransferCheckSpec | ShapeScheduleSpec
+GridSpecT = TypeVar("GridSpecT", bound=GridSpec)
 
 
 class SourceError(ValueError):
     """The source study cannot provide a setup (missing, not a tune study, or not completed)."""
 
 
-def resolve_source(session: Session, spec: GridSpec, tenant: str) -> GridSpec:
+def resolve_source(session: Session, spec: GridSpecT, tenant: str) -> GridSpecT:
     """The spec with its setup taken from the source tune study where not given; idempotent.
 
     Hyperparameters are the source's fixed values plus its best trial's, overridden by the spec's own.
@@ -32,14 +34,14 @@ def resolve_source(session: Session, spec: GridSpec, tenant: str) -> GridSpec:
     if study is None or study.tenant != tenant:
         raise SourceError(f"you have no study with id {study_id}; give the id of one of your completed tune studies "
                           "(scaletune studies lists them)")
-    source = STUDY_SPEC.validate_python(study.spec)
-    if not isinstance(source, TuneSpec):
+    if study.kind != "tune":
         raise SourceError(f"study {study_id} is a {study.kind} study; a source must be a completed tune study")
     if study.status in UNFINISHED_STUDY:
         raise SourceError(f"source study {study_id} is still {study.status}; submit again once it has completed")
     if study.status != StudyStatus.completed:
         raise SourceError(f"source study {study_id} {study.status} and will not complete; give a completed "
                           "tune study")
+    source = TuneSpec.model_validate(study.spec)
     try:
         best = best_attempt(session, study)
     except NoCompletedTrial as error:

@@ -4,38 +4,34 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from optuna.distributions import BaseDistribution, IntDistribution
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from scaletune.data.base import DataSpec
+from scaletune.data.registry import dataset_spec
 from scaletune.models.registry import get_family
 from scaletune.runner import TrialConfig, family_factory
 from scaletune.scaling.fit import FitResult, Run, fit_shapes
 from scaletune.scaling.project import MIN_SIZES, Projection, project_tier_a, project_tier_b
 from scaletune.scaling.schedule import ScheduleConstraints, ScheduleReport, schedule_from_fits
 from scaletune.shapes import Shape
-from scaletune.train import Budget
+from service.kinds.grid import GridKind
 from service.kinds.setup import base_config, params_by_depth
-from service.models import TrialAttempt, TrialState
-from service.spec import ShapeScheduleSpec
+from service.models import Study, TrialAttempt, TrialState
+from service.plot_drawing import draw_scaling, draw_schedule
+from service.plots import DrawnPlot, NoPlotData, PlotInput
+from service.spec import Loc, ShapeScheduleSpec
 
 N_BOOTSTRAP = 30  # refits per shape: a coarse 90% interval, but a GET must answer in seconds on a CPU
 GRID_AXES = ("value_index", "size_index", "seed", "budget_index")
+CURVE_POINTS = 60  # samples along a fitted curve
+PATH_POINTS = 24  # samples along one schedule segment
 RUN_KEY = "schedule_run"  # in an attempt's params: the id of the schedule run it executes (not a grid point)
-
-
-def grid_points(spec: ShapeScheduleSpec) -> list[dict[str, Any]]:
-    """Seed by seed and smallest budget first, so a study cut short still has whole curves."""
-    return [{"value_index": v, "size_index": s, "seed": seed, "budget_index": b}
-            for seed in range(spec.seeds) for b in range(len(spec.budgets))
-            for s in range(len(spec.sizes)) for v in range(len(spec.values))]
-
-
-def distributions(spec: ShapeScheduleSpec) -> dict[str, BaseDistribution]:
-    counts = {"value_index": len(spec.values), "size_index": len(spec.sizes), "seed": spec.seeds,
-              "budget_index": len(spec.budgets)}
-    return {name: IntDistribution(0, counts[name] - 1) for name in GRID_AXES}
 
 
 def base_shape(spec: ShapeScheduleSpec) -> Shape:
@@ -46,14 +42,6 @@ def base_shape(spec: ShapeScheduleSpec) -> Shape:
 def trial_shape(spec: ShapeScheduleSpec, params: dict[str, Any]) -> Shape:
     return spec.shape_at(base_shape(spec), spec.values[int(params["value_index"])],
                          spec.sizes[int(params["size_index"])])
-
-
-def trial_config(spec: ShapeScheduleSpec, params: dict[str, Any]) -> TrialConfig:
-    """A WSD run with its own cooldown ending exactly at its budget, evaluated once at the end."""
-    assert spec.budget is not None, "resolve the source first"
-    steps = spec.budgets[int(params["budget_index"])]
-    budget = Budget(steps=steps, batch_size=spec.budget.batch_size, eval_every=steps, schedule="wsd")
-    return base_config(spec, trial_shape(spec, params), budget, dict(spec.hyperparameters), int(params["seed"]))
 
 
 def shape_label(spec: ShapeScheduleSpec, value_index: int) -> str:
@@ -202,3 +190,113 @@ def describe(planned: Plan, axis: str) -> dict[str, Any]:
         "low_confidence": report.low_confidence,
         "reasons": list(report.reasons),
     }
+
+
+def _planned(given: PlotInput) -> Plan:
+    """The fits per shape and the schedule to the lowest loss a proxy-size run reached (as the study detail plans)."""
+    study, spec, attempts = given.study, given.spec, given.attempts
+    runs = runs_by_shape(spec, attempts)
+    losses = [loss for by_size in runs.values() for run in by_size.get(spec.sizes[0], []) for _, loss in run.points]
+    if not losses:
+        raise NoPlotData(f"study {study.id} has no completed run at proxy size {spec.sizes[0]:g} yet, so there is "
+                         "no scaling law to fit.")
+    assert spec.dataset is not None, "resolve the source first"
+    data = dataset_spec(spec.dataset.name, spec.dataset.args, given.settings.DATA_ROOT)
+    try:
+        return plan(spec, attempts, ScheduleQuery(target_loss=min(losses)), data)
+    except ValueError as error:
+        raise NoPlotData(f"study {study.id} cannot be planned yet: {error}.") from None
+
+
+def _finite_curve(flops: np.ndarray, loss: np.ndarray) -> dict[str, list[float]]:
+    keep = np.isfinite(flops) & np.isfinite(loss) & (flops > 0)
+    return {"flops": flops[keep].tolist(), "loss": loss[keep].tolist()}
+
+
+def scaling_data(given: PlotInput) -> dict[str, Any]:
+    """Per shape: the measured (FLOPs, loss) points at the first proxy size and the law fitted to them."""
+    spec = given.spec
+    fits = _planned(given).fits
+    runs = runs_by_shape(spec, given.attempts)
+    flops = np.geomspace(min(f.flops_range[0] for f in fits.values()) / 2,
+                         max(f.flops_range[1] for f in fits.values()) * 4, CURVE_POINTS)
+    shapes = {label: {"form": fit.form, "params": fit.law.params(), "extrapolation_error": fit.extrapolation_error,
+                      "points": sorted(list(p) for run in runs[label][spec.sizes[0]] for p in run.points),
+                      "curve": _finite_curve(flops, fit.law.loss(flops))}
+              for label, fit in fits.items()}
+    return {"kind": "scaling", "axis": spec.axis, "size": spec.sizes[0], "shapes": shapes}
+
+
+def schedule_data(given: PlotInput) -> dict[str, Any]:
+    """Each shape's fitted curve and the planned segments along them, in cumulative FLOPs of the whole run."""
+    planned = _planned(given)
+    schedule, laws = planned.report.schedule, {label: fit.law for label, fit in planned.fits.items()}
+    flops = np.geomspace(min(f.flops_range[0] for f in planned.fits.values()) / 2,
+                         max(schedule.adaptive_flops, schedule.static_flops) * 1.5, CURVE_POINTS)
+    paths = []
+    for described, segment in zip(segments(planned.report), schedule.segments):
+        law, loss = laws[segment.shape], np.linspace(segment.e_enter, segment.e_exit, PATH_POINTS)
+        along = segment.c_enter + law.flops_to_reach(loss) - law.flops_to_reach(segment.e_enter)
+        paths.append({**described, "path": _finite_curve(along, loss)})
+    return {"kind": "schedule", "axis": given.spec.axis, "start_loss": planned.start_loss,
+            "target_loss": schedule.target_loss, "adaptive_flops": schedule.adaptive_flops,
+            "static": {"shape": schedule.static_shape, "flops": schedule.static_flops}, "saving": schedule.saving,
+            "low_confidence": planned.report.low_confidence,
+            "curves": {label: _finite_curve(flops, law.loss(flops)) for label, law in laws.items()},
+            "segments": paths}
+
+
+class ShapeScheduleKind(GridKind[ShapeScheduleSpec]):
+    name = "shape_schedule"
+    spec_type = ShapeScheduleSpec
+    plots = {"scaling": DrawnPlot(scaling_data, draw_scaling), "schedule": DrawnPlot(schedule_data, draw_schedule)}
+
+    def grid_points(self, spec: ShapeScheduleSpec) -> list[dict[str, Any]]:
+        """Seed by seed and smallest budget first, so a study cut short still has whole curves."""
+        return [{"value_index": v, "size_index": s, "seed": seed, "budget_index": b}
+                for seed in range(spec.seeds) for b in range(len(spec.budgets))
+                for s in range(len(spec.sizes)) for v in range(len(spec.values))]
+
+    def trained_shapes(self, spec: ShapeScheduleSpec, base: Shape) -> dict[Loc, Shape]:
+        return {("values", i, "sizes", j): spec.shape_at(base, value, mult)
+                for i, value in enumerate(spec.values) for j, mult in enumerate(spec.sizes)}
+
+    def asked_steps(self, spec: ShapeScheduleSpec) -> list[tuple[Loc, int]]:
+        return [(("budgets", i), steps) for i, steps in enumerate(spec.budgets)]
+
+    def distributions(self, spec: ShapeScheduleSpec) -> dict[str, BaseDistribution]:
+        counts = {"value_index": len(spec.values), "size_index": len(spec.sizes), "seed": spec.seeds,
+                  "budget_index": len(spec.budgets)}
+        return {name: IntDistribution(0, counts[name] - 1) for name in GRID_AXES}
+
+    def trial_config(self, spec: ShapeScheduleSpec, params: dict[str, Any]) -> TrialConfig:
+        """A WSD run with its own cooldown ending exactly at its budget, evaluated once at the end."""
+        assert spec.budget is not None, "resolve the source first"
+        steps = spec.budgets[int(params["budget_index"])]
+        return base_config(spec, trial_shape(spec, params), spec.budget.to_budget(steps=steps, eval_every=steps,
+                                                                                  schedule="wsd"),
+                           dict(spec.hyperparameters), int(params["seed"]))
+
+    def summary(self, session: Session, study: Study, spec: ShapeScheduleSpec,
+                data_root: Path | None) -> dict[str, Any] | None:
+        """The schedule to the lowest loss the first proxy size reached (GET /schedule plans to any other target)."""
+        attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study.id)))
+        losses = [a.value for a in attempts if a.state == TrialState.complete and a.value is not None and a.params
+                  and RUN_KEY not in a.params and int(a.params["size_index"]) == 0]
+        assert spec.dataset is not None
+        if not losses:
+            return None
+        try:
+            planned = plan(spec, attempts, ScheduleQuery(target_loss=min(losses)),
+                           dataset_spec(spec.dataset.name, spec.dataset.args, data_root))
+        except ValueError:
+            return None
+        schedule = planned.report.schedule
+        return {"kind": "shape_schedule", "target_loss": schedule.target_loss,
+                "shapes": [segment.shape for segment in schedule.segments], "adaptive_flops": schedule.adaptive_flops,
+                "static_shape": schedule.static_shape, "static_flops": schedule.static_flops,
+                "saving": schedule.saving, "saving_interval": planned.report.saving.to_dict(),
+                "low_confidence": planned.report.low_confidence}
+
+
+KIND = ShapeScheduleKind()

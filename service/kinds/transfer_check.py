@@ -4,47 +4,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from scaletune.hparams import HParams
 from scaletune.runner import TrialConfig
 from scaletune.shapes import Shape
-from scaletune.train import Budget
 from scaletune.transfer_check import TransferCheckResult, TrialRecord, analyse
+from service.kinds.grid import GridKind
 from service.kinds.setup import base_config
-from service.models import TrialAttempt, TrialState
-from service.spec import TransferCheckSpec
+from service.models import Study, TrialAttempt, TrialState
+from service.plot_drawing import draw_landscape
+from service.plots import DrawnPlot, NoPlotData, PlotInput
+from service.spec import Loc, TransferCheckSpec
 
 FINISHED = (TrialState.complete, TrialState.diverged)
 
 
-def grid_points(spec: TransferCheckSpec) -> list[dict[str, Any]]:
-    """Seed by seed, so a study cut short still has whole LR sweeps for every size."""
-    return [{"size_index": i, "log2_lr_mult": m, "seed": seed}
-            for seed in range(spec.seeds) for i in range(len(spec.sizes)) for m in spec.lr_multipliers_log2()]
-
-
-def distributions(spec: TransferCheckSpec) -> dict[str, BaseDistribution]:
-    mults = spec.lr_multipliers_log2()
-    return {"size_index": IntDistribution(0, len(spec.sizes) - 1),
-            "log2_lr_mult": FloatDistribution(mults[0], mults[-1]),
-            "seed": IntDistribution(0, spec.seeds - 1)}
-
-
 def tuned_lr(spec: TransferCheckSpec) -> float:
     return spec.hyperparameters.get("lr", HParams().lr)
-
-
-def trial_config(spec: TransferCheckSpec, params: dict[str, Any]) -> TrialConfig:
-    """One grid point: the size's shape, the tuned LR times 2^log2_lr_mult, everything else as tuned."""
-    assert spec.budget is not None, "resolve the source first"
-    lr = tuned_lr(spec) * 2.0 ** float(params["log2_lr_mult"])
-    budget = Budget(steps=spec.budget.steps, batch_size=spec.budget.batch_size, eval_every=spec.budget.eval_every,
-                    schedule=spec.budget.schedule)
-    return base_config(spec, Shape(**spec.sizes[int(params["size_index"])].model_dump()), budget,
-                       {**spec.hyperparameters, "lr": lr}, int(params["seed"]))
 
 
 def size_label(shape: Shape) -> str:
@@ -69,3 +51,56 @@ def records(spec: TransferCheckSpec, attempts: Iterable[TrialAttempt]) -> list[T
 def check(spec: TransferCheckSpec, attempts: Iterable[TrialAttempt]) -> TransferCheckResult:
     """The analysis of the finished points so far; ValueError while fewer than two sizes have any."""
     return analyse(records(spec, attempts))
+
+
+def landscape_data(given: PlotInput) -> dict[str, Any]:
+    """The analysis as a plot: seed-mean loss per LR and size, diverged counts, optima, verdict."""
+    try:
+        result = check(given.spec, given.attempts)
+    except ValueError as error:
+        raise NoPlotData(f"study {given.study.id} has no loss-vs-LR landscape yet: {error}.") from None
+    return {"kind": "landscape", "status": given.study.status, "tuned_lr": tuned_lr(given.spec), **result.to_dict()}
+
+
+LANDSCAPE = DrawnPlot(landscape_data, draw_landscape)
+
+
+class TransferCheckKind(GridKind[TransferCheckSpec]):
+    name = "transfer_check"
+    spec_type = TransferCheckSpec
+    plots = {"landscape": LANDSCAPE}
+
+    def grid_points(self, spec: TransferCheckSpec) -> list[dict[str, Any]]:
+        """Seed by seed, so a study cut short still has whole LR sweeps for every size."""
+        return [{"size_index": i, "log2_lr_mult": m, "seed": seed}
+                for seed in range(spec.seeds) for i in range(len(spec.sizes)) for m in spec.lr_multipliers_log2()]
+
+    def trained_shapes(self, spec: TransferCheckSpec, base: Shape) -> dict[Loc, Shape]:
+        return {("sizes", i): Shape(**size.model_dump()) for i, size in enumerate(spec.sizes)}
+
+    def distributions(self, spec: TransferCheckSpec) -> dict[str, BaseDistribution]:
+        mults = spec.lr_multipliers_log2()
+        return {"size_index": IntDistribution(0, len(spec.sizes) - 1),
+                "log2_lr_mult": FloatDistribution(mults[0], mults[-1]),
+                "seed": IntDistribution(0, spec.seeds - 1)}
+
+    def trial_config(self, spec: TransferCheckSpec, params: dict[str, Any]) -> TrialConfig:
+        """One grid point: the size's shape, the tuned LR times 2^log2_lr_mult, everything else as tuned."""
+        assert spec.budget is not None, "resolve the source first"
+        lr = tuned_lr(spec) * 2.0 ** float(params["log2_lr_mult"])
+        return base_config(spec, Shape(**spec.sizes[int(params["size_index"])].model_dump()), spec.budget.to_budget(),
+                           {**spec.hyperparameters, "lr": lr}, int(params["seed"]))
+
+    def summary(self, session: Session, study: Study, spec: TransferCheckSpec,
+                data_root: Path | None) -> dict[str, Any] | None:
+        """The verdict: does the optimal LR stay put across sizes?"""
+        attempts = session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study.id))
+        try:
+            result = check(spec, attempts)
+        except ValueError:
+            return None
+        return {"kind": "transfer_check", "verdict": result.verdict, "drift": result.max_drift,
+                "direction": result.direction, "monotone": result.monotone, "reasons": result.reasons}
+
+
+KIND = TransferCheckKind()

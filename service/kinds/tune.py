@@ -1,31 +1,143 @@
-"""What a finished tune study hands on: its best attempt and the tuned hyperparameters in base units."""
+"""The tune kind: search hyperparameters with Optuna's samplers and pruners by training the proxy shape."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+import math
+import warnings
+from typing import Any
 
-from service.models import Study, TrialAttempt, TrialState
-from service.spec import TuneSpec
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.storages import BaseStorage
 
-
-class NoCompletedTrial(LookupError):
-    """The study has no completed trial yet, so there is nothing tuned to hand on."""
-
-
-def best_attempt(session: Session, study: Study) -> TrialAttempt:
-    """The completed attempt with the best value (the study's objective direction), earliest on ties."""
-    minimize = study.spec["objective"]["direction"] == "minimize"
-    order = TrialAttempt.value.asc() if minimize else TrialAttempt.value.desc()
-    best = session.scalars(select(TrialAttempt)
-                           .where(TrialAttempt.study_id == study.id, TrialAttempt.state == TrialState.complete,
-                                  TrialAttempt.value.is_not(None))
-                           .order_by(order, TrialAttempt.finished_at).limit(1)).one_or_none()
-    if best is None:
-        raise NoCompletedTrial(f"study {study.id} has no completed trial yet; wait until one completes")
-    return best
+from scaletune.hparams import HParams
+from scaletune.runner import TrialConfig
+from scaletune.shapes import Shape
+from service.coord_plot import COORD_CHECK
+from service.kinds.base import StudyKind
+from service.plot_drawing import draw_history, draw_importance, draw_intermediate
+from service.plots import DrawnPlot, history_data, importance_data, intermediate_data
+from service.settings import Settings
+from service.spec import Loc, SpecProblem, TuneSpec, check_shapes, over_limits
 
 
-def tuned_values(spec: TuneSpec, best: TrialAttempt) -> dict[str, float]:
-    """The spec's fixed hyperparameters plus the best trial's sampled ones, in base units."""
-    return {**spec.hyperparameters, **{k: float(v) for k, v in (best.params or {}).items()}}
+def _check_search(spec: TuneSpec) -> list[SpecProblem]:
+    grid = spec.sampler.name == "grid"
+    problems = [p for name, param in spec.search_space.items() for p in param.problems(("search_space", name), grid)]
+    for name in sorted(set(spec.hyperparameters) & set(spec.search_space)):
+        problems.append(SpecProblem(("hyperparameters", name), f"{name} is both fixed and searched; remove it from "
+                                                                 "hyperparameters or from search_space."))
+    for i, point in enumerate(spec.enqueue):
+        for name in sorted(set(point) - set(spec.search_space)):
+            problems.append(SpecProblem(("enqueue", i, name), f"{name} is not in search_space, so it cannot be "
+                                                               "enqueued; add it to search_space or remove it."))
+    if len(spec.enqueue) > spec.n_trials:
+        problems.append(SpecProblem(("enqueue",), f"{len(spec.enqueue)} enqueued points but only n_trials="
+                                                  f"{spec.n_trials}; raise n_trials or enqueue fewer points."))
+    if grid and not problems:
+        points = math.prod(param.grid_size() for param in spec.search_space.values())
+        if points < spec.n_trials:
+            problems.append(SpecProblem(("n_trials",), f"the grid has only {points} points, fewer than n_trials="
+                                                       f"{spec.n_trials}; lower n_trials or widen the grid."))
+    if spec.budget.eval_every > spec.budget.steps:
+        problems.append(SpecProblem(("budget", "eval_every"), f"eval_every ({spec.budget.eval_every}) is larger "
+                                                              f"than steps ({spec.budget.steps}); no eval would run."))
+    return problems
+
+
+def _check_model(spec: TuneSpec, settings: Settings) -> list[SpecProblem]:
+    shapes = {("model", which): Shape(**getattr(spec.model, which).model_dump()) for which in ("base", "proxy")}
+    return check_shapes(spec.model.family, spec.model.args, spec.dataset, shapes, {("model", "proxy"): "the proxy"},
+                        settings)
+
+
+def make_sampler(spec: TuneSpec, n_existing_trials: int) -> optuna.samplers.BaseSampler:
+    """Seeded from the spec, offset by how many trials exist, so parallel tasks do not replay one random stream.
+
+    QMC is the exception: it indexes its sequence by trial number, so the seed must stay the same.
+    """
+    base_seed = spec.sampler.seed
+    seed = None if base_seed is None else (base_seed + 7919 * n_existing_trials) % 2**31
+    match spec.sampler.name:
+        case "tpe":
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        case "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        case "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed)
+        case "qmc":
+            return optuna.samplers.QMCSampler(seed=base_seed, scramble=base_seed is not None)
+        case "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        case "grid":
+            grid = {name: param.grid() for name, param in spec.search_space.items()}
+            return optuna.samplers.GridSampler(grid, seed=seed)
+    raise AssertionError(spec.sampler.name)
+
+
+def make_pruner(spec: TuneSpec) -> optuna.pruners.BasePruner:
+    """Reports happen at training steps, so resources are counted in steps and start at the first eval."""
+    first_eval = spec.budget.eval_every
+    match spec.pruner.name:
+        case "none":
+            return optuna.pruners.NopPruner()
+        case "median":
+            return optuna.pruners.MedianPruner(n_warmup_steps=first_eval)
+        case "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_eval)
+        case "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=first_eval, max_resource=spec.budget.steps)
+        case "wilcoxon":
+            return optuna.pruners.WilcoxonPruner()
+    raise AssertionError(spec.pruner.name)
+
+
+def distributions(spec: TuneSpec) -> dict[str, BaseDistribution]:
+    return {name: param.distribution() for name, param in spec.search_space.items()}
+
+
+class TuneKind(StudyKind[TuneSpec]):
+    name = "tune"
+    spec_type = TuneSpec
+    plots = {"history": DrawnPlot(history_data, draw_history),
+             "intermediate": DrawnPlot(intermediate_data, draw_intermediate),
+             "importance": DrawnPlot(importance_data, draw_importance),
+             "coord_check": COORD_CHECK}
+
+    def check(self, spec: TuneSpec, settings: Settings) -> list[SpecProblem]:
+        asked: list[tuple[Loc, str, int]] = [
+            (("n_trials",), "trials", spec.n_trials), (("parallelism",), "parallelism", spec.parallelism),
+            (("budget", "steps"), "steps", spec.budget.steps),
+            (("budget", "batch_size"), "batch_size", spec.budget.batch_size)]
+        problems = over_limits(asked, settings) + _check_search(spec)
+        return problems or _check_model(spec, settings)
+
+    def enqueued(self, spec: TuneSpec) -> list[dict[str, Any]]:
+        return [dict(point) for point in spec.enqueue]
+
+    def load_optuna_study(self, storage: BaseStorage, name: str, spec: TuneSpec,
+                          retried_params: dict[str, Any] | None) -> optuna.Study:
+        """The spec's sampler and pruner; a retry pins every value so the same point is re-run."""
+        n_existing = storage.get_n_trials(storage.get_study_id_from_name(name))
+        sampler = make_sampler(spec, n_existing)
+        if retried_params:
+            with warnings.catch_warnings():  # experimental since Optuna 2.4 and unchanged since; the warning is noise
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                sampler = optuna.samplers.PartialFixedSampler(retried_params, sampler)
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=make_pruner(spec))
+
+    def distributions(self, spec: TuneSpec) -> dict[str, BaseDistribution]:
+        return distributions(spec)
+
+    def trial_config(self, spec: TuneSpec, params: dict[str, Any]) -> TrialConfig:
+        """Fixed hyperparameters plus the sampled ones, at the proxy shape; device None means CUDA when available."""
+        return TrialConfig(
+            family=spec.model.family, args=spec.model.args,
+            base=Shape(**spec.model.base.model_dump()), shape=Shape(**spec.model.proxy.model_dump()),
+            parametrization=spec.parametrization, optimizer=spec.optimizer,
+            dataset=spec.dataset.name, dataset_args=spec.dataset.args, budget=spec.budget.to_budget(),
+            hparams=HParams.from_dict({**spec.hyperparameters, **params}), seed=spec.dataset.seed,
+            options=spec.parametrization_options.model_dump())
+
+
+KIND = TuneKind()

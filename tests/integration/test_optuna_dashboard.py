@@ -17,7 +17,7 @@ from service.dispatch import dispatch
 from service.models import Study, TrialAttempt, TrialState
 from service.optuna_study import get_storage
 from service.settings import Settings
-from service.spec import STUDY_SPEC
+from service.kinds.registry import STUDY_SPEC
 from service.studies import create_study
 from workers.trial_task import WorkerContext, run_attempt
 

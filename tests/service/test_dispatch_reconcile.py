@@ -17,7 +17,7 @@ from service.dispatch import dispatch
 from service.models import Event, Study, TrialAttempt, TrialState, utcnow
 from service.reconcile import reconcile_forever, reconcile_once
 from service.settings import Settings
-from service.spec import STUDY_SPEC
+from service.kinds.registry import STUDY_SPEC
 from service.studies import create_study
 from service.trials import Outcome, claim_attempt, finish_attempt, record_asked
 

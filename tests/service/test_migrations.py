@@ -19,7 +19,7 @@ from service.db import VERSION_TABLE, _alembic_config, create_db_engine, databas
 from service.models import Base
 from service.dispatch import dispatch
 from service.optuna_study import get_storage
-from service.spec import STUDY_SPEC
+from service.kinds.registry import STUDY_SPEC
 from service.studies import create_study
 
 OUR_TABLES = {"st_studies", "st_trials", "st_events", "st_tokens", "st_alembic_version"}

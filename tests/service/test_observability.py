@@ -16,7 +16,7 @@ from service.db import SessionFactory
 from service.dispatch import dispatch
 from service.logging import JsonFormatter
 from service.settings import Settings
-from service.spec import STUDY_SPEC
+from service.kinds.registry import STUDY_SPEC
 from service.studies import create_study
 from workers.trial_task import WorkerContext, run_attempt
 

@@ -7,8 +7,9 @@ from typing import Any, get_args
 import optuna
 import pytest
 
-from service.optuna_study import distributions, make_pruner, make_sampler
-from service.spec import STUDY_SPEC, PrunerSpec, SamplerSpec
+from service.kinds.registry import STUDY_SPEC
+from service.kinds.tune import distributions, make_pruner, make_sampler
+from service.spec import PrunerSpec, SamplerSpec
 
 
 @pytest.mark.parametrize("sampler", get_args(SamplerSpec.model_fields["name"].annotation))

@@ -20,9 +20,9 @@ from service import coord_plot
 from service.auth import create_token
 from service.db import SessionFactory, write_session
 from service.models import Study, TrialAttempt, TrialState
-from service.optuna_study import distributions
+from service.kinds.tune import distributions
 from service.settings import Settings
-from service.spec import STUDY_SPEC
+from service.kinds.registry import STUDY_SPEC
 from service.studies import create_study
 from workers.trial_task import WorkerContext
 

@@ -11,9 +11,10 @@ from test_transfer_check_study import run_all
 
 import workers.schedule_run
 from scaletune.adaptive import CHECKPOINT
-from service.kinds.shape_schedule import trial_config
+from service.kinds.shape_schedule import KIND as SCHEDULE
 from service.settings import Settings
-from service.spec import STUDY_SPEC, ShapeScheduleSpec, SpecError, parse_spec
+from service.kinds.registry import STUDY_SPEC, parse_spec
+from service.spec import ShapeScheduleSpec, SpecError
 from service.studies import create_study
 from workers.trial_task import WorkerContext, run_attempt
 
@@ -42,7 +43,7 @@ def finished_study(ctx: WorkerContext, storage: Any) -> str:
 def test_the_grid_is_shapes_x_sizes_x_seeds_x_budgets_each_a_wsd_run_to_its_budget() -> None:
     spec = STUDY_SPEC.validate_python({**SCHEDULE_SPEC, "sizes": [1, 2, 4]})
     assert isinstance(spec, ShapeScheduleSpec) and spec.n_trials == 2 * 3 * 2 * 4
-    config = trial_config(spec, {"value_index": 1, "size_index": 2, "seed": 1, "budget_index": 1})
+    config = SCHEDULE.trial_config(spec, {"value_index": 1, "size_index": 2, "seed": 1, "budget_index": 1})
     assert config.shape.width == 32 and config.shape.depth == 4  # the axis is width, so sizes grow depth
     assert config.budget.steps == 10 and config.budget.schedule == "wsd" and config.budget.eval_every == 10
 

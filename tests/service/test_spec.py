@@ -13,8 +13,9 @@ from fastapi.testclient import TestClient
 
 from scaletune.parametrize import ParamOptions
 from service.settings import Settings
-from service.spec import STUDY_SPEC, SpecError, load_spec
-from workers.trial_task import trial_config
+from service.kinds.registry import STUDY_SPEC, load_spec
+from service.kinds.tune import KIND as TUNE
+from service.spec import SpecError
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
@@ -99,9 +100,9 @@ def test_proxy_over_the_parameter_limit_is_refused_with_count_and_limit(
 
 
 def test_parametrization_options_reach_every_trial(spec_dict: dict[str, Any]) -> None:
-    default = trial_config(STUDY_SPEC.validate_python(spec_dict), {"lr": 1e-3})
+    default = TUNE.trial_config(STUDY_SPEC.validate_python(spec_dict), {"lr": 1e-3})
     assert default.options is not None and ParamOptions.from_dict(default.options) == ParamOptions()
     spec_dict["parametrization_options"] = {"zero_init_readout": False, "eps_rule": "none"}
-    chosen = trial_config(STUDY_SPEC.validate_python(spec_dict), {"lr": 1e-3})
+    chosen = TUNE.trial_config(STUDY_SPEC.validate_python(spec_dict), {"lr": 1e-3})
     assert chosen.options is not None
     assert ParamOptions.from_dict(chosen.options) == ParamOptions(zero_init_readout=False, eps_rule="none")

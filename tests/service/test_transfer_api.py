@@ -17,7 +17,7 @@ from scaletune.transfer import transfer_plan
 from service.kinds.setup import params_by_depth
 from service.dispatch import dispatch
 from service.settings import Settings
-from service.spec import STUDY_SPEC
+from service.kinds.registry import STUDY_SPEC
 from service.studies import create_study
 from workers.trial_task import WorkerContext, run_attempt
 

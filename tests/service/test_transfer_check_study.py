@@ -15,7 +15,8 @@ from service.auth import create_token
 from service.dispatch import dispatch
 from service.models import Study
 from service.settings import Settings
-from service.spec import STUDY_SPEC, SpecError, TransferCheckSpec, parse_spec
+from service.kinds.registry import STUDY_SPEC, parse_spec
+from service.spec import SpecError, TransferCheckSpec
 from service.studies import create_study
 from test_transfer_api import tune_spec, tuned_study  # noqa: F401  (fixtures shared with the transfer tests)
 from workers.trial_task import WorkerContext, run_attempt

@@ -19,8 +19,8 @@ from service.dispatch import dispatch
 from service.models import Event, Study, TrialAttempt, utcnow
 from service.reconcile import reconcile_once
 from service.settings import Settings
-from service.optuna_study import distributions
-from service.spec import STUDY_SPEC
+from service.kinds.registry import STUDY_SPEC
+from service.kinds.tune import distributions
 from service.studies import cancel_study, create_study
 from service.trials import claim_attempt, record_asked
 from workers.trial_task import WorkerContext, run_attempt

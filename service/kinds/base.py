@@ -1,0 +1,71 @@
+"""What a study kind is: the one object the service asks about everything that differs between kinds.
+
+In the style of Optuna's ``BaseSampler``: the rest of the service (API, dispatch, workers, plots) holds a
+``StudyKind`` found by ``service.kinds.registry.kind_of`` and calls it; it never branches on the spec's class.
+A new kind is a module exporting ``KIND`` plus one line in the registry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.storages import BaseStorage
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from scaletune.runner import TrialConfig
+from service.models import Study
+from service.plots import Plot
+from service.settings import Settings
+from service.spec import SpecProblem
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+class StudyKind(ABC, Generic[SpecT]):
+    """One kind of study: its spec type, checks, Optuna study, trials, summary and plots."""
+
+    name: ClassVar[str]
+    spec_type: type[SpecT]
+    dispatches_trials: ClassVar[bool] = True
+    """True: the service queues each trial for a worker; False: trials are created by an HTTP ask."""
+    plots: Mapping[str, Plot] = {}
+    """The plots this kind serves under /plots/{name}, in the order they are listed."""
+
+    def parse(self, stored: dict[str, Any]) -> SpecT:
+        """The spec from its stored JSON (already checked at submission)."""
+        return self.spec_type.model_validate(stored)
+
+    @abstractmethod
+    def check(self, spec: SpecT, settings: Settings) -> list[SpecProblem]:
+        """Everything wrong with a spec that its types alone cannot catch (limits, registries, cross-field rules)."""
+
+    def resolve(self, session: Session, spec: SpecT, tenant: str) -> SpecT:
+        """The spec with whatever it refers to filled in (raises ValueError naming the problem); the spec by default."""
+        return spec
+
+    def enqueued(self, spec: SpecT) -> list[dict[str, Any]]:
+        """Points Optuna hands out first, each to exactly one ``ask()``."""
+        return []
+
+    @abstractmethod
+    def load_optuna_study(self, storage: BaseStorage, name: str, spec: SpecT,
+                          retried_params: dict[str, Any] | None) -> optuna.Study:
+        """The Optuna study as one trial sees it; ``retried_params`` (a retry) makes the next ask re-run that point."""
+
+    @abstractmethod
+    def distributions(self, spec: SpecT) -> dict[str, BaseDistribution]:
+        """What a trial asks Optuna for."""
+
+    @abstractmethod
+    def trial_config(self, spec: SpecT, params: dict[str, Any]) -> TrialConfig:
+        """What a worker trains for a trial with these params."""
+
+    def summary(self, session: Session, study: Study, spec: SpecT, data_root: Path | None) -> dict[str, Any] | None:
+        """What GET /v1/studies/{id} says about the completed study beyond its best value; None by default."""
+        return None
