@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     RECONCILE_INTERVAL: float = Field(15.0, gt=0)
     REQUEUE_AFTER: float = Field(600.0, gt=0, description="re-send a queued attempt's task after this many seconds")
     MAX_RETRIES: int = Field(2, ge=0)
+    PROCESS_STATUS_FILE: Path | None = Field(
+        None, description="set by `scaletune up` for its API: /readyz reports the processes it stopped restarting")
     RECONCILE_IN_API: bool = Field(False, description="run the reconciler loop as a thread inside the API process")
 
     @model_validator(mode="after")

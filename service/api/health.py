@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from service.api.state import ServiceState, service_state
+from service.process_status import read_given_up
 from service.queue import broker_reachable
 
 router = APIRouter(tags=["health"])
@@ -28,11 +29,13 @@ def _database_reachable(state: ServiceState) -> bool:
         return False
 
 
-@router.get("/readyz", summary="Database and broker are reachable (503 otherwise)",
-            responses={503: {"description": "a dependency is down; the body says which"}})
+@router.get("/readyz", summary="Database and broker are reachable and no process is in a crash loop (503 otherwise)",
+            responses={503: {"description": "a dependency is down or a process gave up; the body says which"}})
 def readyz(state: Annotated[ServiceState, Depends(service_state)]) -> JSONResponse:
-    checks = {"database": _database_reachable(state), "broker": broker_reachable(state.celery)}
-    ready = all(checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready",
-                         "checks": {name: "ok" if ok else "unreachable" for name, ok in checks.items()}},
+    checks = {name: "ok" if ok else "unreachable" for name, ok in
+              {"database": _database_reachable(state), "broker": broker_reachable(state.celery)}.items()}
+    if state.settings.PROCESS_STATUS_FILE is not None:
+        checks |= read_given_up(state.settings.PROCESS_STATUS_FILE)
+    ready = all(check == "ok" for check in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
                         status_code=200 if ready else 503)

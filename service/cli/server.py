@@ -74,7 +74,8 @@ def up(
 
     The API wants a token (`scaletune token create`) unless started with --no-auth.
 
-    With CUDA, workers take queues gpu and cpu, one GPU each (round robin); else queue cpu. Ctrl-C stops all.
+    With CUDA, workers take queues gpu and cpu, one GPU each (round robin); else queue cpu. A process that dies is
+    restarted with backoff; a worker in a crash loop is reported on /readyz. Ctrl-C stops all.
 
     Example: scaletune up --port 8000 --workers 2
     """
@@ -153,10 +154,15 @@ def worker(
 ) -> None:
     """Run Celery worker processes that train trials: one per GPU (pinned, one trial at a time), else one on CPU.
 
+    A worker process that dies is restarted with backoff; a crash loop stops the command (exit code 1).
+
     Example: scaletune worker --queues gpu --gpus 0,1
     """
     from service.embedded import run_processes, worker_fleet
+    from service.logging import configure_logging
+    from service.settings import Settings
 
+    configure_logging("worker", Settings().LOG_LEVEL)
     available = _cuda_device_count()
     if gpus is not None and available == 0:
         raise typer.BadParameter("no CUDA device is visible on this machine", param_hint="--gpus")
