@@ -104,7 +104,7 @@ def _finite_or_none(value: float | None) -> float | None:
 
 @dataclass
 class TrainResult:
-    """A run's outcome; ``steps`` counts the updates applied, ``diverged_step`` is the step whose loss was non-finite."""
+    """A run's outcome: ``steps`` counts updates applied; ``diverged_step`` is the step whose loss was non-finite."""
 
     status: Status
     steps: int

@@ -8,17 +8,15 @@ warns when the target differs, unless the caller opts into a labelled heuristic 
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_type_hints
 
 from torch import nn
 
 from scaletune.data.base import DataSpec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
-from scaletune.parametrize import (
-    GroupPlan, ModulePlan, ParamOptions, Plan, apply_plan, classify, make_plan,
-)
+from scaletune.parametrize import ParamOptions, Plan, apply_plan, classify, make_plan
 from scaletune.runner import family_factory
 from scaletune.shapes import Shape
 
@@ -30,56 +28,56 @@ DEPTH_TRANSFERRING = frozenset({"depth_mup", "completep"})
 WIDTH_TRANSFERRING = frozenset({"mup", "depth_mup", "completep"})
 
 
+# Where the API's documented JSON spells the core plan's names differently (plan field -> JSON key).
+_JSON_KEYS = {"modules": "module_multipliers"}
+_GROUP_JSON_KEYS = {"cls": "class"}
+
+
+def _renamed(d: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    return {names.get(k, k): v for k, v in d.items()}
+
+
 @dataclass
 class TransferPlan:
-    """Concrete settings for the target model, JSON-serialisable with :meth:`to_dict`.
+    """The parametrization core's :class:`Plan` for the target, with what a transfer adds around it.
 
-    ``groups`` are dicts ``{name, class, in_block, params, numel, lr, init, init_std, multiplier,
-    weight_decay, eps}`` covering every parameter of the target exactly once; ``module_multipliers``
-    are ``{name, role, value}`` for input/output multipliers, attention scales and residual branches.
+    ``plan`` holds the target's settings (its group LRs already scaled by ``batch_scaling`` when a batch rule is
+    used); :meth:`to_dict` writes the documented JSON, the plan's fields flat beside ``family``.
     """
 
     family: str
-    parametrization: str
-    optimizer: str
-    base: dict[str, int]
-    target: dict[str, int]
-    hparams: dict[str, float]
-    branch_multiplier: float
-    attention_scale: float | None
-    zero_init_query: bool
-    groups: list[dict[str, Any]]
-    module_multipliers: list[dict[str, Any]]
+    plan: Plan
     batch_scaling: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The plan as JSON: the target's settings beside family, batch_scaling, warnings and provenance.
+
+        ``groups`` are dicts ``{name, class, in_block, params, numel, lr, init, init_std, multiplier,
+        weight_decay, eps}`` covering every parameter of the target exactly once; ``module_multipliers``
+        are ``{name, role, value}`` for input/output multipliers, attention scales and residual branches.
+        """
+        plan = _renamed(self.plan.to_dict(), _JSON_KEYS)
+        plan["groups"] = [_renamed(g, _GROUP_JSON_KEYS) for g in plan["groups"]]
+        return {"family": self.family, **plan, "batch_scaling": self.batch_scaling, "warnings": self.warnings,
+                "provenance": self.provenance}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TransferPlan:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+        plan = _renamed(d, {json: name for name, json in _JSON_KEYS.items()})
+        plan["groups"] = [_renamed(g, {json: name for name, json in _GROUP_JSON_KEYS.items()}) for g in d["groups"]]
+        return cls(family=d["family"], plan=Plan.from_dict(plan), batch_scaling=d.get("batch_scaling"),
+                   warnings=d.get("warnings", []), provenance=d.get("provenance", {}))
 
-    def to_param_plan(self) -> Plan:
-        """The parametrization core's :class:`Plan` with the same settings, for :func:`apply_plan`."""
-        return Plan(
-            parametrization=self.parametrization, optimizer=self.optimizer, base=self.base, target=self.target,
-            hparams=self.hparams, branch_multiplier=self.branch_multiplier, attention_scale=self.attention_scale,
-            zero_init_query=self.zero_init_query,
-            groups=[GroupPlan(name=g["name"], cls=g["class"], in_block=g["in_block"], params=list(g["params"]),
-                              numel=g["numel"], lr=g["lr"], init=g["init"], init_std=g["init_std"],
-                              multiplier=g["multiplier"], weight_decay=g["weight_decay"], eps=g["eps"])
-                    for g in self.groups],
-            modules=[ModulePlan(m["name"], m["role"], m["value"]) for m in self.module_multipliers],
-        )
-
-
-def _group_dict(g: GroupPlan, lr_factor: float) -> dict[str, Any]:
-    return {"name": g.name, "class": g.cls, "in_block": g.in_block, "params": g.params, "numel": g.numel,
-            "lr": g.lr * lr_factor, "init": g.init, "init_std": g.init_std, "multiplier": g.multiplier,
-            "weight_decay": g.weight_decay, "eps": g.eps}
+    @classmethod
+    def json_types(cls) -> dict[str, Any]:
+        """Each key of :meth:`to_dict` with its type, derived from the dataclasses, for the API's schema."""
+        hints, plan_hints = get_type_hints(cls), get_type_hints(Plan)
+        plan_types = {_JSON_KEYS.get(k, k): list[dict[str, Any]] if k in ("groups", "modules") else plan_hints[k]
+                      for k in plan_hints}
+        return {"family": hints["family"], **plan_types,
+                **{k: hints[k] for k in ("batch_scaling", "warnings", "provenance")}}
 
 
 def _untransferred_axis(axis: str, tuned: int | None, target: int | None) -> str | None:
@@ -149,15 +147,9 @@ def transfer_plan(family: str, data_spec: DataSpec, args: dict[str, Any], base: 
     warnings.append(_untransferred_axis("sequence length", tuned_seq_len, seq_len))
 
     lr_factor = scaling["lr_factor"] if scaling is not None else 1.0
+    plan.groups = [replace(g, lr=g.lr * lr_factor) for g in plan.groups]
     return TransferPlan(
-        family=family, parametrization=plan.parametrization, optimizer=plan.optimizer,
-        base=plan.base, target=plan.target, hparams=plan.hparams,
-        branch_multiplier=plan.branch_multiplier, attention_scale=plan.attention_scale,
-        zero_init_query=plan.zero_init_query,
-        groups=[_group_dict(g, lr_factor) for g in plan.groups],
-        module_multipliers=[asdict(m) for m in plan.modules],
-        batch_scaling=scaling,
-        warnings=[w for w in warnings if w is not None],
+        family=family, plan=plan, batch_scaling=scaling, warnings=[w for w in warnings if w is not None],
         provenance={**(provenance or {}), "scaletune_version": scaletune_version()},
     )
 
@@ -165,4 +157,4 @@ def transfer_plan(family: str, data_spec: DataSpec, args: dict[str, Any], base: 
 def apply_transfer(model: nn.Module, plan: TransferPlan | dict[str, Any]) -> list[dict[str, Any]]:
     """Initialise the user's target model per the plan, set its multipliers, return optimizer parameter groups."""
     transfer = plan if isinstance(plan, TransferPlan) else TransferPlan.from_dict(plan)
-    return apply_plan(model, transfer.to_param_plan())
+    return apply_plan(model, transfer.plan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
@@ -40,6 +40,11 @@ class TransferRequest(BaseModel):
         None, description="scale LRs with the batch size by a labelled heuristic (needs batch_size)")
 
 
+# The plan's documented JSON (TransferPlan.to_dict), its schema derived from the core's dataclasses.
+TransferPlanJSON = create_model("TransferPlan", __doc__=TransferPlan.to_dict.__doc__,
+                                **{key: (type_, ...) for key, type_ in TransferPlan.json_types().items()})
+
+
 def _unprocessable(msg: str, *loc: str | int) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                          [{"type": "value_error", "loc": ["body", *loc], "msg": msg}])
@@ -65,22 +70,22 @@ def plan_for(spec: TuneSpec, tuned: dict[str, float], request: TransferRequest, 
     if n_params > max_params:
         raise _unprocessable(f"the target has about {n_params:,} parameters, above this server's limit of "
                              f"{max_params:,} (SCALETUNE_MAX_TARGET_PARAMS)", "target")
-    plan = transfer_plan(spec.model.family, data, spec.model.args, Shape(**spec.model.base.model_dump()), target,
-                         spec.parametrization, HParams.from_dict(tuned), optimizer,
-                         ParamOptions.from_dict(spec.parametrization_options.model_dump()),
-                         tuned_batch_size=spec.budget.batch_size, batch_size=request.batch_size,
-                         tuned_steps=spec.budget.steps, steps=request.steps, batch_rule=request.batch_rule,
-                         provenance=provenance)
-    plan.provenance["n_params"] = sum(group["numel"] for group in plan.groups)
-    return plan
+    transfer = transfer_plan(spec.model.family, data, spec.model.args, Shape(**spec.model.base.model_dump()),
+                             target, spec.parametrization, HParams.from_dict(tuned), optimizer,
+                             ParamOptions.from_dict(spec.parametrization_options.model_dump()),
+                             tuned_batch_size=spec.budget.batch_size, batch_size=request.batch_size,
+                             tuned_steps=spec.budget.steps, steps=request.steps, batch_rule=request.batch_rule,
+                             provenance=provenance)
+    transfer.provenance["n_params"] = sum(group.numel for group in transfer.plan.groups)
+    return transfer
 
 
-@router.post("/{study_id}/transfer", response_model=TransferPlan,
+@router.post("/{study_id}/transfer", response_model=TransferPlanJSON,
              responses={404: {"model": Problem, "description": "no study with this id"},
                         409: {"model": Problem, "description": "not a tune study, or no completed trial yet"}},
              summary="Project the study's best hyperparameters to a target shape")
 def post_transfer(study_id: str, request: TransferRequest, state: State,
-                  principal: CurrentPrincipal) -> TransferPlan:
+                  principal: CurrentPrincipal) -> dict[str, Any]:
     with state.session_factory() as session:
         study, spec = study_of_kind(session, study_id, principal, tune.KIND,
                                     "only tune studies have tuned values to transfer")
@@ -90,4 +95,5 @@ def post_transfer(study_id: str, request: TransferRequest, state: State,
             raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
         tuned = tuned_values(spec, best)
         provenance = {"study_id": study_id, "best_trial": best.number, "value": best.value}
-    return plan_for(spec, tuned, request, state.settings.MAX_TARGET_PARAMS, state.settings.DATA_ROOT, provenance)
+    return plan_for(spec, tuned, request, state.settings.MAX_TARGET_PARAMS, state.settings.DATA_ROOT,
+                    provenance).to_dict()

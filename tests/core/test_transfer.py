@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scaletune import apply_transfer, transfer_plan
+from scaletune.transfer import TransferPlan
 from scaletune.data.base import DataSpec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
@@ -26,7 +27,8 @@ def plan_for(parametrization: str, **kwargs):
 
 
 def group_of(plan, param: str) -> dict:
-    (group,) = [g for g in plan.groups if param in g["params"]]
+    """The group holding ``param`` as the plan's JSON spells it."""
+    (group,) = [g for g in plan.to_dict()["groups"] if param in g["params"]]
     return group
 
 
@@ -47,15 +49,15 @@ def test_completep_values_match_the_rule_table_by_hand():
     head = group_of(plan, "head.weight")
     assert head["class"] == "output" and head["init"] == "zeros"
     assert head["multiplier"] == pytest.approx(2.0 / 4) and head["lr"] == pytest.approx(0.01)
-    assert plan.branch_multiplier == pytest.approx(1 / 4)
-    assert {"name": "head", "role": "output", "value": pytest.approx(0.5)} in plan.module_multipliers
+    assert plan.plan.branch_multiplier == pytest.approx(1 / 4)
+    assert {"name": "head", "role": "output", "value": pytest.approx(0.5)} in plan.to_dict()["module_multipliers"]
 
 
 def test_depth_mup_scales_block_lr_by_inverse_sqrt_depth():
     plan = plan_for("depth_mup")
     assert group_of(plan, "blocks.3.fc2.weight")["lr"] == pytest.approx(0.01 / 4 / 2)
     assert group_of(plan, "blocks.3.fc2.bias")["lr"] == pytest.approx(0.01 / 2)
-    assert plan.branch_multiplier == pytest.approx(0.5)
+    assert plan.plan.branch_multiplier == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("parametrization", ["sp", "mup", "depth_mup", "completep"])
@@ -64,8 +66,7 @@ def test_groups_are_the_parametrization_core_plan(parametrization, optimizer):
     plan = transfer_plan("mlp", SPEC, {}, BASE, TARGET, parametrization, HP, optimizer)
     factory = family_factory(get_family("mlp"), TARGET, SPEC, {})
     core = make_plan(classify(factory, BASE, TARGET), parametrization, HP, optimizer)
-    assert plan.to_param_plan().groups == core.groups
-    assert plan.branch_multiplier == core.branch_multiplier
+    assert plan.plan == core
 
 
 @pytest.mark.parametrize("family,spec,args", [("mlp", SPEC, {}),
@@ -73,9 +74,22 @@ def test_groups_are_the_parametrization_core_plan(parametrization, optimizer):
 def test_every_parameter_of_the_target_is_planned_exactly_once(family, spec, args):
     plan = transfer_plan(family, spec, args, BASE, TARGET, "completep", HP)
     model = get_family(family).build(TARGET, spec, args)
-    planned = [name for g in plan.groups for name in g["params"]]
+    planned = [name for g in plan.plan.groups for name in g.params]
     assert sorted(planned) == sorted(name for name, _ in model.named_parameters())
-    assert sum(g["numel"] for g in plan.groups) == sum(p.numel() for p in model.parameters())
+    assert sum(g.numel for g in plan.plan.groups) == sum(p.numel() for p in model.parameters())
+
+
+def test_the_json_has_the_documented_keys_and_round_trips():
+    plan = plan_for("completep", tuned_batch_size=32, batch_size=128, batch_rule="sqrt", provenance={"study_id": "s"})
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert list(data) == ["family", "parametrization", "optimizer", "base", "target", "hparams", "branch_multiplier",
+                          "attention_scale", "zero_init_query", "groups", "module_multipliers", "batch_scaling",
+                          "warnings", "provenance"]
+    assert list(data["groups"][0]) == ["name", "class", "in_block", "params", "numel", "lr", "init", "init_std",
+                                       "multiplier", "weight_decay", "eps"]
+    assert list(data["module_multipliers"][0]) == ["name", "role", "value"]
+    assert list(TransferPlan.json_types()) == list(data)
+    assert TransferPlan.from_dict(data) == plan
 
 
 def test_apply_transfer_after_json_round_trip_matches_building_in_the_parametrization():
@@ -116,12 +130,12 @@ def test_apply_transfer_refuses_a_model_of_another_shape():
 def test_batch_rule_rescales_every_group_lr_and_is_labelled_heuristic(rule, factor):
     plain = plan_for("completep", tuned_batch_size=32, batch_size=128)
     scaled = plan_for("completep", tuned_batch_size=32, batch_size=128, batch_rule=rule)
-    assert [g["lr"] for g in scaled.groups] == pytest.approx([factor * g["lr"] for g in plain.groups])
+    assert [g.lr for g in scaled.plan.groups] == pytest.approx([factor * g.lr for g in plain.plan.groups])
     assert scaled.batch_scaling["heuristic"] is True and scaled.batch_scaling["lr_factor"] == pytest.approx(factor)
     assert any("heuristic" in w for w in scaled.warnings)
     assert plain.batch_scaling is None
     assert any("batch size differs" in w for w in plain.warnings)
-    assert scaled.hparams["lr"] == 0.01  # tuned values stay in base units
+    assert scaled.plan.hparams["lr"] == 0.01  # tuned values stay in base units
 
 
 def test_batch_rule_needs_both_batch_sizes_and_a_known_rule():
@@ -139,7 +153,7 @@ def test_untransferred_axes_warn_only_when_they_change():
                        tuned_seq_len=64, seq_len=256)
     text = " ".join(changed.warnings)
     assert "batch size" in text and "steps" in text and "sequence length" in text
-    assert [g["lr"] for g in changed.groups] == [g["lr"] for g in same.groups]
+    assert [g.lr for g in changed.plan.groups] == [g.lr for g in same.plan.groups]
 
 
 def test_parametrizations_that_do_not_transfer_an_axis_warn():
@@ -165,6 +179,6 @@ def test_billion_parameter_gpt_is_planned_in_under_a_second_without_allocating()
     plan = transfer_plan("gpt", spec, args, Shape(256, 4), Shape(4096, 48), "completep", HP)
     elapsed = time.process_time() - started
     rss_growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    assert sum(g["numel"] for g in plan.groups) > 9e9
+    assert sum(g.numel for g in plan.plan.groups) > 9e9
     assert elapsed < 1.0
     assert rss_growth_mib < 100  # the target's weights alone would be ~40 GB in fp32

@@ -60,14 +60,19 @@ def test_the_plan_equals_the_core_transfer_of_the_best_trial(client: TestClient,
                              Shape(**TARGET), "completep", HParams(output_mult=2.0, weight_decay=0.0,
                                                                    lr=best["params"]["lr"]),
                              "adamw", tuned_batch_size=32, batch_size=128, tuned_steps=10, batch_rule="sqrt")
-    assert plan["hparams"] == pytest.approx(expected.hparams)
-    assert plan["groups"] == expected.groups and plan["branch_multiplier"] == expected.branch_multiplier
+    assert plan["hparams"] == pytest.approx(expected.plan.hparams)
+    assert plan["groups"] == expected.to_dict()["groups"]
+    assert plan["branch_multiplier"] == expected.plan.branch_multiplier
     assert plan["branch_multiplier"] == pytest.approx(1 / 4)  # completep: depth ratio 4 -> 4^-1
     assert plan["batch_scaling"]["lr_factor"] == pytest.approx(2.0)
     assert plan["target"] == TARGET and plan["base"] == {"width": 16, "depth": 1}
     assert plan["provenance"]["study_id"] == tuned_study
     assert plan["provenance"]["best_trial"] == best["number"] and plan["provenance"]["value"] == best["value"]
     assert plan["provenance"]["scaletune_version"]
+    assert list(plan) == list(expected.to_dict())  # the documented keys, in order
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["TransferPlan"]
+    assert list(schema["properties"]) == list(plan) and set(schema["required"]) == set(plan)
+    assert "module_multipliers" in schema["description"]
 
 
 def test_a_billion_parameter_target_is_planned_in_well_under_a_second(client: TestClient, tuned_study: str) -> None:
