@@ -42,4 +42,6 @@ USER scaletune
 WORKDIR /var/lib/scaletune
 EXPOSE 8000
 # Alone, the image runs embedded mode; docker-compose.yml runs each role as its own service.
-CMD ["scaletune", "up", "--host", "0.0.0.0", "--no-auth"]
+# The API needs a token: pass SCALETUNE_BOOTSTRAP_TOKEN (st_<selector>_<secret>), or read the admin token the
+# first start prints (`docker logs`); it is shown once, and later starts on the same volume print nothing.
+CMD ["scaletune", "up", "--host", "0.0.0.0"]

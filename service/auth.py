@@ -49,8 +49,17 @@ class TokenNameTaken(ValueError):
     pass
 
 
-def _hash_secret(secret: str) -> str:
+def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_token(token: str) -> tuple[str, str] | None:
+    """``st_<selector>_<secret>`` -> (selector, secret); None when the token is malformed."""
+    prefix, _, rest = token.partition("_")
+    selector, _, secret = rest.partition("_")
+    if prefix != TOKEN_PREFIX or not selector or not secret or len(selector) > 32:
+        return None
+    return selector, secret
 
 
 def create_token(session_factory: SessionFactory, name: str, tenant: str = DEFAULT_TENANT,
@@ -59,7 +68,7 @@ def create_token(session_factory: SessionFactory, name: str, tenant: str = DEFAU
     selector, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
     try:
         with write_session(session_factory) as session:
-            session.add(ApiToken(id=selector, name=name, tenant=tenant, admin=admin, hash=_hash_secret(secret)))
+            session.add(ApiToken(id=selector, name=name, tenant=tenant, admin=admin, hash=hash_secret(secret)))
     except IntegrityError:
         raise TokenNameTaken(f"a token named {name!r} already exists; pick another name or revoke it") from None
     return f"{TOKEN_PREFIX}_{selector}_{secret}"
@@ -75,13 +84,12 @@ def revoke_token(session_factory: SessionFactory, name: str) -> bool:
 
 def authenticate(session_factory: SessionFactory, token: str) -> Principal | None:
     """The principal a token stands for, or None when it is malformed, unknown or revoked."""
-    prefix, _, rest = token.partition("_")
-    selector, _, secret = rest.partition("_")
-    if prefix != TOKEN_PREFIX or not selector or not secret or len(selector) > 32:
+    if (parts := split_token(token)) is None:
         return None
+    selector, secret = parts
     with session_factory() as session:
         row = session.scalars(select(ApiToken).where(ApiToken.id == selector)).one_or_none()
-    if row is None or row.revoked or not hmac.compare_digest(row.hash, _hash_secret(secret)):
+    if row is None or row.revoked or not hmac.compare_digest(row.hash, hash_secret(secret)):
         return None
     return Principal(tenant=row.tenant, token_name=row.name, is_admin=row.admin)
 

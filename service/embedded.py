@@ -23,7 +23,6 @@ from typing import IO
 
 import httpx
 
-from service.db import upgrade_database
 from service.process_status import write_given_up
 from service.settings import Settings
 
@@ -288,13 +287,11 @@ def answers(url: str) -> bool:
 
 def run_up(settings: Settings, host: str, port: int, workers: int, gpus: Sequence[int],
            announce: Callable[[str], None]) -> int:
-    """Embedded mode: migrate, then run the API (with the reconciler inside) and workers until SIGINT/SIGTERM.
+    """Embedded mode on a migrated database: the API (with the reconciler inside) and workers until SIGINT/SIGTERM.
 
     A child that ends is restarted with backoff; a worker in a crash loop is reported on /readyz while the API
     stays up; an API in a crash loop stops everything (exit code 1).
     """
-    settings.ensure_dirs()
-    upgrade_database(settings.DATABASE_URL)
     # Children resolve their settings from the environment; an absolute HOME makes them agree with us.
     os.environ["SCALETUNE_HOME"] = str(settings.HOME.resolve())
     status_file = (settings.HOME / "processes.json").resolve()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,6 +52,9 @@ class Settings(BaseSettings):
 
     AUTH_DISABLED: bool = Field(False, description="serve without tokens (everyone is admin of tenant 'default'); "
                                                    "the CLI allows it only on a loopback address")
+    BOOTSTRAP_TOKEN: SecretStr | None = Field(
+        None, description="st_<selector>_<secret>: `scaletune up` and `scaletune api` install it as admin token "
+                          "'bootstrap' (unset: the first start on an empty token table creates one and prints it)")
     LOG_LEVEL: str = "INFO"
 
     HEARTBEAT_INTERVAL: float = Field(10.0, gt=0)

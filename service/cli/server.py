@@ -7,11 +7,14 @@ SQLAlchemy, Celery and, through the spec validation, torch).
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 console = Console()
 error_console = Console(stderr=True)
@@ -43,6 +46,29 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count()
 
 
+def _bootstrap_admin_token(settings: Settings) -> None:
+    """Unless auth is off: install SCALETUNE_BOOTSTRAP_TOKEN, or on a first start create an admin token, shown once."""
+    if settings.AUTH_DISABLED:
+        return
+    from service.bootstrap import BadBootstrapToken, bootstrap_admin_token
+    from service.db import create_db_engine, make_session_factory
+
+    chosen = settings.BOOTSTRAP_TOKEN.get_secret_value() if settings.BOOTSTRAP_TOKEN else None
+    engine = create_db_engine(settings.DATABASE_URL)
+    try:
+        created = bootstrap_admin_token(make_session_factory(engine), chosen)
+    except BadBootstrapToken as error:
+        error_console.print(str(error), style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+    if created:
+        console.print("No API token existed yet, so this admin token (named 'bootstrap') was created. It is shown "
+                      "only this once; store it now (e.g. export SCALETUNE_TOKEN=...):", markup=False, soft_wrap=True)
+        console.print(created, markup=False, soft_wrap=True)
+        console.file.flush()
+
+
 def parse_gpus(value: str | None, available: int) -> list[int]:
     """``None``/``all`` -> every visible GPU; ``0,1`` -> those indices, each checked against what is visible."""
     if value is None or value.strip().lower() == "all":
@@ -72,13 +98,15 @@ def up(
 
     Set SCALETUNE_DATABASE_URL / SCALETUNE_BROKER_URL to use PostgreSQL / Redis instead.
 
-    The API wants a token (`scaletune token create`) unless started with --no-auth.
+    The API wants a token unless started with --no-auth: SCALETUNE_BOOTSTRAP_TOKEN becomes the admin token, or the
+    first start creates one and prints it once; more with `scaletune token create`.
 
     With CUDA, workers take queues gpu and cpu, one GPU each (round robin); else queue cpu. A process that dies is
     restarted with backoff; a worker in a crash loop is reported on /readyz. Ctrl-C stops all.
 
     Example: scaletune up --port 8000 --workers 2
     """
+    from service.db import upgrade_database
     from service.embedded import run_up
     from service.logging import configure_logging
     from service.settings import Settings
@@ -89,6 +117,9 @@ def up(
     gpu_count = _cuda_device_count()
     gpus = [i % gpu_count for i in range(workers)] if gpu_count else []
     console.print(f"Starting scaletune (data in {settings.HOME.resolve()}, database {_safe_url(settings.DATABASE_URL)})")
+    settings.ensure_dirs()
+    upgrade_database(settings.DATABASE_URL)
+    _bootstrap_admin_token(settings)
 
     def announce(url: str) -> None:
         console.print(f"scaletune is up at {url}  (API docs: {url}/docs). Press Ctrl-C to stop.", style="bold green",
@@ -120,6 +151,9 @@ def api(
 ) -> None:
     """Serve the HTTP API alone (production). Callers need a token from `scaletune token create`.
 
+    SCALETUNE_BOOTSTRAP_TOKEN becomes the admin token; unset, the first start on a database without any token
+    creates an admin token and prints it once.
+
     Refuses to start until `scaletune migrate` has been run on the database.
 
     Example: scaletune api --host 0.0.0.0 --port 8000
@@ -135,6 +169,7 @@ def api(
             f"The database {_safe_url(settings.DATABASE_URL)} is not migrated to this version of scaletune. "
             "Run `scaletune migrate` first.", style="red", markup=False)
         raise typer.Exit(1)
+    _bootstrap_admin_token(settings)
 
     import uvicorn
 
