@@ -1,4 +1,5 @@
-# `make up` runs scaletune on this machine; `make test` runs the test suite. Both install into .venv first.
+# `make up` runs scaletune on this machine; `make test` runs the test suite. Both install into .venv first;
+# `make test` also starts PostgreSQL and Redis and installs Chromium + chromedriver when they are missing.
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -6,7 +7,7 @@ TORCH_VERSION := 2.13.0
 # Re-installs only when pyproject.toml changes, so repeated `make up` / `make test` start at once.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install up test
+.PHONY: install up test test-prerequisites
 
 install: $(INSTALLED)
 
@@ -22,5 +23,9 @@ $(INSTALLED): pyproject.toml | $(PY)
 up: $(INSTALLED)
 	$(VENV)/bin/scaletune up
 
-test: $(INSTALLED)
+# PostgreSQL, Redis (started if not running) and Chromium + chromedriver (installed if missing).
+test-prerequisites:
+	bash scripts/test-prerequisites.sh
+
+test: $(INSTALLED) test-prerequisites
 	$(VENV)/bin/pytest -q
