@@ -20,9 +20,11 @@ import httpx
 import pytest
 import torch
 import yaml
+from sqlalchemy.engine import make_url
 
 from service.embedded import ChildSpec, Supervisor
 from tests.integration.conftest import child_env, free_port, wait_for_api
+from tests.integration.test_faults import SPEC
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -110,6 +112,25 @@ def test_the_image_cmd_refuses_a_malformed_bootstrap_token(tmp_path: Path) -> No
     assert "SCALETUNE_BOOTSTRAP_TOKEN" in result.stderr and "st_" in result.stderr
 
 
+def dashboard_studies(processes: Supervisor, command: list[str], postgres_url: str) -> set[str]:
+    """Run the dashboard service: its image's ENTRYPOINT (``optuna-dashboard --port 8080 --host 0.0.0.0 --server
+    gunicorn``, here on a free loopback port with the default server) on the compose command's storage, which is
+    the test database here, through the driver installed here (psycopg 3; the image has psycopg2)."""
+    [storage] = command
+    assert make_url(storage).get_backend_name() == "postgresql"  # the same database as scaletune's: test_compose.py
+    port = free_port()
+    processes.start(ChildSpec("optuna-dashboard", [str(Path(sys.executable).parent / "optuna-dashboard"), "--port",
+                                                   str(port), postgres_url]))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            listing = httpx.get(f"http://127.0.0.1:{port}/api/studies").raise_for_status().json()
+            return {study["study_name"] for study in listing["study_summaries"]}
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    pytest.fail("optuna-dashboard did not answer")
+
+
 def test_every_compose_command_runs(processes: Supervisor, tmp_path: Path, postgres_url: str,
                                     redis_url: str) -> None:
     services = COMPOSE["services"]
@@ -127,7 +148,13 @@ def test_every_compose_command_runs(processes: Supervisor, tmp_path: Path, postg
     healthcheck = [word.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for word in services["api"]["healthcheck"]["test"]]
     assert healthcheck[0] == "CMD" and healthcheck[1] == "python"
     assert subprocess.run([sys.executable, *healthcheck[2:]], timeout=30).returncode == 0
-    assert_token_is_admin(base_url, printed_token(tmp_path / "logs" / "api.log"))
+    token = printed_token(tmp_path / "logs" / "api.log")
+    assert_token_is_admin(base_url, token)
+    submitted = httpx.post(f"{base_url}/v1/studies", json=SPEC, headers={"Authorization": f"Bearer {token}"})
+    assert submitted.status_code == 201, submitted.text
+    optuna_name = httpx.get(f"{base_url}/v1/studies/{submitted.json()['id']}",
+                            headers={"Authorization": f"Bearer {token}"}).json()["optuna_study_name"]
+    assert optuna_name in dashboard_studies(processes, services["optuna-dashboard"]["command"], postgres_url)
 
     worker = processes.start(ChildSpec("worker", runnable(services["worker"]["command"]), env["worker"]))
     time.sleep(10)
@@ -136,5 +163,5 @@ def test_every_compose_command_runs(processes: Supervisor, tmp_path: Path, postg
         assert "no CUDA device is visible" in (tmp_path / "logs" / "worker.log").read_text()
     else:
         assert worker.poll() is None, "one worker process per GPU keeps running"
-    assert [spec.name for spec, _ in processes.exited()] in ([], ["worker"]), "api and reconciler keep running"
+    assert [spec.name for spec, _ in processes.exited()] in ([], ["worker"]), "the others keep running"
     assert "Traceback" not in (tmp_path / "logs" / "reconciler.log").read_text()

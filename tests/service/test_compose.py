@@ -1,4 +1,5 @@
-"""docker-compose.yml and Dockerfile are checked by reading them: there is no Docker engine on dev/CI machines."""
+"""docker-compose.yml, prometheus.yml and Dockerfile, read (there is no Docker engine on dev/CI machines); their
+commands are also run as processes in tests/integration/test_container_commands.py."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from service.cli import app
@@ -69,3 +73,33 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
     users = [words[1] for words in lines if words[0] == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert lines.index(["USER", users[-1]]) > max(i for i, words in enumerate(lines) if words[0] == "FROM")
+
+
+def test_optuna_dashboard_reads_the_database_scaletune_writes() -> None:
+    dashboard = SERVICES["optuna-dashboard"]
+    assert dashboard["image"].startswith("ghcr.io/optuna/optuna-dashboard")
+    [storage] = dashboard["command"]
+    # The dashboard image ships psycopg2; scaletune uses psycopg 3. Same server, user and database.
+    ours = make_url(SERVICES["api"]["environment"]["SCALETUNE_DATABASE_URL"])
+    theirs = make_url(storage)
+    assert theirs.drivername == "postgresql+psycopg2" and ours.drivername == "postgresql+psycopg"
+    assert theirs.set(drivername=ours.drivername) == ours
+    assert dashboard["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
+    assert dashboard["ports"] == ["127.0.0.1:8080:8080"], "published on loopback only: it has no login"
+
+
+def test_prometheus_scrapes_the_api_metrics(client: TestClient) -> None:
+    prometheus = SERVICES["prometheus"]
+    mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in prometheus["volumes"]}
+    config = yaml.safe_load((ROOT / mounted["/etc/prometheus/prometheus.yml"]).read_text())
+    [job] = config["scrape_configs"]
+    [target] = [t for group in job["static_configs"] for t in group["targets"]]
+    host, port = target.split(":")
+    api_command = SERVICES[host]["command"]
+    assert api_command[1] == "api" and api_command[api_command.index("--port") + 1] == port
+    assert prometheus["depends_on"] == {host: {"condition": "service_healthy"}}
+
+    scraped = client.get(job.get("metrics_path", "/metrics"), headers={"Authorization": ""})
+    assert scraped.status_code == 200, "Prometheus sends no token"
+    families = {family.name for family in text_string_to_metric_families(scraped.text)}
+    assert {"scaletune_trials", "scaletune_studies", "scaletune_queue_depth"} <= families
