@@ -27,7 +27,8 @@ from common import IMG, PARAM_OPTIONS, make_pool, markdown_table, run_config, wr
 from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
-from scaletune.runner import TrialConfig, count_params, family_factory
+from scaletune.models.size import count_params, family_factory
+from scaletune.runner import TrialConfig
 from scaletune.shapes import Shape
 from scaletune.train import Budget
 

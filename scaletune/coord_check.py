@@ -22,8 +22,8 @@ from torch import nn
 from scaletune.data.registry import dataset_spec, get_dataset
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
+from scaletune.models.size import family_factory
 from scaletune.parametrize import ParamOptions, build_model, make_optimizer
-from scaletune.runner import family_factory
 from scaletune.shapes import Shape
 from scaletune.train import loss_fn
 

@@ -7,14 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
-from scaletune.data.base import DataSpec
 from scaletune.data.registry import dataset_spec, get_dataset
 from scaletune.hparams import HParams
-from scaletune.models.base import ModelFamily
 from scaletune.models.registry import get_family
-from scaletune.parametrize import Factory, ParamOptions, build_model
+from scaletune.models.size import count_params, family_factory
+from scaletune.parametrize import ParamOptions, build_model
 from scaletune.shapes import Shape
 from scaletune.train import Budget, Callback, TrainResult, resolve_device, train
 
@@ -44,20 +41,6 @@ class TrialConfig:
     seed: int = 0
     device: str | None = None
     options: dict[str, Any] | None = None
-
-
-def family_factory(family: ModelFamily, shape: Shape, spec: DataSpec, args: dict[str, Any]) -> Factory:
-    """The ``(width, depth) -> model`` builder parametrize needs; other shape fields (patch size) stay the target's."""
-    def factory(width: int, depth: int) -> nn.Module:
-        return family.build(shape.with_(width=width, depth=depth), spec, args)
-    return factory
-
-
-def count_params(factory: Factory, shape: Shape) -> int:
-    """Parameter count of the model at ``shape``, built on the meta device so nothing is allocated."""
-    with torch.device("meta"):
-        model = factory(shape.width, shape.depth)
-    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
 
 
 def run_trial(cfg: TrialConfig, callback: Callback | None = None, data_root: str | Path | None = None,

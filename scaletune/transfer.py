@@ -16,8 +16,8 @@ from torch import nn
 from scaletune.data.base import DataSpec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
+from scaletune.models.size import family_factory
 from scaletune.parametrize import ParamOptions, Plan, apply_plan, classify, make_plan
-from scaletune.runner import family_factory
 from scaletune.shapes import Shape
 
 BatchRule = Literal["sqrt", "linear"]

@@ -19,9 +19,8 @@ from typing import Any
 from scaletune.coord_check import FLAT_SLOPE, coord_check
 from scaletune.data.registry import dataset_spec
 from scaletune.models.registry import get_family
-from scaletune.runner import family_factory
+from scaletune.models.size import family_factory, params_by_depth
 from scaletune.shapes import Shape
-from service.kinds.setup import params_by_depth
 from service.plots import NoPlotData, Plot, PlotInput
 from service.spec import TuneSpec
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scaletune.data.registry import dataset_names, dataset_spec
 from scaletune.hparams import HPARAM_NAMES
 from scaletune.models.registry import family_names, get_family
-from scaletune.runner import count_params, family_factory
+from scaletune.models.size import count_params, family_factory
 from scaletune.shapes import Shape
 from scaletune.train import Budget, Schedule
 from service.settings import Settings

@@ -11,14 +11,13 @@ from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
 from scaletune.parametrize import ParamOptions
 from scaletune.models.registry import get_family
-from scaletune.runner import family_factory
+from scaletune.models.size import family_factory, params_by_depth
 from scaletune.shapes import Shape
 from scaletune.transfer import TransferPlan, transfer_plan
 from service.api.lookup import study_of_kind
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
 from service.auth import UNAUTHORIZED, CurrentPrincipal
-from service.kinds.setup import params_by_depth
 from service.kinds import tune
 from service.kinds.tuned import NoCompletedTrial, best_attempt, tuned_values
 from service.spec import ShapeSpec, TuneSpec

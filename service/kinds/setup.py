@@ -7,8 +7,7 @@ from typing import TypeVar
 from sqlalchemy.orm import Session
 
 from scaletune.hparams import HParams
-from scaletune.parametrize import Factory
-from scaletune.runner import TrialConfig, count_params
+from scaletune.runner import TrialConfig
 from scaletune.shapes import Shape
 from scaletune.train import Budget
 from service.kinds.tuned import NoCompletedTrial, best_attempt, tuned_values
@@ -68,11 +67,3 @@ def base_config(spec: GridSpec, shape: Shape, budget: Budget, hparams: dict[str,
         seed=spec.dataset.seed + seed,
         options=spec.parametrization_options.model_dump() if spec.parametrization_options else None)
 
-
-def params_by_depth(factory: Factory, shape: Shape) -> int:
-    """Parameter count from one- and two-block models: blocks repeat, so it is affine in depth.
-
-    Building a 100,000-block model even on the meta device takes a minute; a request must not.
-    """
-    one, two = count_params(factory, shape.with_(depth=1)), count_params(factory, shape.with_(depth=2))
-    return one + (shape.depth - 1) * (two - one)

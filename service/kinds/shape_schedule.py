@@ -15,13 +15,14 @@ from sqlalchemy.orm import Session
 from scaletune.data.base import DataSpec
 from scaletune.data.registry import dataset_spec
 from scaletune.models.registry import get_family
-from scaletune.runner import TrialConfig, family_factory
+from scaletune.models.size import family_factory, params_by_depth
+from scaletune.runner import TrialConfig
 from scaletune.scaling.fit import FitResult, Run, fit_shapes
 from scaletune.scaling.project import MIN_SIZES, Projection, project_tier_a, project_tier_b
 from scaletune.scaling.schedule import ScheduleConstraints, ScheduleReport, schedule_from_fits
 from scaletune.shapes import Shape
 from service.kinds.grid import GridKind
-from service.kinds.setup import base_config, params_by_depth
+from service.kinds.setup import base_config
 from service.models import Study, TrialAttempt, TrialState
 from service.plot_drawing import draw_scaling, draw_schedule
 from service.plots import DrawnPlot, NoPlotData, PlotInput

@@ -13,6 +13,7 @@ from torch import nn
 from scaletune.data.base import DataSpec
 from scaletune.models import family_names, get_family, registry
 from scaletune.models.patch_embed import FlexiPatchEmbed
+from scaletune.models.size import count_params, family_factory, params_by_depth
 from scaletune.models.transformer import SelfAttention
 from scaletune.shapes import Shape
 
@@ -233,3 +234,13 @@ def test_entry_points_cannot_shadow_built_ins_or_be_other_objects(monkeypatch: p
     assert get_family("gpt").name == "gpt"
     with pytest.raises(ValueError, match="entry point 'broken'.*is not a model family"):
         get_family("broken")
+
+
+@pytest.mark.parametrize(("name", "data", "args"), CASES, ids=IDS)
+def test_a_family_counts_its_parameters_exactly_without_building_every_block(name: str, data: DataSpec,
+                                                                            args: dict[str, Any]) -> None:
+    shape = SMALL.with_(depth=5)
+    factory = family_factory(get_family(name), shape, data, args)
+    real = n_params(factory(shape.width, shape.depth))  # a tied readout counts once, as in the real model
+    assert count_params(factory, shape) == real
+    assert params_by_depth(factory, shape) == real

@@ -12,8 +12,8 @@ from scaletune.transfer import TransferPlan
 from scaletune.data.base import DataSpec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
+from scaletune.models.size import family_factory
 from scaletune.parametrize import build_model, classify, make_plan
-from scaletune.runner import family_factory
 from scaletune.shapes import Shape
 
 SPEC = DataSpec(task="classification", input_shape=(12,), num_outputs=5)

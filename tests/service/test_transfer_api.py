@@ -10,11 +10,8 @@ from fastapi.testclient import TestClient
 
 from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
-from scaletune.models.registry import get_family
-from scaletune.runner import count_params, family_factory
 from scaletune.shapes import Shape
 from scaletune.transfer import transfer_plan
-from service.kinds.setup import params_by_depth
 from service.dispatch import dispatch
 from service.settings import Settings
 from service.kinds.registry import STUDY_SPEC
@@ -105,12 +102,3 @@ def test_bad_targets_are_422_with_a_reason(client: TestClient, tuned_study: str,
     assert response.status_code == 422, response.text
     [problem] = response.json()["detail"]
     assert problem["loc"] == loc and says in problem["msg"]
-
-
-@pytest.mark.parametrize(("family", "shape"), [("mlp", Shape(32, 5)), ("resnet", Shape(8, 3)),
-                                               ("vit", Shape(32, 4, patch_size=2))])
-def test_the_size_limit_counts_parameters_exactly_without_building_every_block(
-        family: str, shape: Shape, migrated: Settings) -> None:
-    data = dataset_spec("digits", {}, migrated.DATA_ROOT)
-    factory = family_factory(get_family(family), shape, data, {})
-    assert params_by_depth(factory, shape) == count_params(factory, shape)
