@@ -1,12 +1,14 @@
-"""What every dataset provides: a description for model builders and deterministic batches."""
+"""The data contracts: what every dataset provides (a spec, deterministic batches) and how one is named and built."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Generic, Literal, Protocol, TypeVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 Task = Literal["classification", "lm"]
 
@@ -35,3 +37,26 @@ class Dataset(Protocol):
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The fixed held-out split, finite, same order every call."""
         ...
+
+
+class DataError(ValueError):
+    """A dataset cannot be built from what was asked; the message says what to change."""
+
+
+class DatasetArgs(BaseModel):
+    """Base for a dataset's arguments: unknown keys and loosely typed values are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+A = TypeVar("A", bound=DatasetArgs)
+
+
+@dataclass(frozen=True)
+class DatasetKind(Generic[A]):
+    """A named dataset: its argument model, a cheap spec and the loader (what an entry point must export)."""
+
+    name: str
+    args_model: type[A]
+    spec: Callable[[A, Path | None], DataSpec]
+    load: Callable[[A, Path | None], Dataset]

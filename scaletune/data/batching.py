@@ -6,8 +6,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from scaletune.data.base import DataSpec
-from scaletune.data.registry import DataError
+from scaletune.data.base import DataError, DataSpec
 
 
 def check_batch_size(batch_size: int) -> None:

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaletune.data.base import DataSpec
+from scaletune.data.base import DatasetArgs, DatasetKind, DataSpec
 from scaletune.data.batching import ArrayDataset
-from scaletune.data.registry import DatasetArgs, DatasetKind
 
 SPLIT_SEED = 0
 EVAL_FRACTION = 0.2

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from scaletune.data.base import DataSpec
+from scaletune.data.base import DataError, DatasetArgs, DatasetKind, DataSpec
 from scaletune.data.batching import ArrayDataset, ByteWindowsDataset
-from scaletune.data.registry import DataError, DatasetArgs, DatasetKind
 
 SPLIT_SEED = 0
 

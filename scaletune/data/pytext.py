@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from scaletune.data.base import DataSpec
+from scaletune.data.base import DatasetArgs, DatasetKind, DataSpec
 from scaletune.data.batching import ByteWindowsDataset
-from scaletune.data.registry import DatasetArgs, DatasetKind
 
 EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib"})
 EVAL_PERCENT = 5

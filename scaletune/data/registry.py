@@ -7,66 +7,35 @@ so nothing in a request is ever imported or evaluated.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from scaletune.data.base import Dataset, DataSpec
+from scaletune.data import digits, files, pytext, teacher
+from scaletune.data.base import DataError, Dataset, DatasetArgs, DatasetKind, DataSpec
 
 ENTRY_POINT_GROUP = "scaletune.datasets"
-
-
-class DataError(ValueError):
-    """A dataset cannot be built from what was asked; the message says what to change."""
-
-
-class DatasetArgs(BaseModel):
-    """Base for a dataset's arguments: unknown keys and loosely typed values are refused."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
+BUILTIN_KINDS: dict[str, DatasetKind[Any]] = {
+    kind.name: kind for kind in (digits.KIND, teacher.KIND, pytext.KIND, files.NPZ, files.TEXT, files.CIFAR10)}
 A = TypeVar("A", bound=DatasetArgs)
-
-
-@dataclass(frozen=True)
-class DatasetKind(Generic[A]):
-    """A named dataset: its argument model, a cheap spec and the loader (what an entry point must export)."""
-
-    name: str
-    args_model: type[A]
-    spec: Callable[[A, Path | None], DataSpec]
-    load: Callable[[A, Path | None], Dataset]
-
-
-@lru_cache(maxsize=1)
-def _builtin_kinds() -> dict[str, DatasetKind[Any]]:
-    # Imported here because the dataset modules import DataError and DatasetKind from this module.
-    from scaletune.data import digits, files, pytext, teacher
-
-    kinds = [digits.KIND, teacher.KIND, pytext.KIND, files.NPZ, files.TEXT, files.CIFAR10]
-    return {kind.name: kind for kind in kinds}
 
 
 @lru_cache(maxsize=1)
 def _plugin_entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     """Installed plugins by name; a plugin cannot shadow a built-in."""
-    builtins = _builtin_kinds()
     installed = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    return {ep.name: ep for ep in installed if ep.name not in builtins}
+    return {ep.name: ep for ep in installed if ep.name not in BUILTIN_KINDS}
 
 
 def dataset_names() -> list[str]:
     """Every dataset name a request may use, sorted."""
-    return sorted({*_builtin_kinds(), *_plugin_entry_points()})
+    return sorted({*BUILTIN_KINDS, *_plugin_entry_points()})
 
 
 def _kind(name: str) -> DatasetKind[Any]:
-    builtin = _builtin_kinds().get(name)
+    builtin = BUILTIN_KINDS.get(name)
     if builtin is not None:
         return builtin
     entry_point = _plugin_entry_points().get(name)

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from scaletune.data.base import DataSpec
+from scaletune.data.base import DatasetArgs, DatasetKind, DataSpec
 from scaletune.data.batching import check_batch_size, fixed_batches
-from scaletune.data.registry import DatasetArgs, DatasetKind
 
 _WEIGHTS_STREAM, _EVAL_STREAM, _TRAIN_STREAM = 0, 1, 2
 
