@@ -32,6 +32,9 @@ MUP_FAMILY = frozenset({"mup", "depth_mup", "completep"})
 DEPTH_ALPHA: dict[str, float | None] = {"sp": None, "mup": None, "depth_mup": 0.5, "completep": 1.0}
 
 Factory = Callable[[int, int], nn.Module]
+# The attribute holding each forward multiplier: a plain float on a model, a per-member tensor inside a pack.
+MULTIPLIER_ATTRS: dict[str, str] = {
+    "input": "scaletune_mult", "output": "scaletune_mult", "attention": "attn_scale", "branch": "branch_mult"}
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -512,7 +515,7 @@ def _scale_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _set_multiplier(module: nn.Module, role: str, value: float) -> None:
     """Store the multiplier as a plain float and install the hook once (re-applying a plan must not stack)."""
-    module.scaletune_mult = float(value)
+    setattr(module, MULTIPLIER_ATTRS[role], float(value))
     if getattr(module, "scaletune_hook_role", None) == role:
         return
     if role == "input":
@@ -546,14 +549,12 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[dict[str, Any]]:
                                  "eps": g.eps, "name": g.name})
         for m in plan.modules:
             module = model.get_submodule(m.name)
-            if m.role == "attention":
-                module.attn_scale = float(m.value)
-                if plan.zero_init_query:
-                    module.zero_query_()
-            elif m.role == "branch":
-                module.branch_mult = float(m.value)
-            else:
+            if m.role in ("input", "output"):
                 _set_multiplier(module, m.role, m.value)
+                continue
+            setattr(module, MULTIPLIER_ATTRS[m.role], float(m.value))
+            if m.role == "attention" and plan.zero_init_query:
+                module.zero_query_()
     return param_groups
 
 
@@ -576,9 +577,11 @@ def make_optimizer(param_groups: list[dict[str, Any]], optimizer: str, hp: HPara
 
 def build_model(factory: Factory, base: Shape, target: Shape, parametrization: str, hp: HParams,
                 optimizer: str = "adamw", options: ParamOptions | None = None,
-                device: str | torch.device = "cpu") -> BuiltModel:
-    """Build ``factory`` at the target shape in its parametrization, with optimizer parameter groups."""
-    classification = classify(factory, base, target)
+                device: str | torch.device = "cpu", classification: Classification | None = None) -> BuiltModel:
+    """Build ``factory`` at the target shape in its parametrization, with optimizer parameter groups.
+
+    ``classification`` (of ``factory`` at these shapes) saves classifying again when building many models."""
+    classification = classification or classify(factory, base, target)
     plan = make_plan(classification, parametrization, hp, optimizer, options)
     with torch.device(device):
         model = factory(target.width, target.depth)

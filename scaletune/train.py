@@ -50,6 +50,10 @@ class Budget:
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ValueError(f"eval_batches must be positive or None, got {self.eval_batches}")
 
+    def evaluates_after(self, step: int) -> bool:
+        """Whether the run evaluates once ``step`` updates are done: every ``eval_every`` and at the end."""
+        return step % self.eval_every == 0 or step == self.steps
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -180,6 +184,25 @@ class Progress:
     curve: list[EvalPoint] = field(default_factory=list)
     diverged_step: int | None = None
 
+    def advance(self, loss_value: float, flops: float) -> None:
+        """Count one applied update whose training loss was ``loss_value``."""
+        self.step += 1
+        self.flops += flops
+        self.window_loss += loss_value
+        self.window_steps += 1
+
+    def record(self, eval_loss: float, batch_size: int) -> EvalPoint | None:
+        """Close the train-loss window with an eval point; a finite one joins the curve, a non-finite one
+        marks the run diverged at this step and is None."""
+        point = EvalPoint(step=self.step, samples=self.step * batch_size, flops=self.flops,
+                          train_loss=self.window_loss / self.window_steps, eval_loss=eval_loss)
+        self.window_loss, self.window_steps = 0.0, 0
+        if not math.isfinite(eval_loss):
+            self.diverged_step = self.step
+            return None
+        self.curve.append(point)
+        return point
+
     def result(self, status: Status, seconds: float, device: torch.device) -> TrainResult:
         losses = [p.eval_loss for p in self.curve]
         return TrainResult(status=status, steps=self.step, final_eval_loss=losses[-1] if losses else None,
@@ -221,30 +244,15 @@ class Loop:
             if budget.grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, budget.grad_clip)
             optimizer.step()
-            progress.step += 1
-            progress.flops += flops_per_step
-            progress.window_loss += loss_value
-            progress.window_steps += 1
-            if progress.step % budget.eval_every and progress.step != budget.steps:
+            progress.advance(loss_value, flops_per_step)
+            if not budget.evaluates_after(progress.step):
                 continue
-            point = self.eval_point(model, progress)
+            point = progress.record(self.eval_loss(model), budget.batch_size)
             if point is None:
-                progress.diverged_step = progress.step
                 return "diverged"
             if self.callback is not None and self.callback(point):
                 return "stopped"
         return "completed"
-
-    def eval_point(self, model: nn.Module, progress: Progress) -> EvalPoint | None:
-        """Close the train-loss window with an eval point; a finite one joins the curve, a non-finite one is None."""
-        eval_loss = self.eval_loss(model)
-        point = EvalPoint(step=progress.step, samples=progress.step * self.budget.batch_size, flops=progress.flops,
-                          train_loss=progress.window_loss / progress.window_steps, eval_loss=eval_loss)
-        progress.window_loss, progress.window_steps = 0.0, 0
-        if not math.isfinite(eval_loss):
-            return None
-        progress.curve.append(point)
-        return point
 
     def eval_loss(self, model: nn.Module) -> float:
         return evaluate(model, self.dataset, self.budget.batch_size, self.budget.eval_batches, self.device)

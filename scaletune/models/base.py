@@ -5,6 +5,9 @@ Built-in modules follow these conventions so the core can set multipliers as pla
 - an attention module has ``head_dim: int``, ``attn_scale: float`` (logit scale, default
   1/sqrt(head_dim)) and ``zero_query_()`` that zeroes the query projection;
 - readouts are ``nn.Linear``; tied readouts share the embedding's weight tensor.
+
+Inside a pack (``scaletune.packs``) these multipliers are per-member 0-dim tensors under ``vmap``, so a
+module computes with them as numbers (no ``float()``, no Python branch on their value).
 """
 
 from __future__ import annotations

@@ -9,6 +9,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+              scale: float | torch.Tensor) -> torch.Tensor:
+    """Fused attention for a float scale; the explicit softmax formula for a tensor scale (a pack's per-member
+    scale under vmap, where the fused CPU kernel has no batching rule and would run member by member)."""
+    if not isinstance(scale, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        tokens = q.shape[-2]
+        future = torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).triu(1)
+        logits = logits.masked_fill(future, float("-inf"))
+    return logits.softmax(dim=-1) @ v
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and a logit scale the parametrization sets."""
 
@@ -30,7 +44,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.attn_scale)
+        out = attention(q, k, v, self.causal, self.attn_scale)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
 
 

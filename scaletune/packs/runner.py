@@ -1,0 +1,36 @@
+"""Several trials of one configuration (same family, shape, data, budget; own values and seeds) as one pack."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from scaletune.hparams import HParams
+from scaletune.packs.train import PackMember, train_pack
+from scaletune.runner import TrialConfig, prepare_trial
+from scaletune.train import Callback, TrainResult
+
+
+def pack_key(cfg: TrialConfig) -> TrialConfig:
+    """What members of one pack share: everything but their values and seed."""
+    return replace(cfg, hparams=HParams(), seed=0)
+
+
+def run_pack(cfgs: list[TrialConfig], callbacks: list[Callback | None] | None = None,
+             data_root: str | Path | None = None, max_params: int | None = None) -> list[TrainResult]:
+    """``run_trial`` for every config at once; results in the configs' order."""
+    if not cfgs:
+        return []
+    if any(pack_key(cfg) != pack_key(cfgs[0]) for cfg in cfgs[1:]):
+        raise ValueError("a pack's trials must differ only in their hyperparameters and seed "
+                         "(same family, shapes, parametrization, optimizer, data, budget, options and device)")
+    callbacks = callbacks or [None] * len(cfgs)
+    if len(callbacks) != len(cfgs):
+        raise ValueError(f"{len(cfgs)} trials but {len(callbacks)} callbacks")
+    prepared = prepare_trial(cfgs[0], data_root, max_params)
+    members = []
+    for cfg, callback in zip(cfgs, callbacks):
+        built = prepared.build(cfg.hparams, cfg.seed)
+        members.append(PackMember(built.model, built.param_groups, cfg.hparams, cfg.seed, callback))
+    return train_pack(members, prepared.dataset, cfgs[0].budget, cfgs[0].optimizer,
+                      flops_per_sample=prepared.flops_per_sample, device=prepared.device)

@@ -1,0 +1,107 @@
+"""K same-shape models as one: parameters in one flat (K, N) leaf, forward by vmap over functional_call.
+
+Each member keeps its own initial values (stacked from its own model), its own BatchNorm statistics and
+its own forward multipliers, which become per-member 0-dim tensors inside the vmapped call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from scaletune.parametrize import MULTIPLIER_ATTRS
+
+
+def _multiplier_names(model: nn.Module) -> list[str]:
+    """``module.attr`` of every forward multiplier the parametrization set on ``model``."""
+    names = []
+    for module_name, module in model.named_modules():
+        for attr in sorted(set(MULTIPLIER_ATTRS.values())):
+            if isinstance(getattr(module, attr, None), float):
+                names.append(f"{module_name}.{attr}" if module_name else attr)
+    return names
+
+
+class PackedModel:
+    """The members' parameters live in ``flat`` (one row per member); ``keep`` drops members.
+
+    Each parameter is a (K, *shape) leaf viewing its columns of ``flat``, so an optimizer updates every
+    parameter of every member with a handful of ops on ``flat`` and the leaves see the result.
+    """
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        if not models:
+            raise ValueError("a pack needs at least one member")
+        params, buffers = stack_module_state(models)
+        self.names = list(params)
+        self.sizes = [math.prod(params[n].shape[1:]) for n in self.names]
+        self.shapes = [tuple(params[n].shape[1:]) for n in self.names]
+        self.flat = torch.cat([params[n].detach().reshape(len(models), -1) for n in self.names], dim=1)
+        self.leaves = self._views()
+        self.buffers = buffers
+        names = _multiplier_names(models[0])
+        self.multipliers = {n: torch.tensor([float(_get(m, n)) for m in models], device=self.flat.device)
+                            for n in names}
+        self.template = models[0].to("meta")
+        for n in names:  # functional_call swaps tensors only: the template holds a tensor where members hold a float
+            _set(self.template, n, torch.zeros((), device="meta"))
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            out[name] = self.flat[:, offset : offset + size].view(self.size, *shape).requires_grad_()
+            offset += size
+        return out
+
+    @property
+    def size(self) -> int:
+        return self.flat.shape[0]
+
+    def per_parameter(self, values: list[dict[str, float]]) -> torch.Tensor:
+        """(K, P) float64: member k's value for the p-th parameter tensor; ``expand`` spreads it over (K, N)."""
+        return torch.tensor([[member[n] for n in self.names] for member in values], dtype=torch.float64,
+                            device=self.flat.device)
+
+    def expand(self, per_parameter: torch.Tensor) -> torch.Tensor:
+        """(K, P) -> (K, N) in the parameters' dtype, each value repeated over its parameter's elements."""
+        sizes = torch.tensor(self.sizes, device=self.flat.device)
+        return per_parameter.to(self.flat.dtype).repeat_interleave(sizes, dim=1)
+
+    def take_grad(self) -> torch.Tensor:
+        """The gradient of every member as one (K, N) tensor; the leaves' gradients are cleared."""
+        grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in self.leaves.values()]
+        for leaf in self.leaves.values():
+            leaf.grad = None
+        return torch.cat([g.reshape(self.size, -1) for g in grads], dim=1)
+
+    def train(self, mode: bool = True) -> None:
+        self.template.train(mode)
+
+    def map(self, fn, x: torch.Tensor, y: torch.Tensor, per_member_data: bool) -> torch.Tensor:
+        """``fn(model_output, y)`` for every member, vmapped: (K, ...) results."""
+        data_dim = 0 if per_member_data else None
+
+        def member(params, buffers, multipliers, xs, ys):
+            return fn(functional_call(self.template, (params, buffers, multipliers), (xs,)), ys)
+
+        return vmap(member, in_dims=(0, 0, 0, data_dim, data_dim))(self.leaves, self.buffers, self.multipliers, x, y)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the members at ``index`` (positions in the current stack), in that order."""
+        self.flat = self.flat[index]
+        self.leaves = self._views()
+        self.buffers = {n: b[index] for n, b in self.buffers.items()}
+        self.multipliers = {n: m[index] for n, m in self.multipliers.items()}
+
+
+def _get(model: nn.Module, name: str) -> float:
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name), attr)
+
+
+def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, value)

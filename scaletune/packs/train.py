@@ -1,0 +1,154 @@
+"""The training loop for a pack: the core loop's schedule, loss, eval cadence and outcomes, K members per step.
+
+A member whose loss turns non-finite, or whose callback stops it (pruning), leaves the stack at once (its
+rows are dropped from parameters, optimizer state and settings), so the rest go on at the cost of the
+members still training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from scaletune.data.base import Dataset
+from scaletune.hparams import HParams
+from scaletune.packs.optim import make_pack_optimizer, settings_by_name
+from scaletune.packs.stack import PackedModel
+from scaletune.train import (
+    Budget, Callback, Progress, Status, TrainResult, _autocast, _to_device, loss_fn, lr_factor, resolve_device,
+)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class PackMember:
+    """One trial inside a pack: its model as the parametrization built it, its values, seed and callback."""
+
+    model: nn.Module
+    param_groups: list[dict[str, Any]]
+    hparams: HParams
+    seed: int = 0
+    callback: Callback | None = None
+
+
+class _Members:
+    """The members still training, in stack order, with their progress and data streams."""
+
+    def __init__(self, members: list[PackMember], dataset: Dataset, batch_size: int) -> None:
+        self.members = members
+        self.active = list(range(len(members)))
+        self.progress = [Progress() for _ in members]
+        self.status: list[Status | None] = [None] * len(members)
+        self.seconds = [0.0] * len(members)
+        self.shared_data = len({m.seed for m in members}) == 1
+        streams = members[:1] if self.shared_data else members
+        self.streams: list[Iterator[Batch]] = [dataset.train_batches(batch_size, m.seed) for m in streams]
+
+    def next_batch(self) -> Batch:
+        """One batch for everyone (members sharing a seed) or a (K, B, ...) stack of each member's own batch."""
+        if self.shared_data:
+            return next(self.streams[0])
+        xs, ys = zip(*(next(self.streams[i]) for i in self.active))
+        return torch.stack(xs), torch.stack(ys)
+
+    def end(self, i: int, status: Status, seconds: float) -> None:
+        self.status[i], self.seconds[i] = status, seconds
+
+
+def _pack_eval_losses(packed: PackedModel, dataset: Dataset, budget: Budget, device: torch.device) -> list[float]:
+    """Each member's mean loss per target over the held-out split (``evaluate`` for K members at once)."""
+    packed.train(False)
+    total, count = torch.zeros(packed.size, dtype=torch.float64, device=device), 0
+    loss = partial(loss_fn, task=dataset.spec.task)
+    with torch.no_grad():
+        for batch in itertools.islice(dataset.eval_batches(budget.batch_size), budget.eval_batches):
+            x, y = _to_device(batch, device)
+            with _autocast(device):
+                losses = packed.map(loss, x, y, per_member_data=False)
+            total += losses.double() * y.numel()
+            count += y.numel()
+    packed.train(True)
+    if count == 0:
+        raise ValueError("the dataset's eval split yielded no batches")
+    return (total / count).tolist()
+
+
+def train_pack(members: list[PackMember], dataset: Dataset, budget: Budget, optimizer: str, *,
+               flops_per_sample: float, device: str | torch.device | None = None) -> list[TrainResult]:
+    """Train same-shape models as one computation; each gets the ``TrainResult`` it would get alone."""
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    for m in members:
+        m.model.to(dev).train()
+    settings = [settings_by_name(m.model, m.param_groups) for m in members]
+    packed = PackedModel([m.model for m in members])
+    opt = make_pack_optimizer(optimizer, packed, settings, [m.hparams for m in members])
+    state = _Members(members, dataset, budget.batch_size)
+    loss = partial(loss_fn, task=dataset.spec.task)
+    flops_per_step = float(budget.batch_size * flops_per_sample)
+
+    def drop(leaving: dict[int, Status]) -> None:
+        """Members at these stack positions end with these statuses; the stack shrinks to the others."""
+        if not leaving:
+            return
+        now = time.perf_counter() - started
+        for pos, status in leaving.items():
+            state.end(state.active[pos], status, now)
+        keep = [pos for pos in range(len(state.active)) if pos not in leaving]
+        index = torch.tensor(keep, dtype=torch.long, device=dev)
+        packed.keep(index)
+        opt.keep(index)
+        state.active = [state.active[pos] for pos in keep]
+
+    for step in range(budget.steps):
+        if not state.active:
+            break
+        factors = torch.tensor([lr_factor(step, budget, members[i].hparams.warmup_frac) for i in state.active],
+                               dtype=torch.float64)
+        x, y = _to_device(state.next_batch(), dev)
+        with _autocast(dev):
+            losses = packed.map(loss, x, y, per_member_data=not state.shared_data)
+        values = losses.tolist()
+        diverged = {pos: "diverged" for pos, v in enumerate(values) if not math.isfinite(v)}
+        for pos in diverged:
+            state.progress[state.active[pos]].diverged_step = step + 1
+        finite = [pos for pos in range(len(values)) if pos not in diverged]
+        if not finite:
+            drop(diverged)
+            break
+        losses[finite].sum().backward()
+        grad = packed.take_grad()[finite] if diverged else packed.take_grad()
+        drop(diverged)
+        if budget.grad_clip is not None:
+            _clip_per_member(grad, budget.grad_clip)
+        opt.step(grad, factors[finite])
+        for pos, i in enumerate(state.active):
+            state.progress[i].advance(values[finite[pos]], flops_per_step)
+        if not budget.evaluates_after(step + 1):
+            continue
+        leaving: dict[int, Status] = {}
+        for pos, eval_loss in enumerate(_pack_eval_losses(packed, dataset, budget, dev)):
+            i = state.active[pos]
+            point = state.progress[i].record(eval_loss, budget.batch_size)
+            if point is None:
+                leaving[pos] = "diverged"
+            elif members[i].callback is not None and members[i].callback(point):
+                leaving[pos] = "stopped"
+        drop(leaving)
+    drop({pos: "completed" for pos in range(len(state.active))})
+    return [p.result(s, seconds, dev) for p, s, seconds in zip(state.progress, state.status, state.seconds)]
+
+
+def _clip_per_member(grad: torch.Tensor, max_norm: float) -> None:
+    """``clip_grad_norm_`` for each member on its own: every member's gradient norm is its own."""
+    norms = torch.linalg.vector_norm(grad, 2, dim=1, keepdim=True)
+    grad.mul_(torch.clamp(max_norm / (norms + 1e-6), max=1.0))
