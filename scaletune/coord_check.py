@@ -28,7 +28,7 @@ from scaletune.shapes import Shape
 from scaletune.train import loss_fn
 
 Axis = Literal["width", "depth"]
-FLAT_SLOPE = 0.1  # |slope| of log2 value vs log2 size counted as flat (research notes §6.4)
+FLAT_SLOPE = 0.1  # |slope| of log2 value vs log2 size counted as flat (docs/parametrizations.md)
 RESIDUAL_PROBE = "residual_stream"
 DEFAULT_LR: dict[str, float] = {"adamw": 1e-2, "sgd": 0.1}  # higher than real training, as mup advises
 DEFAULT_DATASET: dict[str, str] = {"gpt": "pytext"}

@@ -2,9 +2,9 @@
 
 Every parameter is classified by comparing parameter shapes of the same model built at the base
 shape, at twice the base width and at twice the base depth (on the meta device, so a target of
-billions of parameters costs nothing). The rule tables of docs/parametrizations (research notes
-§6.2, defaults of §7) then give each parameter's init std, learning rate, weight decay and Adam
-eps, and each input/output/attention/residual module its forward multiplier. The result is a
+billions of parameters costs nothing). The rule tables of docs/parametrizations.md, with their
+sources, then give each parameter's init std, learning rate, weight decay and Adam eps, and each
+input/output/attention/residual module its forward multiplier. The result is a
 serialisable :class:`Plan`; :func:`apply_plan` applies it to a real model.
 """
 
@@ -50,7 +50,7 @@ class ParamClass(str, Enum):
 
 @dataclass(frozen=True)
 class ParamOptions:
-    """Choices where the sources disagree (research notes §7); None means the parametrization's default."""
+    """Choices where the sources disagree (docs/parametrizations.md); None means the parametrization's default."""
 
     zero_init_readout: bool | None = None  # default: True for the muP family, False for SP
     zero_init_query: bool | None = None  # default: True for the muP family, False for SP
