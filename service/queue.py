@@ -21,7 +21,7 @@ Enqueue = Callable[[str, str], None]
 
 def make_celery(settings: Settings) -> Celery:
     """One configuration for producers (API, reconciler) and workers, so both talk to the same broker the same way."""
-    settings.ensure_dirs()
+    settings.ensure_broker_dirs()
     app = Celery("scaletune", broker=settings.BROKER_URL, set_as_current=False)
     app.conf.update(
         broker_transport_options=settings.broker_transport_options,

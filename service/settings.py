@@ -17,6 +17,13 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
+def safe_url(url: str) -> str:
+    """A database or broker URL fit for messages: the password masked."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 class TenantQuota(BaseModel):
     """One tenant's overrides of the server-wide quotas; a field left out keeps the server's value."""
 
@@ -94,6 +101,10 @@ class Settings(BaseSettings):
         for folder in (self.HOME, self.DATA_ROOT, self.ARTIFACTS_DIR):
             assert folder is not None
             folder.mkdir(parents=True, exist_ok=True)
+        self.ensure_broker_dirs()
+
+    def ensure_broker_dirs(self) -> None:
+        """The filesystem broker's folders (nothing for other brokers): every Celery client needs them."""
         for key in ("data_folder_in", "processed_folder", "control_folder"):
             if key in self.broker_transport_options:
                 Path(self.broker_transport_options[key]).mkdir(parents=True, exist_ok=True)

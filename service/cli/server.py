@@ -11,17 +11,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
 console = Console()
 error_console = Console(stderr=True)
-
-
-def _safe_url(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _is_loopback(host: str) -> bool:
@@ -109,14 +104,14 @@ def up(
     from service.db import upgrade_database
     from service.embedded import run_up
     from service.logging import configure_logging
-    from service.settings import Settings
+    from service.settings import Settings, safe_url
 
     _refuse_open_network_without_auth(host, no_auth)
     settings = Settings(AUTH_DISABLED=no_auth)
     configure_logging("up", settings.LOG_LEVEL)
     gpu_count = _cuda_device_count()
     gpus = [i % gpu_count for i in range(workers)] if gpu_count else []
-    console.print(f"Starting scaletune (data in {settings.HOME.resolve()}, database {_safe_url(settings.DATABASE_URL)})")
+    console.print(f"Starting scaletune (data in {settings.HOME.resolve()}, database {safe_url(settings.DATABASE_URL)})")
     settings.ensure_dirs()
     upgrade_database(settings.DATABASE_URL)
     _bootstrap_admin_token(settings)
@@ -135,12 +130,12 @@ def migrate() -> None:
     Example: scaletune migrate
     """
     from service.db import upgrade_database
-    from service.settings import Settings
+    from service.settings import Settings, safe_url
 
     settings = Settings()
     settings.ensure_dirs()
     upgrade_database(settings.DATABASE_URL)
-    console.print(f"Database is at the latest revision: {_safe_url(settings.DATABASE_URL)}", markup=False)
+    console.print(f"Database is at the latest revision: {safe_url(settings.DATABASE_URL)}", markup=False)
 
 
 def api(
@@ -159,14 +154,14 @@ def api(
     Example: scaletune api --host 0.0.0.0 --port 8000
     """
     from service.db import database_is_current
-    from service.settings import Settings
+    from service.settings import Settings, safe_url
 
     settings = Settings()
     _refuse_open_network_without_auth(host, no_auth)
     settings = settings.model_copy(update={"AUTH_DISABLED": no_auth})
     if not database_is_current(settings.DATABASE_URL):
         error_console.print(
-            f"The database {_safe_url(settings.DATABASE_URL)} is not migrated to this version of scaletune. "
+            f"The database {safe_url(settings.DATABASE_URL)} is not migrated to this version of scaletune. "
             "Run `scaletune migrate` first.", style="red", markup=False)
         raise typer.Exit(1)
     _bootstrap_admin_token(settings)
