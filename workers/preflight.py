@@ -15,7 +15,8 @@ from celery import Celery
 from sqlalchemy import select
 
 from scaletune.data.registry import ENTRY_POINT_GROUP as DATASET_GROUP
-from scaletune.data.registry import DataError, dataset_spec
+from scaletune.data.base import DataError
+from scaletune.data.registry import dataset_spec
 from scaletune.models.registry import ENTRY_POINT_GROUP as FAMILY_GROUP
 from scaletune.models.registry import family_names
 from service.db import create_db_engine, database_is_current, make_session_factory
