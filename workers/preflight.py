@@ -14,8 +14,8 @@ from collections.abc import Collection
 from celery import Celery
 from sqlalchemy import select
 
-from scaletune.data.registry import ENTRY_POINT_GROUP as DATASET_GROUP
 from scaletune.data.base import DataError
+from scaletune.data.registry import ENTRY_POINT_GROUP as DATASET_GROUP
 from scaletune.data.registry import dataset_spec
 from scaletune.models.registry import ENTRY_POINT_GROUP as FAMILY_GROUP
 from scaletune.models.registry import family_names
