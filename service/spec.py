@@ -364,3 +364,23 @@ def check_shapes(family_name: str, args: dict[str, Any], dataset: DatasetSpec, s
                                              f"{settings.MAX_PROXY_PARAMS:,}; use a smaller shape (that is what "
                                              "transfer is for)."))
     return problems
+
+
+class GridSetup(_Strict):
+    """A grid spec's setup once resolved at submission: every part given, by the spec or by its source study."""
+
+    model: CheckedModelSpec
+    parametrization: Literal["sp", "mup", "depth_mup", "completep"]
+    parametrization_options: ParametrizationOptions | None = Field(description="None: the parametrization's defaults")
+    optimizer: Literal["adamw", "sgd"]
+    dataset: DatasetSpec
+    budget: BudgetSpec
+
+
+class ResolvedTransferCheck(GridSetup, TransferCheckSpec):
+    """A transfer_check study's spec as stored."""
+
+
+class ResolvedShapeSchedule(GridSetup, ShapeScheduleSpec):
+    """A shape_schedule study's spec as stored."""
+

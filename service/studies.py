@@ -42,10 +42,13 @@ def add_event(session: Session, study_id: str, type_: EventType, payload: dict[s
     session.add(Event(study_id=study_id, trial_id=trial_id, type=type_, payload=payload))
 
 
-def create_study(session_factory: SessionFactory, storage: BaseStorage, spec: StudySpec,
+def create_study(session_factory: SessionFactory, storage: BaseStorage, spec: Any,
                  tenant: str = DEFAULT_TENANT, idempotency_key: str | None = None,
-                 max_unfinished: int | None = None) -> Study:
+                 max_unfinished: int | None = None, request_hash: str | None = None) -> Study:
     """Create the Optuna study, then our row; if our write fails the Optuna study is deleted again.
+
+    ``spec`` is stored as given: resolved at submission (``StudyKind.resolve``), so nothing reads it
+    again through another study. ``request_hash`` fingerprints the spec as the request sent it (default: ``spec``).
 
     ``max_unfinished`` is the tenant's concurrent-studies quota, checked in the inserting transaction
     (ConcurrencyQuotaExceeded); a reused ``idempotency_key`` fails the insert with IntegrityError.
@@ -64,7 +67,8 @@ def create_study(session_factory: SessionFactory, storage: BaseStorage, spec: St
                 check_concurrent_studies(session, tenant, max_unfinished)
             study = Study(id=study_id, name=spec.name, kind=spec.kind, spec=spec.model_dump(mode="json"),
                           status=StudyStatus.queued, tenant=tenant, optuna_study_name=name,
-                          idempotency_key=idempotency_key, request_hash=spec_fingerprint(spec))
+                          idempotency_key=idempotency_key,
+                          request_hash=request_hash or spec_fingerprint(spec))
             session.add(study)
     except BaseException:
         delete_optuna_study(storage, name)

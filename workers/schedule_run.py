@@ -25,8 +25,7 @@ def run_planned_schedule(settings: Settings, session_factory: SessionFactory, at
     killed attempt had reached. Each eval point is recorded with its phase and shape.
     """
     assert attempt.params is not None
-    with session_factory() as session:
-        spec = spec_of(session, study)
+    spec = spec_of(study)
     config, phases = run_config(spec, attempt.params), phases_of(attempt.params)
     data = dataset_spec(config.dataset, config.dataset_args, settings.DATA_ROOT)
     phase = phase_at(step_ends(config, phases, data))

@@ -8,7 +8,6 @@ import os
 import socket
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState as OptunaState
@@ -139,8 +138,7 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
                       study_row: Study) -> TrialState | None:
     log.info("attempt %s started (attempt number %d)", attempt_id, attempt.attempt)
     kind = kind_of(study_row)
-    with ctx.session_factory() as session:
-        spec = spec_of(session, study_row)
+    spec = spec_of(study_row)
     storage = get_storage(ctx.settings.DATABASE_URL)
     fixed = attempt.params if attempt.retry_of else None
     study: optuna.Study | None = None

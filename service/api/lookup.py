@@ -10,7 +10,6 @@ from sqlalchemy.orm import Session
 from service.auth import Principal
 from service.kinds.base import StudyKind
 from service.kinds.registry import kind_of, spec_of
-from service.kinds.setup import SourceError
 from service.models import Study
 from service.studies import StudyNotFound, get_study
 
@@ -20,15 +19,12 @@ SpecT = TypeVar("SpecT")
 def study_of_kind(session: Session, study_id: str, principal: Principal, kind: StudyKind[SpecT],
                   needed: str) -> tuple[Study, SpecT]:
     """The study and its spec; 404 for a study the caller cannot see, 409 naming what the endpoint needs for another
-    kind, or when its source study no longer qualifies."""
+    kind."""
     try:
         study = get_study(session, study_id, principal.tenant_scope)
     except StudyNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study with id {study_id}") from None
     if kind_of(study) is not kind:
         raise HTTPException(status.HTTP_409_CONFLICT, f"study {study_id} is a {study.kind} study; {needed}")
-    try:
-        spec: SpecT = spec_of(session, study)
-    except SourceError as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    spec: SpecT = spec_of(study)
     return study, spec

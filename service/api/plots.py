@@ -16,7 +16,6 @@ from fastapi.responses import Response
 from service.api.state import ServiceState, service_state
 from service.auth import UNAUTHORIZED, CurrentPrincipal, Principal
 from service.kinds.registry import KINDS, kind_of, spec_of
-from service.kinds.setup import SourceError
 from service.plots import NoPlotData, Plot, PlotInput
 from service.studies import StudyNotFound, get_study
 from service.trials import list_trials
@@ -52,12 +51,8 @@ def _load(state: ServiceState, principal: Principal, study_id: str, name: str) -
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.id} is a {study.kind} study; the {name} "
                                                            f"plot is for {OWNER[name]} studies only (a {study.kind} "
                                                            f"study has: {', '.join(plots)}).")
-        try:
-            spec = spec_of(session, study)
-        except SourceError as error:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
         attempts, _ = list_trials(session, study_id, limit=MAX_PLOTTED_TRIALS)
-    return plots[name], PlotInput(study, spec, attempts, state.storage, state.settings)
+    return plots[name], PlotInput(study, spec_of(study), attempts, state.storage, state.settings)
 
 
 @router.get("/{study_id}/plots/{kind}.png", response_class=Response, responses={

@@ -18,7 +18,7 @@ from service.db import write_session
 from service.dispatch import send_all
 from service.kinds import schedule_run, shape_schedule
 from service.models import StudyStatus, TrialAttempt, TrialState, new_id
-from service.spec import ShapeScheduleSpec
+from service.spec import ResolvedShapeSchedule
 
 router = APIRouter(prefix="/v1/studies", tags=["shape schedule"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]
@@ -44,7 +44,7 @@ def _query(target_loss: float | None, budget_flops: float | None, target_width: 
 
 @dataclass(frozen=True)
 class _Loaded:
-    spec: ShapeScheduleSpec
+    spec: ResolvedShapeSchedule
     attempts: list[TrialAttempt]
     status: str
 
@@ -60,7 +60,6 @@ def _load(state: ServiceState, principal: Principal, study_id: str) -> _Loaded:
 
 def _plan(state: ServiceState, loaded: _Loaded, query: shape_schedule.ScheduleQuery,
           where: str = "query") -> shape_schedule.Plan:
-    assert loaded.spec.dataset is not None
     data = dataset_spec(loaded.spec.dataset.name, loaded.spec.dataset.args, state.settings.DATA_ROOT)
     try:
         return shape_schedule.plan(loaded.spec, loaded.attempts, query, data)
@@ -109,7 +108,6 @@ def post_schedule_run(study_id: str, body: ScheduleRunRequest, state: State,
     run_id = new_id()
     params = schedule_run.run_params(loaded.spec, _plan(state, loaded, query, where="body"), query, body.seed,
                                      run_id)
-    assert loaded.spec.dataset is not None
     data = dataset_spec(loaded.spec.dataset.name, loaded.spec.dataset.args, state.settings.DATA_ROOT)
     steps = schedule_run.step_ends(schedule_run.run_config(loaded.spec, params), schedule_run.phases_of(params),
                                    data)[-1]

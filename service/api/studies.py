@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response, status
 from sqlalchemy.exc import IntegrityError
@@ -45,11 +45,9 @@ def _replayed(state: ServiceState, tenant: str, key: str, spec: StudySpec) -> St
     return earlier
 
 
-def _with_source(state: ServiceState, spec: StudySpec, tenant: str) -> StudySpec:
-    """A grid spec with its source tune study's setup, so the checks see every shape; 422 if the source has none.
-
-    The study keeps the spec as submitted; workers resolve the source again (it is completed, so it stays the same).
-    """
+def _resolved(state: ServiceState, spec: StudySpec, tenant: str) -> Any:
+    """The spec as the study stores it: a grid's setup taken from its source tune study, once, here; 422 if the
+    source has none. The submitted ``source`` stays in it, as provenance."""
     with state.session_factory() as session:
         try:
             return kind_of(spec).resolve(session, spec, tenant)
@@ -65,15 +63,17 @@ def _with_source(state: ServiceState, spec: StudySpec, tenant: str) -> StudySpec
 def post_study(spec: StudySpec, state: State, principal: CurrentPrincipal, response: Response,
                idempotency_key: IdempotencyKey = None) -> StudyCreated:
     settings = state.settings
-    check_spec(_with_source(state, spec, principal.tenant), spec_limits_for(settings, principal.tenant))
+    resolved = _resolved(state, spec, principal.tenant)
+    check_spec(resolved, spec_limits_for(settings, principal.tenant))
     earlier = _replayed(state, principal.tenant, idempotency_key, spec) if idempotency_key else None
     if earlier is not None:
         response.status_code = status.HTTP_200_OK
         return StudyCreated(id=earlier.id, status=earlier.status, links=study_links(earlier.id))
     try:
-        study = create_study(state.session_factory, state.storage, spec, tenant=principal.tenant,
+        study = create_study(state.session_factory, state.storage, resolved, tenant=principal.tenant,
                              idempotency_key=idempotency_key,
-                             max_unfinished=concurrent_studies_limit(settings, principal.tenant))
+                             max_unfinished=concurrent_studies_limit(settings, principal.tenant),
+                             request_hash=spec_fingerprint(spec))
     except ConcurrencyQuotaExceeded as error:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(error)) from None
     except IntegrityError:

@@ -28,26 +28,34 @@ SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
 class StudyKind(ABC, Generic[SpecT]):
-    """One kind of study: its spec type, checks, Optuna study, trials, summary and plots."""
+    """One kind of study: its spec type, checks, Optuna study, trials, summary and plots.
+
+    ``SpecT`` is the spec as stored: what ``resolve`` made of the submitted ``spec_type`` at submission.
+    """
 
     name: ClassVar[str]
-    spec_type: type[SpecT]
+    spec_type: type[BaseModel]
+    """What users submit (a member of the API's spec union)."""
+    stored_type: type[SpecT]
     dispatches_trials: ClassVar[bool] = True
     """True: the service queues each trial for a worker; False: trials are created by an HTTP ask."""
     plots: Mapping[str, Plot] = {}
     """The plots this kind serves under /plots/{name}, in the order they are listed."""
 
     def parse(self, stored: dict[str, Any]) -> SpecT:
-        """The spec from its stored JSON (already checked at submission)."""
-        return self.spec_type.model_validate(stored)
+        """The spec from its stored JSON (resolved and checked at submission)."""
+        return self.stored_type.model_validate(stored)
 
     @abstractmethod
-    def check(self, spec: SpecT, settings: Settings) -> list[SpecProblem]:
-        """Everything wrong with a spec that its types alone cannot catch (limits, registries, cross-field rules)."""
+    def check(self, spec: Any, settings: Settings) -> list[SpecProblem]:
+        """Everything wrong with a submitted or resolved spec that its types cannot catch (limits, registries...)."""
 
-    def resolve(self, session: Session, spec: SpecT, tenant: str) -> SpecT:
-        """The spec with whatever it refers to filled in (raises ValueError naming the problem); the spec by default."""
-        return spec
+    def resolve(self, session: Session, spec: Any, tenant: str) -> SpecT:
+        """The submitted spec as stored: whatever it refers to filled in, once, at submission.
+
+        Raises ValueError naming the problem; by default the spec itself.
+        """
+        return self.stored_type.model_validate(spec.model_dump())
 
     def enqueued(self, spec: SpecT) -> list[dict[str, Any]]:
         """Points Optuna hands out first, each to exactly one ``ask()``."""

@@ -13,9 +13,9 @@ from scaletune.shapes import Shape
 from service.kinds.base import StudyKind
 from service.kinds.setup import resolve_source
 from service.settings import Settings
-from service.spec import Loc, SpecProblem, GridSpec, check_shapes, over_limits
+from service.spec import GridSetup, GridSpec, Loc, SpecProblem, check_shapes, over_limits
 
-GridSpecT = TypeVar("GridSpecT", bound=GridSpec)
+GridSpecT = TypeVar("GridSpecT", bound=GridSetup)
 
 
 class GridKind(StudyKind[GridSpecT]):
@@ -26,14 +26,14 @@ class GridKind(StudyKind[GridSpecT]):
         """Every trial's params, in the order they run."""
 
     @abstractmethod
-    def trained_shapes(self, spec: GridSpecT, base: Shape) -> dict[Loc, Shape]:
+    def trained_shapes(self, spec: GridSpec, base: Shape) -> dict[Loc, Shape]:
         """Every shape a trial of this grid trains, by where it comes from in the spec."""
 
-    def asked_steps(self, spec: GridSpecT) -> list[tuple[Loc, int]]:
+    def asked_steps(self, spec: GridSpec) -> list[tuple[Loc, int]]:
         """The training steps a trial may run, by where they come from in the spec."""
         return [(("budget", "steps"), spec.budget.steps)] if spec.budget else []
 
-    def check(self, spec: GridSpecT, settings: Settings) -> list[SpecProblem]:
+    def check(self, spec: GridSpec, settings: Settings) -> list[SpecProblem]:
         """Limits always; shapes only once the setup is known (with a source, once it is resolved)."""
         assert spec.n_trials is not None
         asked: list[tuple[Loc, str, int]] = [(("n_trials",), "trials", spec.n_trials),
@@ -52,8 +52,9 @@ class GridKind(StudyKind[GridSpecT]):
         return check_shapes(spec.model.family, spec.model.args, spec.dataset, {("model", "base"): base, **shapes},
                             {loc: f"the shape {shape.to_dict()}" for loc, shape in shapes.items()}, settings)
 
-    def resolve(self, session: Session, spec: GridSpecT, tenant: str) -> GridSpecT:
-        return resolve_source(session, spec, tenant)
+    def resolve(self, session: Session, spec: GridSpec, tenant: str) -> GridSpecT:
+        """The setup from the source tune study where the spec leaves it out (SourceError when it cannot give one)."""
+        return self.stored_type.model_validate(resolve_source(session, spec, tenant).model_dump())
 
     def enqueued(self, spec: GridSpecT) -> list[dict[str, Any]]:
         return self.grid_points(spec)

@@ -11,7 +11,6 @@ from typing import Annotated, Any, Protocol, Union
 
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
-from sqlalchemy.orm import Session
 
 from service.kinds import shape_schedule, transfer_check, tune
 from service.kinds.base import StudyKind
@@ -40,10 +39,9 @@ def kind_of(spec_or_study: HasKind) -> StudyKind[Any]:
     return KINDS[spec_or_study.kind]
 
 
-def spec_of(session: Session, study: Study) -> Any:
-    """The study's spec, with whatever it refers to filled in (SourceError when a source no longer qualifies)."""
-    kind = kind_of(study)
-    return kind.resolve(session, kind.parse(study.spec), study.tenant)
+def spec_of(study: Study) -> Any:
+    """The study's spec as stored: resolved at submission, so whatever it refers to is in it."""
+    return kind_of(study).parse(study.spec)
 
 
 def without_kind_tag(loc: Loc) -> Loc:

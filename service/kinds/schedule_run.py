@@ -20,20 +20,20 @@ from scaletune.shapes import Shape
 from service.kinds.setup import base_config
 from service.kinds.shape_schedule import RUN_KEY, Plan, ScheduleQuery, base_shape, shape_label
 from service.models import TrialAttempt
-from service.spec import ShapeScheduleSpec
+from service.spec import ResolvedShapeSchedule
 
 
 def is_schedule_run(params: dict[str, Any] | None) -> bool:
     return params is not None and RUN_KEY in params
 
 
-def proxy_shapes(spec: ShapeScheduleSpec) -> dict[str, Shape]:
+def proxy_shapes(spec: ResolvedShapeSchedule) -> dict[str, Shape]:
     """Each shape along the axis at the first proxy size: the shapes the planned schedule moves through."""
     return {shape_label(spec, i): spec.shape_at(base_shape(spec), value, spec.sizes[0])
             for i, value in enumerate(spec.values)}
 
 
-def run_params(spec: ShapeScheduleSpec, planned: Plan, query: ScheduleQuery, seed: int, run_id: str) -> dict[str, Any]:
+def run_params(spec: ResolvedShapeSchedule, planned: Plan, query: ScheduleQuery, seed: int, run_id: str) -> dict[str, Any]:
     """What an attempt of this run needs and what it is measured against, planned once at submit."""
     schedule = planned.report.schedule
     phases = _trainable(phases_from_schedule(schedule, proxy_shapes(spec), schedule.adaptive_flops))
@@ -56,9 +56,8 @@ def phases_of(params: dict[str, Any]) -> list[Phase]:
     return [Phase(Shape.from_dict(p["shape"]), float(p["until_flops"])) for p in params["phases"]]
 
 
-def run_config(spec: ShapeScheduleSpec, params: dict[str, Any]) -> TrialConfig:
+def run_config(spec: ResolvedShapeSchedule, params: dict[str, Any]) -> TrialConfig:
     """The first phase's shape with the study's setup; run_schedule sets the steps from the phases."""
-    assert spec.budget is not None, "resolve the source first"
     return base_config(spec, phases_of(params)[0].shape, spec.budget.to_budget(schedule="wsd"),
                        dict(spec.hyperparameters), int(params["seed"]))
 

@@ -12,7 +12,7 @@ from scaletune.shapes import Shape
 from scaletune.train import Budget
 from service.kinds.tuned import NoCompletedTrial, best_attempt, tuned_values
 from service.models import UNFINISHED_STUDY, Study, StudyStatus
-from service.spec import CheckedModelSpec, GridSpec, TuneSpec
+from service.spec import CheckedModelSpec, GridSetup, GridSpec, TuneSpec
 
 GridSpecT = TypeVar("GridSpecT", bound=GridSpec)
 
@@ -57,9 +57,8 @@ def resolve_source(session: Session, spec: GridSpecT, tenant: str) -> GridSpecT:
     })
 
 
-def base_config(spec: GridSpec, shape: Shape, budget: Budget, hparams: dict[str, float], seed: int) -> TrialConfig:
-    """A resolved grid spec's setup at one shape, budget, hyperparameters and seed."""
-    assert spec.model and spec.dataset and spec.parametrization and spec.optimizer, "resolve the source first"
+def base_config(spec: GridSetup, shape: Shape, budget: Budget, hparams: dict[str, float], seed: int) -> TrialConfig:
+    """A grid spec's setup at one shape, budget, hyperparameters and seed."""
     return TrialConfig(
         family=spec.model.family, args=spec.model.args, base=Shape(**spec.model.base.model_dump()), shape=shape,
         parametrization=spec.parametrization, optimizer=spec.optimizer, dataset=spec.dataset.name,

@@ -26,7 +26,7 @@ from service.kinds.setup import base_config
 from service.models import Study, TrialAttempt, TrialState
 from service.plot_drawing import draw_scaling, draw_schedule
 from service.plots import DrawnPlot, NoPlotData, PlotInput
-from service.spec import Loc, ShapeScheduleSpec
+from service.spec import Loc, ResolvedShapeSchedule, ShapeScheduleSpec
 
 N_BOOTSTRAP = 30  # refits per shape: a coarse 90% interval, but a GET must answer in seconds on a CPU
 GRID_AXES = ("value_index", "size_index", "seed", "budget_index")
@@ -35,21 +35,20 @@ PATH_POINTS = 24  # samples along one schedule segment
 RUN_KEY = "schedule_run"  # in an attempt's params: the id of the schedule run it executes (not a grid point)
 
 
-def base_shape(spec: ShapeScheduleSpec) -> Shape:
-    assert spec.model is not None, "resolve the source first"
+def base_shape(spec: ResolvedShapeSchedule) -> Shape:
     return Shape(**spec.model.base.model_dump())
 
 
-def trial_shape(spec: ShapeScheduleSpec, params: dict[str, Any]) -> Shape:
+def trial_shape(spec: ResolvedShapeSchedule, params: dict[str, Any]) -> Shape:
     return spec.shape_at(base_shape(spec), spec.values[int(params["value_index"])],
                          spec.sizes[int(params["size_index"])])
 
 
-def shape_label(spec: ShapeScheduleSpec, value_index: int) -> str:
+def shape_label(spec: ResolvedShapeSchedule, value_index: int) -> str:
     return f"{spec.axis}={spec.values[value_index]}"
 
 
-def runs_by_shape(spec: ShapeScheduleSpec, attempts: Iterable[TrialAttempt]) -> dict[str, dict[float, list[Run]]]:
+def runs_by_shape(spec: ResolvedShapeSchedule, attempts: Iterable[TrialAttempt]) -> dict[str, dict[float, list[Run]]]:
     """Completed attempts as learning curves: one Run per (shape, size, seed), one point per budget."""
     points: dict[tuple[int, int, int], list[tuple[float, float]]] = {}
     for a in attempts:
@@ -84,14 +83,14 @@ def _fit_summary(fit: FitResult) -> dict[str, Any]:
             "flops_range": list(fit.flops_range), "loss_range": list(fit.loss_range), "n_runs": fit.n_runs}
 
 
-def _target_shapes(spec: ShapeScheduleSpec, query: ScheduleQuery) -> dict[str, Shape]:
+def _target_shapes(spec: ResolvedShapeSchedule, query: ScheduleQuery) -> dict[str, Shape]:
     """Each schedule shape at the target's width and depth (the axis keeps each shape's own value)."""
     base = base_shape(spec)
     target = base.with_(width=query.target_width or base.width, depth=query.target_depth or base.depth)
     return {shape_label(spec, i): target.with_(**{spec.axis: value}) for i, value in enumerate(spec.values)}
 
 
-def executable_moves(spec: ShapeScheduleSpec) -> ScheduleConstraints:
+def executable_moves(spec: ResolvedShapeSchedule) -> ScheduleConstraints:
     """The switches surgery can make: width grows by a whole factor, depth grows, patch size changes either way."""
     values = {shape_label(spec, i): value for i, value in enumerate(spec.values)}
 
@@ -104,10 +103,9 @@ def executable_moves(spec: ShapeScheduleSpec) -> ScheduleConstraints:
     return ScheduleConstraints(allowed=allowed)
 
 
-def _project(spec: ShapeScheduleSpec, query: ScheduleQuery, runs: dict[str, dict[float, list[Run]]],
+def _project(spec: ResolvedShapeSchedule, query: ScheduleQuery, runs: dict[str, dict[float, list[Run]]],
              fits: dict[str, FitResult], start_loss: float, data: DataSpec) -> Projection:
     """Tier A (a Chinchilla law per shape over >= 3 proxy sizes) or tier B (one compute factor, heuristic)."""
-    assert spec.model is not None
     family, args = get_family(spec.model.family), spec.model.args
     targets = _target_shapes(spec, query)
     sizes = sorted({size for by_size in runs.values() for size in by_size})
@@ -145,7 +143,7 @@ class Plan:
     projection: Projection | None
 
 
-def plan(spec: ShapeScheduleSpec, attempts: Iterable[TrialAttempt], query: ScheduleQuery, data: DataSpec) -> Plan:
+def plan(spec: ResolvedShapeSchedule, attempts: Iterable[TrialAttempt], query: ScheduleQuery, data: DataSpec) -> Plan:
     """Fit a law per shape and plan the cheapest schedule surgery can execute.
 
     Raises NotEnoughRuns before two shapes have runs, ValueError when the target cannot be reached.
@@ -201,7 +199,6 @@ def _planned(given: PlotInput) -> Plan:
     if not losses:
         raise NoPlotData(f"study {study.id} has no completed run at proxy size {spec.sizes[0]:g} yet, so there is "
                          "no scaling law to fit.")
-    assert spec.dataset is not None, "resolve the source first"
     data = dataset_spec(spec.dataset.name, spec.dataset.args, given.settings.DATA_ROOT)
     try:
         return plan(spec, attempts, ScheduleQuery(target_loss=min(losses)), data)
@@ -247,12 +244,13 @@ def schedule_data(given: PlotInput) -> dict[str, Any]:
             "segments": paths}
 
 
-class ShapeScheduleKind(GridKind[ShapeScheduleSpec]):
+class ShapeScheduleKind(GridKind[ResolvedShapeSchedule]):
     name = "shape_schedule"
     spec_type = ShapeScheduleSpec
+    stored_type = ResolvedShapeSchedule
     plots = {"scaling": DrawnPlot(scaling_data, draw_scaling), "schedule": DrawnPlot(schedule_data, draw_schedule)}
 
-    def grid_points(self, spec: ShapeScheduleSpec) -> list[dict[str, Any]]:
+    def grid_points(self, spec: ResolvedShapeSchedule) -> list[dict[str, Any]]:
         """Seed by seed and smallest budget first, so a study cut short still has whole curves."""
         return [{"value_index": v, "size_index": s, "seed": seed, "budget_index": b}
                 for seed in range(spec.seeds) for b in range(len(spec.budgets))
@@ -265,26 +263,24 @@ class ShapeScheduleKind(GridKind[ShapeScheduleSpec]):
     def asked_steps(self, spec: ShapeScheduleSpec) -> list[tuple[Loc, int]]:
         return [(("budgets", i), steps) for i, steps in enumerate(spec.budgets)]
 
-    def distributions(self, spec: ShapeScheduleSpec) -> dict[str, BaseDistribution]:
+    def distributions(self, spec: ResolvedShapeSchedule) -> dict[str, BaseDistribution]:
         counts = {"value_index": len(spec.values), "size_index": len(spec.sizes), "seed": spec.seeds,
                   "budget_index": len(spec.budgets)}
         return {name: IntDistribution(0, counts[name] - 1) for name in GRID_AXES}
 
-    def trial_config(self, spec: ShapeScheduleSpec, params: dict[str, Any]) -> TrialConfig:
+    def trial_config(self, spec: ResolvedShapeSchedule, params: dict[str, Any]) -> TrialConfig:
         """A WSD run with its own cooldown ending exactly at its budget, evaluated once at the end."""
-        assert spec.budget is not None, "resolve the source first"
         steps = spec.budgets[int(params["budget_index"])]
         return base_config(spec, trial_shape(spec, params), spec.budget.to_budget(steps=steps, eval_every=steps,
                                                                                   schedule="wsd"),
                            dict(spec.hyperparameters), int(params["seed"]))
 
-    def summary(self, session: Session, study: Study, spec: ShapeScheduleSpec,
+    def summary(self, session: Session, study: Study, spec: ResolvedShapeSchedule,
                 data_root: Path | None) -> dict[str, Any] | None:
         """The schedule to the lowest loss the first proxy size reached (GET /schedule plans to any other target)."""
         attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study.id)))
         losses = [a.value for a in attempts if a.state == TrialState.complete and a.value is not None and a.params
                   and RUN_KEY not in a.params and int(a.params["size_index"]) == 0]
-        assert spec.dataset is not None
         if not losses:
             return None
         try:

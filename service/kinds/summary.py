@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.kinds.registry import kind_of, spec_of
-from service.kinds.setup import SourceError
 from service.models import Study, StudyStatus
 
 CACHE_SIZE = 512
@@ -18,19 +17,11 @@ _cache: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
 _lock = threading.Lock()
 
 
-def _compute(session: Session, study: Study, data_root: Path | None) -> dict[str, Any] | None:
-    try:
-        spec = spec_of(session, study)
-    except SourceError:
-        return None
-    return kind_of(study).summary(session, study, spec, data_root)
-
-
 def finished_result(session: Session, study: Study, data_root: Path | None) -> dict[str, Any] | None:
     """The kind's summary of a completed study (a verdict, a schedule); None for unfinished ones and kinds without.
 
     Kept per study after the first call: once a study has completed its grid trials never change (schedule
-    runs, which may come later, are not part of it), and nor does its completed source study.
+    runs, which may come later, are not part of it).
     """
     if study.status != StudyStatus.completed:
         return None
@@ -38,7 +29,7 @@ def finished_result(session: Session, study: Study, data_root: Path | None) -> d
         if study.id in _cache:
             _cache.move_to_end(study.id)
             return _cache[study.id]
-    result = _compute(session, study, data_root)
+    result = kind_of(study).summary(session, study, spec_of(study), data_root)
     with _lock:
         _cache[study.id] = result
         while len(_cache) > CACHE_SIZE:

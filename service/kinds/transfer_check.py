@@ -20,7 +20,7 @@ from service.kinds.setup import base_config
 from service.models import Study, TrialAttempt, TrialState
 from service.plot_drawing import draw_landscape
 from service.plots import DrawnPlot, NoPlotData, PlotInput
-from service.spec import Loc, TransferCheckSpec
+from service.spec import Loc, ResolvedTransferCheck, TransferCheckSpec
 
 FINISHED = (TrialState.complete, TrialState.diverged)
 
@@ -65,12 +65,13 @@ def landscape_data(given: PlotInput) -> dict[str, Any]:
 LANDSCAPE = DrawnPlot(landscape_data, draw_landscape)
 
 
-class TransferCheckKind(GridKind[TransferCheckSpec]):
+class TransferCheckKind(GridKind[ResolvedTransferCheck]):
     name = "transfer_check"
     spec_type = TransferCheckSpec
+    stored_type = ResolvedTransferCheck
     plots = {"landscape": LANDSCAPE}
 
-    def grid_points(self, spec: TransferCheckSpec) -> list[dict[str, Any]]:
+    def grid_points(self, spec: ResolvedTransferCheck) -> list[dict[str, Any]]:
         """Seed by seed, so a study cut short still has whole LR sweeps for every size."""
         return [{"size_index": i, "log2_lr_mult": m, "seed": seed}
                 for seed in range(spec.seeds) for i in range(len(spec.sizes)) for m in spec.lr_multipliers_log2()]
@@ -78,20 +79,19 @@ class TransferCheckKind(GridKind[TransferCheckSpec]):
     def trained_shapes(self, spec: TransferCheckSpec, base: Shape) -> dict[Loc, Shape]:
         return {("sizes", i): Shape(**size.model_dump()) for i, size in enumerate(spec.sizes)}
 
-    def distributions(self, spec: TransferCheckSpec) -> dict[str, BaseDistribution]:
+    def distributions(self, spec: ResolvedTransferCheck) -> dict[str, BaseDistribution]:
         mults = spec.lr_multipliers_log2()
         return {"size_index": IntDistribution(0, len(spec.sizes) - 1),
                 "log2_lr_mult": FloatDistribution(mults[0], mults[-1]),
                 "seed": IntDistribution(0, spec.seeds - 1)}
 
-    def trial_config(self, spec: TransferCheckSpec, params: dict[str, Any]) -> TrialConfig:
+    def trial_config(self, spec: ResolvedTransferCheck, params: dict[str, Any]) -> TrialConfig:
         """One grid point: the size's shape, the tuned LR times 2^log2_lr_mult, everything else as tuned."""
-        assert spec.budget is not None, "resolve the source first"
         lr = tuned_lr(spec) * 2.0 ** float(params["log2_lr_mult"])
         return base_config(spec, Shape(**spec.sizes[int(params["size_index"])].model_dump()), spec.budget.to_budget(),
                            {**spec.hyperparameters, "lr": lr}, int(params["seed"]))
 
-    def summary(self, session: Session, study: Study, spec: TransferCheckSpec,
+    def summary(self, session: Session, study: Study, spec: ResolvedTransferCheck,
                 data_root: Path | None) -> dict[str, Any] | None:
         """The verdict: does the optimal LR stay put across sizes?"""
         attempts = session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study.id))

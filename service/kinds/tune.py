@@ -99,6 +99,7 @@ def distributions(spec: TuneSpec) -> dict[str, BaseDistribution]:
 class TuneKind(StudyKind[TuneSpec]):
     name = "tune"
     spec_type = TuneSpec
+    stored_type = TuneSpec
     plots = {"history": DrawnPlot(history_data, draw_history),
              "intermediate": DrawnPlot(intermediate_data, draw_intermediate),
              "importance": DrawnPlot(importance_data, draw_importance),

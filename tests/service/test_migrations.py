@@ -16,10 +16,10 @@ from sqlalchemy import inspect, text
 
 from service.db import VERSION_TABLE, _alembic_config, create_db_engine, database_is_current, \
     downgrade_database, make_session_factory, upgrade_database
-from service.models import Base
+from service.models import Base, Study, StudyStatus, TrialAttempt
 from service.dispatch import dispatch
 from service.optuna_study import get_storage
-from service.kinds.registry import STUDY_SPEC
+from service.kinds.registry import STUDY_SPEC, kind_of
 from service.studies import create_study
 
 OUR_TABLES = {"st_studies", "st_trials", "st_events", "st_tokens", "st_alembic_version"}
@@ -135,3 +135,48 @@ def test_head_matches_the_models(empty_database: str) -> None:
             assert compare_metadata(context, Base.metadata) == []
     finally:
         engine.dispose()
+
+
+def test_upgrade_resolves_the_grid_studies_a_release_at_0002_stored(empty_database: str,
+                                                                    spec_dict: dict[str, Any]) -> None:
+    """0002 stored a grid study's spec as submitted and resolved its source on every read; head stores it resolved,
+    exactly as submitting it now would, and leaves a grid without a (usable) source as it was."""
+    upgrade_database(empty_database, "0002")
+    engine = create_db_engine(empty_database)
+    session_factory = make_session_factory(engine)
+    sizes = [{"width": 16, "depth": 1}, {"width": 32, "depth": 1}, {"width": 64, "depth": 1}]
+    submitted = {
+        "check": {"name": "check", "kind": "transfer_check", "source": {"study_id": "tuned"}, "sizes": sizes},
+        "schedule": {"name": "schedule", "kind": "shape_schedule", "source": {"study_id": "tuned"},
+                     "hyperparameters": {"lr": 0.5}, "budget": {"steps": 40, "batch_size": 8, "eval_every": 40},
+                     "axis": "width", "values": [16, 32], "budgets": [10, 20]},
+        "orphan": {"name": "orphan", "kind": "transfer_check", "source": {"study_id": "no-such-study"},
+                   "sizes": sizes},
+    }
+    stored = {key: STUDY_SPEC.validate_python(spec).model_dump(mode="json") for key, spec in submitted.items()}
+    try:
+        with session_factory() as session, session.begin():
+            session.add(Study(id="tuned", name="tuned", kind="tune", status=StudyStatus.completed,
+                              spec=STUDY_SPEC.validate_python(spec_dict).model_dump(mode="json"),
+                              optuna_study_name="optuna-tuned"))
+            session.flush()
+            for number, (state, value, lr) in enumerate([("complete", 2.0, 0.01), ("complete", 1.5, 0.003),
+                                                         ("failed", None, 0.1)]):
+                session.add(TrialAttempt(study_id="tuned", number=number, state=state, value=value,
+                                         params={"lr": lr}, intermediate=[]))
+            for key, spec in stored.items():
+                session.add(Study(id=key, name=key, kind=spec["kind"], status=StudyStatus.queued, spec=spec,
+                                  optuna_study_name=f"optuna-{key}"))
+        upgrade_database(empty_database)
+        with session_factory() as session:
+            migrated = {key: session.get_one(Study, key).spec for key in submitted}
+            expected = {key: kind_of(spec).resolve(session, spec, "default").model_dump(mode="json")
+                        for key in ("check", "schedule") for spec in [STUDY_SPEC.validate_python(submitted[key])]}
+    finally:
+        engine.dispose()
+    assert migrated["check"] == expected["check"] and migrated["schedule"] == expected["schedule"]
+    assert migrated["check"]["source"] == {"study_id": "tuned"}, "the submitted source is kept as provenance"
+    assert migrated["check"]["hyperparameters"]["lr"] == 0.003, "the best completed trial's values"
+    assert migrated["check"]["model"]["family"] == spec_dict["model"]["family"]
+    assert migrated["schedule"]["hyperparameters"]["lr"] == 0.5 and migrated["schedule"]["budget"]["steps"] == 40
+    assert migrated["orphan"] == stored["orphan"]

@@ -15,7 +15,7 @@ from service.auth import create_token
 from service.dispatch import dispatch
 from service.models import Study
 from service.settings import Settings
-from service.kinds.registry import STUDY_SPEC, parse_spec
+from service.kinds.registry import STUDY_SPEC, kind_of, parse_spec
 from service.spec import SpecError, TransferCheckSpec
 from service.studies import create_study
 from test_transfer_api import tune_spec, tuned_study  # noqa: F401  (fixtures shared with the transfer tests)
@@ -133,7 +133,10 @@ def test_a_check_takes_setup_and_best_values_from_its_source_study(
     spec = {"name": "from-source", "kind": "transfer_check", "source": {"study_id": tuned_study},
             "sizes": [{"width": 16, "depth": 1}, {"width": 32, "depth": 1}, {"width": 32, "depth": 2}],
             "octaves": 0.5, "seeds": 2}
-    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(spec))
+    submitted = STUDY_SPEC.validate_python(spec)
+    with ctx.session_factory() as session:
+        resolved = kind_of(submitted).resolve(session, submitted, "default")
+    study = create_study(ctx.session_factory, storage, resolved)
     assert set(run_all(ctx, study.id)) == {"complete"}
 
     best = min(client.get(f"/v1/studies/{tuned_study}/trials").json()["items"], key=lambda t: t["value"])
@@ -174,3 +177,8 @@ def test_a_source_that_cannot_give_a_setup_is_refused_at_submit(client: TestClie
 
     response = client.post("/v1/studies", json={**spec, "source": {"study_id": tuned_study}})
     assert response.status_code == 201, response.text
+    stored = client.get(f"/v1/studies/{response.json()['id']}").json()["spec"]
+    source = client.get(f"/v1/studies/{tuned_study}").json()
+    assert stored["source"] == {"study_id": tuned_study}, "the submitted source is kept as provenance"
+    assert stored["model"]["base"] == source["spec"]["model"]["base"] and stored["budget"] == source["spec"]["budget"]
+    assert stored["hyperparameters"]["lr"] == pytest.approx(source["best_params"]["lr"])
