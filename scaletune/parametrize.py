@@ -58,6 +58,10 @@ class ParamOptions:
     eps_rule: Literal["per_group", "global", "none"] = "per_group"  # CP table / CP code / mup package
     alpha: float | None = None  # override the depth exponent of depth_mup / completep
 
+    def __post_init__(self) -> None:
+        if self.alpha is not None and not 0 < self.alpha <= 2:
+            raise ValueError(f"alpha (the depth exponent) must be in (0, 2], got {self.alpha}")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> ParamOptions:
         return cls(**(values or {}))

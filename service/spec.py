@@ -17,6 +17,7 @@ from scaletune.data.registry import dataset_names, dataset_spec
 from scaletune.hparams import HPARAM_NAMES
 from scaletune.models.registry import family_names, get_family
 from scaletune.models.size import count_params, family_factory
+from scaletune.parametrize import Optimizer, ParamOptions, Parametrization
 from scaletune.shapes import Shape
 from scaletune.train import Budget, Schedule
 from service.settings import Settings
@@ -168,25 +169,15 @@ class PrunerSpec(_Strict):
     name: Literal["none", "median", "successive_halving", "hyperband", "wilcoxon"] = "none"
 
 
-class ParametrizationOptions(_Strict):
-    """Where the sources disagree (research notes §7): None keeps the parametrization's default."""
-
-    zero_init_readout: bool | None = Field(None, description="default: true for the muP family, false for sp")
-    zero_init_query: bool | None = Field(None, description="default: true for the muP family, false for sp")
-    weight_decay_rule: Literal["lr_wd_product", "unscaled"] = "lr_wd_product"
-    eps_rule: Literal["per_group", "global", "none"] = "per_group"
-    alpha: float | None = Field(None, gt=0, le=2, description="override the depth exponent of depth_mup/completep")
-
-
 class TuneSpec(_Strict):
     """Search hyperparameters (in base units) by training the proxy shape; transfer them to any target later."""
 
     name: str = Field(min_length=1, max_length=200)
     kind: Literal["tune"]
     model: ModelSpec
-    parametrization: Literal["sp", "mup", "depth_mup", "completep"]
-    parametrization_options: ParametrizationOptions = Field(default_factory=ParametrizationOptions)
-    optimizer: Literal["adamw", "sgd"]
+    parametrization: Parametrization
+    parametrization_options: ParamOptions = Field(default_factory=ParamOptions)
+    optimizer: Optimizer
     dataset: DatasetSpec
     budget: BudgetSpec
     search_space: dict[HParamName, SearchParam] = Field(min_length=1)
@@ -227,9 +218,9 @@ class GridSpec(_Strict):
     source: SourceSpec | None = Field(None, description="take the setup and best values of this tune study; "
                                                         "fields given here override it")
     model: CheckedModelSpec | None = None
-    parametrization: Literal["sp", "mup", "depth_mup", "completep"] | None = None
-    parametrization_options: ParametrizationOptions | None = Field(None, description="default: the source's")
-    optimizer: Literal["adamw", "sgd"] | None = None
+    parametrization: Parametrization | None = None
+    parametrization_options: ParamOptions | None = Field(None, description="default: the source's")
+    optimizer: Optimizer | None = None
     dataset: DatasetSpec | None = None
     budget: BudgetSpec | None = None
     hyperparameters: dict[HParamName, float] = Field(default_factory=dict, description="base units")
@@ -370,9 +361,9 @@ class GridSetup(_Strict):
     """A grid spec's setup once resolved at submission: every part given, by the spec or by its source study."""
 
     model: CheckedModelSpec
-    parametrization: Literal["sp", "mup", "depth_mup", "completep"]
-    parametrization_options: ParametrizationOptions | None = Field(description="None: the parametrization's defaults")
-    optimizer: Literal["adamw", "sgd"]
+    parametrization: Parametrization
+    parametrization_options: ParamOptions | None = Field(description="None: the parametrization's defaults")
+    optimizer: Optimizer
     dataset: DatasetSpec
     budget: BudgetSpec
 

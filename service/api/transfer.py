@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
-from scaletune.parametrize import ParamOptions
+from scaletune.parametrize import Optimizer
 from scaletune.models.registry import get_family
 from scaletune.models.size import family_factory, params_by_depth
 from scaletune.shapes import Shape
@@ -32,7 +32,7 @@ class TransferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     target: ShapeSpec
-    optimizer: Literal["adamw", "sgd"] | None = Field(None, description="defaults to the optimizer tuned with")
+    optimizer: Optimizer | None = Field(None, description="defaults to the optimizer tuned with")
     batch_size: int | None = Field(None, ge=1)
     steps: int | None = Field(None, ge=1)
     batch_rule: Literal["sqrt", "linear"] | None = Field(
@@ -71,7 +71,7 @@ def plan_for(spec: TuneSpec, tuned: dict[str, float], request: TransferRequest, 
                              f"{max_params:,} (SCALETUNE_MAX_TARGET_PARAMS)", "target")
     transfer = transfer_plan(spec.model.family, data, spec.model.args, Shape(**spec.model.base.model_dump()),
                              target, spec.parametrization, HParams.from_dict(tuned), optimizer,
-                             ParamOptions.from_dict(spec.parametrization_options.model_dump()),
+                             spec.parametrization_options,
                              tuned_batch_size=spec.budget.batch_size, batch_size=request.batch_size,
                              tuned_steps=spec.budget.steps, steps=request.steps, batch_rule=request.batch_rule,
                              provenance=provenance)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TypeVar
 
 from sqlalchemy.orm import Session
@@ -64,5 +65,5 @@ def base_config(spec: GridSetup, shape: Shape, budget: Budget, hparams: dict[str
         parametrization=spec.parametrization, optimizer=spec.optimizer, dataset=spec.dataset.name,
         dataset_args=spec.dataset.args, budget=budget, hparams=HParams.from_dict(hparams),
         seed=spec.dataset.seed + seed,
-        options=spec.parametrization_options.model_dump() if spec.parametrization_options else None)
+        options=asdict(spec.parametrization_options) if spec.parametrization_options else None)
 

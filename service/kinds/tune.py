@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import asdict
 from typing import Any
 
 import optuna
@@ -138,7 +139,7 @@ class TuneKind(StudyKind[TuneSpec]):
             parametrization=spec.parametrization, optimizer=spec.optimizer,
             dataset=spec.dataset.name, dataset_args=spec.dataset.args, budget=spec.budget.to_budget(),
             hparams=HParams.from_dict({**spec.hyperparameters, **params}), seed=spec.dataset.seed,
-            options=spec.parametrization_options.model_dump())
+            options=asdict(spec.parametrization_options))
 
 
 KIND = TuneKind()
