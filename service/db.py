@@ -16,17 +16,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 
-from service.settings import normalise_database_url
+from service.optuna_study import get_storage
+from service.settings import SQLITE_BUSY_TIMEOUT_S, is_sqlite, normalise_database_url
 
 VERSION_TABLE = "st_alembic_version"
-SQLITE_BUSY_TIMEOUT_S = 30.0
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 
 SessionFactory = sessionmaker[Session]
-
-
-def is_sqlite(url: str) -> bool:
-    return url.startswith("sqlite")
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -82,8 +78,6 @@ def _alembic_config(url: str) -> Config:
 
 def upgrade_database(url: str, revision: str = "head") -> None:
     """Bring scaletune's tables to ``revision`` and create Optuna's storage tables beside them."""
-    from service.optuna_study import get_storage
-
     command.upgrade(_alembic_config(url), revision)
     get_storage(url)
 

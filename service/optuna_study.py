@@ -9,8 +9,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
 
-from service.db import SQLITE_BUSY_TIMEOUT_S, is_sqlite
-from service.settings import normalise_database_url
+from service.settings import SQLITE_BUSY_TIMEOUT_S, is_sqlite, normalise_database_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

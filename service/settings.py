@@ -9,6 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+SQLITE_BUSY_TIMEOUT_S = 30.0  # how long a writer waits for SQLite's lock, for our engine and Optuna's alike
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
 def normalise_database_url(url: str) -> str:
     """Use psycopg 3 for PostgreSQL whatever spelling the user gave (``postgres://``, ``postgresql://``)."""
     for prefix in ("postgresql+psycopg2://", "postgresql://", "postgres://"):

@@ -112,6 +112,7 @@ def test_check_reports_an_optimum_per_size_and_a_verdict(client: TestClient, ctx
     png = client.get(f"/v1/studies/{study.id}/check.png")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.content.startswith(b"\x89PNG")
+    assert png.content == client.get(f"/v1/studies/{study.id}/plots/landscape.png").content, "one picture"
 
 
 def test_diverged_points_are_recorded_and_shown_as_diverged(client: TestClient, ctx: WorkerContext,
