@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -28,13 +29,28 @@ def get_storage(url: str) -> BaseStorage:
     return optuna.storages.get_storage(RDBStorage(url, engine_kwargs=engine_kwargs))
 
 
+NAME_PREFIX = "scaletune-"
+CREATED_AT = "scaletune_created_at"  # a system attribute: Optuna keeps no creation time of its own
+
+
 def optuna_study_name(study_id: str) -> str:
-    return f"scaletune-{study_id}"
+    return f"{NAME_PREFIX}{study_id}"
+
+
+def stamp_created_at(storage: BaseStorage, name: str, when: datetime) -> None:
+    storage.set_study_system_attr(storage.get_study_id_from_name(name), CREATED_AT, when.isoformat())
+
+
+def created_at(storage: BaseStorage, name: str) -> datetime | None:
+    """When the study was stamped (at creation, or first seen as an orphan); None if never."""
+    stamped = storage.get_study_system_attrs(storage.get_study_id_from_name(name)).get(CREATED_AT)
+    return None if stamped is None else datetime.fromisoformat(stamped)
 
 
 def create_optuna_study(storage: BaseStorage, name: str, direction: str, enqueued: list[dict[str, Any]]) -> None:
-    """Create the Optuna study and queue the points it hands out first, each to exactly one ``ask()``."""
+    """Create the Optuna study, stamped with the time, and queue the points it hands out first, each to one ``ask()``."""
     study = optuna.create_study(storage=storage, study_name=name, direction=direction)
+    stamp_created_at(storage, name, datetime.now(UTC))
     for point in enqueued:
         study.enqueue_trial(point)
 

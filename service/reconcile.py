@@ -16,10 +16,10 @@ from service.dispatch import dispatch, send_all
 from service.logging import log_context
 from service.metrics import RECONCILER_ACTIONS
 from service.models import UNFINISHED_STUDY, Study, TrialAttempt, TrialState, utcnow
-from service.optuna_study import get_storage
+from service.optuna_study import NAME_PREFIX, created_at, delete_optuna_study, get_storage, stamp_created_at
 from service.queue import Enqueue, make_celery, trial_sender
 from service.settings import Settings
-from service.studies import unfinished_study_ids
+from service.studies import orphan_optuna_study_names, unfinished_study_ids
 from service.trials import WORKER_LOST, Outcome, finish_attempt, stale_attempt_ids
 
 log = logging.getLogger(__name__)
@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Action:
-    """One thing the reconciler did: ``failed_stale``, ``retried``, ``resent`` or ``dispatched``."""
+    """One thing the reconciler did: ``failed_stale``, ``retried``, ``resent``, ``dispatched`` or ``removed_orphan``
+    (then ``study_id`` is the id the orphan Optuna study was made for, which has no row, and there is no attempt)."""
 
     kind: str
     study_id: str
-    attempt_id: str
+    attempt_id: str | None
 
 
 def _tell_optuna_failed(settings: Settings, study: Study, number: int | None) -> None:
@@ -84,9 +85,31 @@ def resend_lost_tasks(session_factory: SessionFactory, enqueue: Enqueue, setting
     return [Action("resent", study_id, attempt_id) for attempt_id, study_id, _queue in rows]
 
 
+def remove_orphan_optuna_studies(session_factory: SessionFactory, settings: Settings, now: datetime) -> list[Action]:
+    """Delete Optuna studies without a study row once ORPHAN_STUDY_GRACE has passed since they were stamped.
+
+    ``create_study`` stamps its Optuna study at creation; one without a stamp (a crash before it, or made before
+    stamps existed) is stamped ``now`` here, so it too is removed a grace period later. The grace period must be
+    far longer than a submit takes: a study whose row is still being written is not an orphan.
+    """
+    with session_factory() as session:
+        orphans = orphan_optuna_study_names(session)
+    storage = get_storage(settings.DATABASE_URL)
+    actions = []
+    for name in orphans:
+        stamped = created_at(storage, name)
+        if stamped is None:
+            stamp_created_at(storage, name, now)
+        elif now - stamped > timedelta(seconds=settings.ORPHAN_STUDY_GRACE):
+            delete_optuna_study(storage, name)
+            actions.append(Action("removed_orphan", name.removeprefix(NAME_PREFIX), None))
+    return actions
+
+
 def reconcile_once(session_factory: SessionFactory, enqueue: Enqueue, settings: Settings | None = None,
                    now: datetime | None = None) -> list[Action]:
-    """One pass: fail stale attempts (and retry), re-send lost tasks, top up every unfinished study."""
+    """One pass: fail stale attempts (and retry), re-send lost tasks, top up every unfinished study, remove orphan
+    Optuna studies."""
     settings = settings or Settings()
     now = now or utcnow()
     actions = fail_stale_attempts(session_factory, enqueue, settings, now)
@@ -96,7 +119,7 @@ def reconcile_once(session_factory: SessionFactory, enqueue: Enqueue, settings: 
     for study_id in study_ids:
         actions += [Action("dispatched", study_id, attempt_id)
                     for attempt_id in dispatch(session_factory, study_id, enqueue)]
-    return actions
+    return actions + remove_orphan_optuna_studies(session_factory, settings, now)
 
 
 def reconcile_forever(settings: Settings, stop_event: threading.Event) -> None:

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     RECONCILE_INTERVAL: float = Field(15.0, gt=0)
     REQUEUE_AFTER: float = Field(600.0, gt=0, description="re-send a queued attempt's task after this many seconds")
     MAX_RETRIES: int = Field(2, ge=0)
+    ORPHAN_STUDY_GRACE: float = Field(
+        600.0, gt=0, description="remove an Optuna study named as scaletune's that has no study row after this many "
+                                 "seconds (a crash between the two writes of a submit leaves one)")
     PROCESS_STATUS_FILE: Path | None = Field(
         None, description="set by `scaletune up` for its API: /readyz reports the processes it stopped restarting")
     RECONCILE_IN_API: bool = Field(False, description="run the reconciler loop as a thread inside the API process")

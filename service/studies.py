@@ -7,16 +7,17 @@ import json
 from typing import Any
 
 from optuna.storages import BaseStorage
-from sqlalchemy import func, select, update
+from sqlalchemy import column, exists, func, select, table, update
 from sqlalchemy.orm import Session
 
 from service.db import SessionFactory, write_session
 from service.models import UNFINISHED_STUDY, Event, EventType, Study, StudyStatus, TrialAttempt, TrialState, new_id, utcnow
-from service.optuna_study import create_optuna_study, delete_optuna_study, optuna_study_name
+from service.optuna_study import NAME_PREFIX, create_optuna_study, delete_optuna_study, optuna_study_name
 from service.quotas import check_concurrent_studies
 from service.kinds.registry import StudySpec, kind_of
 
 DEFAULT_TENANT = "default"
+OPTUNA_STUDIES = table("studies", column("study_name"))  # Optuna's own table, in our database
 
 
 class StudyNotFound(LookupError):
@@ -56,7 +57,7 @@ def create_study(session_factory: SessionFactory, storage: BaseStorage, spec: An
     Optuna writes through its own engine, so the two cannot share one SQL transaction (on SQLite the
     second writer would wait on the first). The compensation keeps "nothing half-written": a study row
     never exists without its Optuna study, and an Optuna study left by a crash in between has no row,
-    so nothing ever schedules it.
+    so nothing ever schedules it; the reconciler removes it (``orphan_optuna_study_names``).
     """
     study_id = new_id()
     name = optuna_study_name(study_id)
@@ -108,6 +109,14 @@ def trial_counts(session: Session, study_id: str) -> dict[str, int]:
 
 def unfinished_study_ids(session: Session) -> list[str]:
     return list(session.scalars(select(Study.id).where(Study.status.in_(UNFINISHED_STUDY))))
+
+
+def orphan_optuna_study_names(session: Session) -> list[str]:
+    """Optuna studies named as ours with no study row: left by a crash between the two writes of ``create_study``
+    (or being created right now: the caller leaves the young ones alone)."""
+    name = OPTUNA_STUDIES.c.study_name
+    return list(session.scalars(select(name).where(name.startswith(NAME_PREFIX, autoescape=True),
+                                                   ~exists().where(Study.optuna_study_name == name))))
 
 
 def study_is_cancelled(session_factory: SessionFactory, study_id: str) -> bool:

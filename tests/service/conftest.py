@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -20,6 +22,7 @@ from service.settings import Settings
 # The issue's spec, exactly as shipped for users in examples/.
 EXAMPLE_SPEC: dict[str, Any] = yaml.safe_load(
     (Path(__file__).resolve().parents[2] / "examples" / "mlp-digits.yaml").read_text())
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 class SentTasks(list[tuple[str, str]]):
@@ -30,6 +33,19 @@ class SentTasks(list[tuple[str, str]]):
 
     def ids(self) -> list[str]:
         return [attempt_id for attempt_id, _ in self]
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throwaway database on the local PostgreSQL server, dropped afterwards."""
+    name = f"scaletune_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import pytest
 from optuna.trial import TrialState as OptunaState
 from sqlalchemy import select, update
 
-from service.db import SessionFactory
+from service.db import SessionFactory, create_db_engine, make_session_factory, upgrade_database
 from service.dispatch import dispatch
-from service.models import Event, Study, TrialAttempt, TrialState, utcnow
+from service.models import Event, Study, TrialAttempt, TrialState, new_id, utcnow
+from service.optuna_study import create_optuna_study, get_storage, optuna_study_name
 from service.reconcile import reconcile_forever, reconcile_once
-from service.settings import Settings
+from service.settings import Settings, normalise_database_url
 from service.kinds.registry import STUDY_SPEC
 from service.studies import create_study
 from service.trials import Outcome, claim_attempt, finish_attempt, record_asked
@@ -183,3 +186,42 @@ def test_reconcile_forever_dispatches_through_the_broker_until_stopped(
     assert len(_attempts(session_factory, study.id)) == 2
     messages = list(Path(migrated.broker_transport_options["data_folder_in"]).glob("*.msg"))
     assert len(messages) == 2
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, settings: Settings) -> Iterator[tuple[Settings, SessionFactory]]:
+    """Settings and sessions on a migrated database of each backend."""
+    url = settings.DATABASE_URL if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    upgrade_database(url)
+    engine = create_db_engine(url)
+    yield settings.model_copy(update={"DATABASE_URL": normalise_database_url(url)}), make_session_factory(engine)
+    engine.dispose()
+
+
+def test_reconciler_removes_optuna_studies_left_without_a_study_row_after_the_grace_period(
+        database: tuple[Settings, SessionFactory], spec_dict: dict[str, Any], sent: SentTasks) -> None:
+    """A crash between the Optuna study and our row leaves an Optuna study nothing schedules: it goes, ours stay."""
+    settings, session_factory = database
+    storage = get_storage(settings.DATABASE_URL)
+    study = _study(session_factory, storage, spec_dict, n_trials=2, parallelism=1)
+    crashed = optuna_study_name(new_id())
+    create_optuna_study(storage, crashed, "minimize", [])  # what create_study did before the crash
+    optuna.create_study(storage=storage, study_name="someone-elses-study")
+
+    def names() -> set[str]:
+        return {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
+
+    grace = timedelta(seconds=settings.ORPHAN_STUDY_GRACE)
+    assert [a for a in reconcile_once(session_factory, sent, settings) if a.kind == "removed_orphan"] == []
+    assert names() == {study.optuna_study_name, crashed, "someone-elses-study"}
+
+    unstamped = optuna_study_name(new_id())  # a crash before the stamp: the reconciler stamps it when it first sees it
+    optuna.create_study(storage=storage, study_name=unstamped)
+    later = utcnow() + grace + timedelta(seconds=1)
+    actions = [a for a in reconcile_once(session_factory, sent, settings, now=later) if a.kind == "removed_orphan"]
+    assert [a.study_id for a in actions] == [crashed.removeprefix("scaletune-")]
+    assert names() == {study.optuna_study_name, unstamped, "someone-elses-study"}
+
+    reconcile_once(session_factory, sent, settings, now=later + grace + timedelta(seconds=1))
+    assert names() == {study.optuna_study_name, "someone-elses-study"}
+    assert len(dispatch(session_factory, study.id, sent)) == 0 and len(_attempts(session_factory, study.id)) == 1
