@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -30,8 +32,21 @@ def concurrent_studies_limit(settings: Settings, tenant: str) -> int:
     return settings.MAX_CONCURRENT_STUDIES
 
 
+def _tenant_lock_key(tenant: str) -> int:
+    """A stable signed 64-bit key for PostgreSQL's advisory locks, one per tenant."""
+    digest = hashlib.sha256(f"scaletune.concurrent_studies:{tenant}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def check_concurrent_studies(session: Session, tenant: str, limit: int) -> None:
-    """Raise when the tenant has ``limit`` unfinished studies; call inside the transaction that inserts the next."""
+    """Raise when the tenant has ``limit`` unfinished studies; call inside the transaction that inserts the next.
+
+    The count and the insert must not interleave with another submit of the same tenant. SQLite's writers are
+    serial already (``write_session`` begins IMMEDIATE); on PostgreSQL a transaction-scoped advisory lock per
+    tenant makes the next submitter wait here until this transaction ends, so its count sees this insert.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_tenant_lock_key(tenant))))
     unfinished = session.scalar(select(func.count()).where(Study.tenant == tenant,
                                                            Study.status.in_(UNFINISHED_STUDY))) or 0
     if unfinished >= limit:

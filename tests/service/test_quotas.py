@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import optuna
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event, func, select
 
 from service.api.app import create_app
 from service.auth import create_token
-from service.db import SessionFactory
+from service.db import SessionFactory, create_db_engine, make_session_factory, upgrade_database
+from service.kinds.registry import STUDY_SPEC
+from service.models import Study
+from service.optuna_study import get_storage
+from service.quotas import ConcurrencyQuotaExceeded
 from service.settings import Settings, TenantQuota
+from service.studies import create_study
 
 
 @pytest.fixture
@@ -96,3 +106,41 @@ def test_idempotency_keys_are_per_tenant(migrated: Settings, session_factory: Se
         second = b.post("/v1/studies", json=spec_dict, headers=headers)
     assert (first.status_code, second.status_code) == (201, 201)
     assert first.json()["id"] != second.json()["id"], "one tenant's key never reveals another tenant's study"
+
+
+def test_simultaneous_submits_on_postgresql_take_exactly_the_free_slots(postgres_url: str,
+                                                                         spec_dict: dict[str, Any]) -> None:
+    """Threads submit at once; the gap between each one's count and insert is widened to 0.2 s, so without
+    serialisation every thread counts the same free slots and all of them insert."""
+    upgrade_database(postgres_url)
+    engine = create_db_engine(postgres_url)
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _slow_after_count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "count(*)" in statement and "st_studies" in statement:
+            time.sleep(0.2)
+
+    session_factory = make_session_factory(engine)
+    storage = get_storage(postgres_url)
+    spec = STUDY_SPEC.validate_python({**spec_dict, "n_trials": 5})
+    limit, threads = 2, 6
+    start = threading.Barrier(threads)
+
+    def submit(tenant: str) -> str:
+        start.wait()
+        try:
+            create_study(session_factory, storage, spec, tenant=tenant, max_unfinished=limit)
+        except ConcurrencyQuotaExceeded:
+            return "refused"
+        return "accepted"
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            outcomes = list(pool.map(submit, ["acme"] * (threads - 1) + ["other"]))
+        with session_factory() as session:
+            rows = session.execute(select(Study.tenant, func.count()).group_by(Study.tenant)).all()
+    finally:
+        engine.dispose()
+    assert outcomes.count("accepted") == limit + 1 and outcomes[-1] == "accepted", "another tenant is not held up"
+    assert dict(rows) == {"acme": limit, "other": 1}
+    assert len(optuna.get_all_study_summaries(storage)) == limit + 1, "refused submits leave no Optuna study"
