@@ -15,7 +15,7 @@ from service.db import SessionFactory, create_db_engine, make_session_factory, w
 from service.dispatch import dispatch, send_all
 from service.logging import log_context
 from service.metrics import RECONCILER_ACTIONS
-from service.models import UNFINISHED_STUDY, Study, TrialAttempt, TrialState, utcnow
+from service.models import Study, TrialAttempt, TrialState, utcnow
 from service.optuna_study import NAME_PREFIX, created_at, delete_optuna_study, get_storage, stamp_created_at
 from service.queue import Enqueue, make_celery, trial_sender
 from service.settings import Settings
@@ -70,14 +70,17 @@ def fail_stale_attempts(session_factory: SessionFactory, enqueue: Enqueue, setti
 
 def resend_lost_tasks(session_factory: SessionFactory, enqueue: Enqueue, settings: Settings,
                       now: datetime) -> list[Action]:
-    """Queued attempts nobody claimed within REQUEUE_AFTER: send again (the claim is atomic, duplicates are harmless)."""
+    """Queued attempts nobody claimed within REQUEUE_AFTER: send again (the claim is atomic, duplicates are harmless).
+
+    Whatever the study's status: a queued attempt is work someone asked for (a schedule run belongs to a completed
+    study), and cancelling a study cancels its queued attempts.
+    """
     cutoff = now - timedelta(seconds=settings.REQUEUE_AFTER)
     with write_session(session_factory) as session:
         rows = session.execute(
             select(TrialAttempt.id, TrialAttempt.study_id, Study.spec["queue"].as_string())
             .join(Study, Study.id == TrialAttempt.study_id)
-            .where(TrialAttempt.state == TrialState.queued, TrialAttempt.queued_at < cutoff,
-                   Study.status.in_(UNFINISHED_STUDY))).all()
+            .where(TrialAttempt.state == TrialState.queued, TrialAttempt.queued_at < cutoff)).all()
         session.execute(update(TrialAttempt).where(TrialAttempt.id.in_([row[0] for row in rows]))
                         .values(queued_at=now))
     for attempt_id, _study_id, queue in rows:

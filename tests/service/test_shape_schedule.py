@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -12,6 +13,8 @@ from test_transfer_check_study import run_all
 import workers.schedule_run
 from scaletune.adaptive import CHECKPOINT
 from service.kinds.shape_schedule import KIND as SCHEDULE
+from service.models import utcnow
+from service.reconcile import reconcile_once
 from service.settings import Settings
 from service.kinds.registry import STUDY_SPEC, parse_spec
 from service.spec import ShapeScheduleSpec, SpecError
@@ -188,3 +191,19 @@ def test_a_schedule_run_needs_a_completed_shape_schedule_and_one_target(
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "target_loss"]
     response = client.post(f"/v1/studies/{finished_study}/schedule/run", json={"target_loss": 1.0, "lr": 3})
     assert response.status_code == 422
+
+
+def test_a_schedule_run_whose_message_was_lost_is_resent_by_the_reconciler(
+        client: TestClient, ctx: WorkerContext, finished_study: str) -> None:
+    """The API queues the run on a completed study and sends a message nobody receives; the reconciler re-sends it."""
+    budget = max(t["flops"] for t in client.get(f"/v1/studies/{finished_study}/trials").json()["items"])
+    response = client.post(f"/v1/studies/{finished_study}/schedule/run", json={"budget_flops": budget})
+    assert response.status_code == 202, response.text
+    run_id = response.json()["run"]["id"]
+    assert reconcile_once(ctx.session_factory, ctx.enqueue, ctx.settings) == []
+
+    later = utcnow() + timedelta(seconds=ctx.settings.REQUEUE_AFTER + 1)
+    assert [(a.kind, a.attempt_id) for a in reconcile_once(ctx.session_factory, ctx.enqueue, ctx.settings, now=later)] \
+        == [("resent", run_id)]
+    assert ctx.enqueue.ids() == [run_id]
+    assert run_attempt(ctx, run_id) == "complete"
