@@ -21,7 +21,7 @@ def _count_in_flight(session: Session, study_id: str) -> int:
                                                      TrialAttempt.state.in_(IN_FLIGHT))) or 0
 
 
-def _count_finished(session: Session, study_id: str) -> int:
+def count_finished(session: Session, study_id: str) -> int:
     """Terminal attempts that were not replaced by a retry: each is one finished trial."""
     retry = aliased(TrialAttempt)
     return session.scalar(select(func.count()).where(
@@ -29,7 +29,7 @@ def _count_finished(session: Session, study_id: str) -> int:
         ~exists().where(retry.retry_of == TrialAttempt.id))) or 0
 
 
-def _complete_study(session: Session, study: Study) -> None:
+def complete_study(session: Session, study: Study) -> None:
     has_value = study.best_value is not None
     study.status = StudyStatus.completed if has_value else StudyStatus.failed
     study.error = None if has_value else "no trial produced a value (all failed, diverged or were pruned)"
@@ -58,9 +58,9 @@ def dispatch(session_factory: SessionFactory, study_id: str, enqueue: Enqueue) -
         if study is None or study.status not in (StudyStatus.queued, StudyStatus.running):
             return []
         in_flight = _count_in_flight(session, study_id)
-        remaining = study.spec["n_trials"] - _count_finished(session, study_id)
+        remaining = study.spec["n_trials"] - count_finished(session, study_id)
         if remaining <= 0 and in_flight == 0:
-            _complete_study(session, study)
+            complete_study(session, study)
             return []
         if not kind_of(study).dispatches_trials:  # its trials are created by an HTTP ask, not queued here
             return []

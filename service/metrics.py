@@ -17,7 +17,7 @@ from service.db import SessionFactory
 from service.models import TERMINAL, Study, StudyStatus, TrialAttempt, TrialState
 
 RECONCILER_ACTIONS = Counter("scaletune_reconciler_actions", "What the reconciler did, by kind "
-                             "(failed_stale, retried, resent, dispatched)", ["kind"])
+                             "(failed_stale, retried, lease_expired, resent, dispatched)", ["kind"])
 DURATION_BUCKETS_S = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 
 

@@ -115,6 +115,8 @@ class TrialAttempt(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     task_id: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        doc="set for trials handed out over ask/tell: failed as lease_expired unless renewed by then")
     queued_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -126,6 +128,7 @@ class TrialAttempt(Base):
         Index("ix_st_trials_study_state", "study_id", "state"),
         Index("ix_st_trials_study_number", "study_id", "number", unique=True),
         Index("ix_st_trials_state_heartbeat", "state", "heartbeat_at"),
+        Index("ix_st_trials_state_lease", "state", "lease_expires_at"),
         Index("ix_st_trials_retry_of", "retry_of"),
     )
 

@@ -80,7 +80,7 @@ def draw_history(ax: Any, data: dict[str, Any]) -> None:
 def draw_intermediate(ax: Any, data: dict[str, Any]) -> None:
     colors = {TrialState.complete: "tab:blue", TrialState.pruned: "tab:orange", TrialState.running: "tab:green"}
     for trial in data["trials"]:
-        points = [(s, v) for s, v in zip(trial["step"], trial["eval_loss"]) if v is not None]
+        points = [(s, v) for s, v in zip(trial["step"], trial[data["metric"]]) if v is not None]
         ax.plot([s for s, _ in points], [v for _, v in points], marker=".", ms=3, lw=1, alpha=0.8,
                 color=colors.get(trial["state"], "gray"))
     ax.set_xlabel("step")

@@ -101,14 +101,18 @@ def history_data(given: PlotInput) -> dict[str, Any]:
 
 
 def intermediate_data(given: PlotInput) -> dict[str, Any]:
-    """Eval loss against step for every trial that reported at least once (running ones included)."""
+    """The objective's metric against step for every trial that reported at least once (running ones included).
+
+    Workers report ``eval_loss``; an external study's own code reports a ``value`` (its objective names no metric).
+    """
     study, attempts = given.study, given.attempts
+    metric = study.spec["objective"].get("metric", "value")
     curves = [{"number": a.number, "state": a.state, "step": [p["step"] for p in a.intermediate],
-               "eval_loss": [p.get("eval_loss") for p in a.intermediate]}
+               metric: [p.get(metric) for p in a.intermediate]}
               for a in sorted(attempts, key=lambda a: (a.number is None, a.number or 0)) if a.intermediate]
     if not curves:
         raise NoPlotData(f"study {study.id} has no reported evaluations yet, so there are no intermediate curves.")
-    return {"kind": "intermediate", "metric": study.spec["objective"]["metric"], "trials": curves}
+    return {"kind": "intermediate", "metric": metric, "trials": curves}
 
 
 def importance_data(given: PlotInput) -> dict[str, Any]:

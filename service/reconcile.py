@@ -13,6 +13,8 @@ from sqlalchemy import select, update
 
 from service.db import SessionFactory, create_db_engine, make_session_factory, write_session
 from service.dispatch import dispatch, send_all
+from service.kinds.registry import dispatching_kinds
+from service.leases import expire_leases
 from service.logging import log_context
 from service.metrics import RECONCILER_ACTIONS
 from service.models import Study, TrialAttempt, TrialState, utcnow
@@ -27,8 +29,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Action:
-    """One thing the reconciler did: ``failed_stale``, ``retried``, ``resent``, ``dispatched`` or ``removed_orphan``
-    (then ``study_id`` is the id the orphan Optuna study was made for, which has no row, and there is no attempt)."""
+    """One thing the reconciler did: ``failed_stale``, ``retried``, ``lease_expired``, ``resent``, ``dispatched`` or
+    ``removed_orphan`` (then ``study_id`` is the id the orphan Optuna study was made for, which has no row, and there
+    is no attempt)."""
 
     kind: str
     study_id: str
@@ -80,7 +83,8 @@ def resend_lost_tasks(session_factory: SessionFactory, enqueue: Enqueue, setting
         rows = session.execute(
             select(TrialAttempt.id, TrialAttempt.study_id, Study.spec["queue"].as_string())
             .join(Study, Study.id == TrialAttempt.study_id)
-            .where(TrialAttempt.state == TrialState.queued, TrialAttempt.queued_at < cutoff)).all()
+            .where(TrialAttempt.state == TrialState.queued, TrialAttempt.queued_at < cutoff,
+                   Study.kind.in_(dispatching_kinds()))).all()
         session.execute(update(TrialAttempt).where(TrialAttempt.id.in_([row[0] for row in rows]))
                         .values(queued_at=now))
     for attempt_id, _study_id, queue in rows:
@@ -111,11 +115,13 @@ def remove_orphan_optuna_studies(session_factory: SessionFactory, settings: Sett
 
 def reconcile_once(session_factory: SessionFactory, enqueue: Enqueue, settings: Settings | None = None,
                    now: datetime | None = None) -> list[Action]:
-    """One pass: fail stale attempts (and retry), re-send lost tasks, top up every unfinished study, remove orphan
-    Optuna studies."""
+    """One pass: fail stale attempts (and retry), end run-out leases, re-send lost tasks, top up every unfinished
+    study, remove orphan Optuna studies."""
     settings = settings or Settings()
     now = now or utcnow()
     actions = fail_stale_attempts(session_factory, enqueue, settings, now)
+    actions += [Action("lease_expired", study_id, attempt_id) for study_id, attempt_id in
+                expire_leases(session_factory, get_storage(settings.DATABASE_URL), settings.MAX_RETRIES, now)]
     actions += resend_lost_tasks(session_factory, enqueue, settings, now)
     with session_factory() as session:
         study_ids = unfinished_study_ids(session)

@@ -27,30 +27,32 @@ Loc = tuple[str | int, ...]
 MAX_GRID_VALUES = 10_000
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Unknown fields are refused, so a misspelt option is a 422, not silently ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class ShapeSpec(_Strict):
+class ShapeSpec(Strict):
     width: int = Field(ge=1, le=65_536)
     depth: int = Field(ge=1, le=1024, description="residual blocks; planning deeper targets is not supported")
     patch_size: int | None = Field(None, ge=1, le=1024)
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     family: str = Field(min_length=1, max_length=100, description="a registered model family, e.g. mlp")
     base: ShapeSpec = Field(description="the shape the tuned values are expressed in")
     proxy: ShapeSpec = Field(description="the small shape the trials actually train")
     args: dict[str, Any] = Field(default_factory=dict, description="family-specific options")
 
 
-class DatasetSpec(_Strict):
+class DatasetSpec(Strict):
     name: str = Field(min_length=1, max_length=100)
     args: dict[str, Any] = Field(default_factory=dict)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
-class BudgetSpec(_Strict):
+class BudgetSpec(Strict):
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     eval_every: int = Field(ge=1)
@@ -61,7 +63,7 @@ class BudgetSpec(_Strict):
         return Budget(**{**self.model_dump(), **changes})
 
 
-class _Range(_Strict):
+class _Range(Strict):
     """What float and int parameters share: a [low, high] range, maybe log-scaled or stepped."""
 
     type: str
@@ -135,7 +137,7 @@ class IntParam(_Range):
         return IntDistribution(self.low, self.high, log=self.log, step=self.step)
 
 
-class CategoricalParam(_Strict):
+class CategoricalParam(Strict):
     type: Literal["categorical"]
     choices: list[float] = Field(min_length=1, max_length=1000)
 
@@ -155,21 +157,21 @@ class CategoricalParam(_Strict):
 SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
 
 
-class ObjectiveSpec(_Strict):
+class ObjectiveSpec(Strict):
     metric: Literal["eval_loss"] = "eval_loss"
     direction: Literal["minimize", "maximize"] = "minimize"
 
 
-class SamplerSpec(_Strict):
+class SamplerSpec(Strict):
     name: Literal["tpe", "gp", "cmaes", "qmc", "random", "grid"] = "tpe"
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
-class PrunerSpec(_Strict):
+class PrunerSpec(Strict):
     name: Literal["none", "median", "successive_halving", "hyperband", "wilcoxon"] = "none"
 
 
-class TuneSpec(_Strict):
+class TuneSpec(Strict):
     """Search hyperparameters (in base units) by training the proxy shape; transfer them to any target later."""
 
     name: str = Field(min_length=1, max_length=200)
@@ -191,17 +193,17 @@ class TuneSpec(_Strict):
     queue: Literal["cpu", "gpu"] = Field("cpu", description="which worker queue runs the trials")
 
 
-class SourceSpec(_Strict):
+class SourceSpec(Strict):
     study_id: str = Field(min_length=1, max_length=36, description="a completed tune study of the same tenant")
 
 
-class CheckedModelSpec(_Strict):
+class CheckedModelSpec(Strict):
     family: str = Field(min_length=1, max_length=100, description="a registered model family, e.g. mlp")
     base: ShapeSpec = Field(description="the shape the hyperparameters are expressed in")
     args: dict[str, Any] = Field(default_factory=dict, description="family-specific options")
 
 
-class LossObjective(_Strict):
+class LossObjective(Strict):
     """Grid studies measure eval loss; the best value is the lowest."""
 
     metric: Literal["eval_loss"] = "eval_loss"
@@ -211,7 +213,7 @@ class LossObjective(_Strict):
 SETUP_FIELDS = ("model", "parametrization", "optimizer", "dataset", "budget")
 
 
-class GridSpec(_Strict):
+class GridSpec(Strict):
     """A fixed grid of trials around values tuned elsewhere: a ``source`` tune study, or the explicit setup."""
 
     name: str = Field(min_length=1, max_length=200)
@@ -357,7 +359,7 @@ def check_shapes(family_name: str, args: dict[str, Any], dataset: DatasetSpec, s
     return problems
 
 
-class GridSetup(_Strict):
+class GridSetup(Strict):
     """A grid spec's setup once resolved at submission: every part given, by the spec or by its source study."""
 
     model: CheckedModelSpec

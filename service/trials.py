@@ -15,7 +15,8 @@ from service.models import EventType, Study, StudyStatus, TrialAttempt, TrialSta
 from service.studies import add_event
 
 WORKER_LOST = "worker_lost"
-RETRYABLE_REASONS = (WORKER_LOST, "error")
+LEASE_EXPIRED = "lease_expired"
+RETRYABLE_REASONS = (WORKER_LOST, LEASE_EXPIRED, "error")
 
 
 def is_retryable(reason: str) -> bool:
@@ -136,7 +137,9 @@ def finish_attempt(session_factory: SessionFactory, attempt_id: str, outcome: Ou
 
 
 def stale_attempt_ids(session: Session, older_than: datetime) -> list[str]:
+    """Running attempts of workers not heard from since ``older_than`` (attempts under a lease have their own end)."""
     return list(session.scalars(select(TrialAttempt.id).where(TrialAttempt.state == TrialState.running,
+                                                              TrialAttempt.lease_expires_at.is_(None),
                                                               TrialAttempt.heartbeat_at < older_than)))
 
 

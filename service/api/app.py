@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from service.api import check, events, health, plots, schedule, studies, transfer, web
+from service.api import asktell, check, events, health, plots, schedule, studies, transfer, web
 from service.api.body_limit import BodySizeLimit
 from service.api.state import ServiceState
 from service.db import create_db_engine, database_is_current, make_session_factory
@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics_router)
     app.include_router(studies.router)
+    app.include_router(asktell.router)
     app.include_router(events.router)
     app.include_router(plots.router)
     app.include_router(web.router)

@@ -25,7 +25,8 @@ State = Annotated[ServiceState, Depends(service_state)]
 MAX_PLOTTED_TRIALS = 10_000
 RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such study or plot kind, a plot of another study kind, or no data for it yet"}}
-OWNER = {plot: kind.name for kind in KINDS.values() for plot in kind.plots}  # plot name -> the study kind with it
+OWNER = {plot: " and ".join(name for name, kind in KINDS.items() if plot in kind.plots)  # plot -> the kinds with it
+         for kind in KINDS.values() for plot in kind.plots}
 PLOTS = ", ".join(OWNER)
 
 

@@ -112,6 +112,7 @@ class EvalPointOut(BaseModel):
     flops: float | None = None
     train_loss: float | None = None
     eval_loss: float | None = None
+    value: float | None = Field(None, description="what an external trial's own code reported at this step")
     phase: int | None = Field(None, description="a schedule run's phase at this eval")
     shape: dict[str, int] | None = Field(None, description="a schedule run's shape at this eval")
 

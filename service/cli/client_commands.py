@@ -97,10 +97,9 @@ class WatchState:
 
     def apply(self, event: Event) -> None:
         if event.type == "trial_started" and event.trial_id:
-            self.running[event.trial_id] = {"step": 0, "eval_loss": None}
+            self.running[event.trial_id] = {"step": 0}
         elif event.type == "trial_reported" and event.trial_id:
-            self.running[event.trial_id] = {"step": event.payload.get("step"),
-                                            "eval_loss": event.payload.get("eval_loss")}
+            self.running[event.trial_id] = dict(event.payload)
         elif event.type == "trial_finished" and event.trial_id:
             self.running.pop(event.trial_id, None)
 
@@ -108,15 +107,16 @@ class WatchState:
         head = Text(f"{self.status}  {self.done}/{self.total} trials  best {_fmt(self.best_value)}")
         lines: list[Any] = [head, ProgressBar(total=max(self.total, 1), completed=self.done, width=50)]
         for trial_id, info in sorted(self.running.items()):
-            lines.append(Text(f"  running {trial_id[:8]}  step {info['step']}  eval_loss {_fmt(info['eval_loss'])}"))
+            # A worker's trial reports its eval loss; an external trial's own code reports a value.
+            metric = "value" if "value" in info else "eval_loss"
+            lines.append(Text(f"  running {trial_id[:8]}  step {info.get('step')}  {metric} {_fmt(info.get(metric))}"))
         return Group(*lines)
 
 
 def _poll_running(client: Client, study_id: str, state: WatchState) -> None:
     """The polling fallback: running trials and their last reported step from the trials endpoint."""
     page = client.trials(study_id, state="running", limit=1000)
-    state.running = {t.id: {"step": t.intermediate[-1].step if t.intermediate else 0,
-                            "eval_loss": t.intermediate[-1].eval_loss if t.intermediate else None}
+    state.running = {t.id: t.intermediate[-1].model_dump(exclude_none=True) if t.intermediate else {"step": 0}
                      for t in page.items}
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Protocol, Union
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
-from service.kinds import shape_schedule, transfer_check, tune
+from service.kinds import external, shape_schedule, transfer_check, tune
 from service.kinds.base import StudyKind
 from service.models import Study
 from service.settings import Settings
@@ -22,6 +22,7 @@ KINDS: dict[str, StudyKind[Any]] = {kind.name: kind for kind in (
     tune.KIND,
     transfer_check.KIND,
     shape_schedule.KIND,
+    external.KIND,
 )}
 
 StudySpec = Annotated[Union[tuple(kind.spec_type for kind in KINDS.values())],  # type: ignore[valid-type]  # noqa: UP007
@@ -42,6 +43,11 @@ def kind_of(spec_or_study: HasKind) -> StudyKind[Any]:
 def spec_of(study: Study) -> Any:
     """The study's spec as stored: resolved at submission, so whatever it refers to is in it."""
     return kind_of(study).parse(study.spec)
+
+
+def dispatching_kinds() -> list[str]:
+    """The kinds whose trials the service queues for workers (the others' are asked for over HTTP)."""
+    return [name for name, kind in KINDS.items() if kind.dispatches_trials]
 
 
 def without_kind_tag(loc: Loc) -> Loc:

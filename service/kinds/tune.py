@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 from optuna.distributions import BaseDistribution
@@ -19,12 +19,31 @@ from service.kinds.base import StudyKind
 from service.plot_drawing import draw_history, draw_importance, draw_intermediate
 from service.plots import DrawnPlot, history_data, importance_data, intermediate_data
 from service.settings import Settings
-from service.spec import Loc, SpecProblem, TuneSpec, check_shapes, over_limits
+from service.spec import Loc, SamplerSpec, SearchParam, SpecProblem, TuneSpec, check_shapes, over_limits
+
+
+class Searched(Protocol):
+    """A spec Optuna samples for: what the tune and external kinds share."""
+
+    search_space: dict[str, SearchParam]
+    sampler: SamplerSpec
+    n_trials: int
+
+
+def search_problems(spec: Searched) -> list[SpecProblem]:
+    """Each searched range's problems, and a grid too small for n_trials."""
+    grid = spec.sampler.name == "grid"
+    problems = [p for name, param in spec.search_space.items() for p in param.problems(("search_space", name), grid)]
+    if grid and not problems:
+        points = math.prod(param.grid_size() for param in spec.search_space.values())
+        if points < spec.n_trials:
+            problems.append(SpecProblem(("n_trials",), f"the grid has only {points} points, fewer than n_trials="
+                                                       f"{spec.n_trials}; lower n_trials or widen the grid."))
+    return problems
 
 
 def _check_search(spec: TuneSpec) -> list[SpecProblem]:
-    grid = spec.sampler.name == "grid"
-    problems = [p for name, param in spec.search_space.items() for p in param.problems(("search_space", name), grid)]
+    problems = search_problems(spec)
     for name in sorted(set(spec.hyperparameters) & set(spec.search_space)):
         problems.append(SpecProblem(("hyperparameters", name), f"{name} is both fixed and searched; remove it from "
                                                                  "hyperparameters or from search_space."))
@@ -35,11 +54,6 @@ def _check_search(spec: TuneSpec) -> list[SpecProblem]:
     if len(spec.enqueue) > spec.n_trials:
         problems.append(SpecProblem(("enqueue",), f"{len(spec.enqueue)} enqueued points but only n_trials="
                                                   f"{spec.n_trials}; raise n_trials or enqueue fewer points."))
-    if grid and not problems:
-        points = math.prod(param.grid_size() for param in spec.search_space.values())
-        if points < spec.n_trials:
-            problems.append(SpecProblem(("n_trials",), f"the grid has only {points} points, fewer than n_trials="
-                                                       f"{spec.n_trials}; lower n_trials or widen the grid."))
     if spec.budget.eval_every > spec.budget.steps:
         problems.append(SpecProblem(("budget", "eval_every"), f"eval_every ({spec.budget.eval_every}) is larger "
                                                               f"than steps ({spec.budget.steps}); no eval would run."))
@@ -52,7 +66,7 @@ def _check_model(spec: TuneSpec, settings: Settings) -> list[SpecProblem]:
                         settings)
 
 
-def make_sampler(spec: TuneSpec, n_existing_trials: int) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: Searched, n_existing_trials: int) -> optuna.samplers.BaseSampler:
     """Seeded from the spec, offset by how many trials exist, so parallel tasks do not replay one random stream.
 
     QMC is the exception: it indexes its sequence by trial number, so the seed must stay the same.
@@ -78,23 +92,39 @@ def make_sampler(spec: TuneSpec, n_existing_trials: int) -> optuna.samplers.Base
 
 def make_pruner(spec: TuneSpec) -> optuna.pruners.BasePruner:
     """Reports happen at training steps, so resources are counted in steps and start at the first eval."""
-    first_eval = spec.budget.eval_every
-    match spec.pruner.name:
+    return pruner(spec.pruner.name, spec.budget.eval_every, spec.budget.steps)
+
+
+def pruner(name: str, first_report: int | None, last_step: int | None) -> optuna.pruners.BasePruner:
+    """The named pruner; None where the steps are not known ahead (the user's own code reports them): Optuna
+    then starts at the first report and estimates the last from what trials report."""
+    match name:
         case "none":
             return optuna.pruners.NopPruner()
         case "median":
-            return optuna.pruners.MedianPruner(n_warmup_steps=first_eval)
+            return optuna.pruners.MedianPruner(n_warmup_steps=first_report or 0)
         case "successive_halving":
-            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_eval)
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_report or "auto")
         case "hyperband":
-            return optuna.pruners.HyperbandPruner(min_resource=first_eval, max_resource=spec.budget.steps)
+            return optuna.pruners.HyperbandPruner(min_resource=first_report or 1, max_resource=last_step or "auto")
         case "wilcoxon":
             return optuna.pruners.WilcoxonPruner()
-    raise AssertionError(spec.pruner.name)
+    raise AssertionError(name)
 
 
-def distributions(spec: TuneSpec) -> dict[str, BaseDistribution]:
+def distributions(spec: Searched) -> dict[str, BaseDistribution]:
     return {name: param.distribution() for name, param in spec.search_space.items()}
+
+
+def searching_study(storage: BaseStorage, name: str, spec: Searched, retried_params: dict[str, Any] | None,
+                    n_existing: int, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """The study with the spec's sampler seeded by ``n_existing``; ``retried_params`` pins every value."""
+    sampler = make_sampler(spec, n_existing)
+    if retried_params:
+        with warnings.catch_warnings():  # experimental since Optuna 2.4 and unchanged since; the warning is noise
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.PartialFixedSampler(retried_params, sampler)
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
 
 
 class TuneKind(StudyKind[TuneSpec]):
@@ -121,12 +151,7 @@ class TuneKind(StudyKind[TuneSpec]):
                           retried_params: dict[str, Any] | None) -> optuna.Study:
         """The spec's sampler and pruner; a retry pins every value so the same point is re-run."""
         n_existing = storage.get_n_trials(storage.get_study_id_from_name(name))
-        sampler = make_sampler(spec, n_existing)
-        if retried_params:
-            with warnings.catch_warnings():  # experimental since Optuna 2.4 and unchanged since; the warning is noise
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                sampler = optuna.samplers.PartialFixedSampler(retried_params, sampler)
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=make_pruner(spec))
+        return searching_study(storage, name, spec, retried_params, n_existing, make_pruner(spec))
 
     def distributions(self, spec: TuneSpec) -> dict[str, BaseDistribution]:
         return distributions(spec)

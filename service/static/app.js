@@ -154,7 +154,7 @@ function clearPlot(img) {
 function studyPlots(study, fixed) {
   // The plots of this study's kind; `fixed` ones (the coordinate check) do not change as trials end.
   const figures = [...document.querySelectorAll(".plots figure")];
-  for (const figure of figures) figure.hidden = figure.dataset.studyKind !== study.kind;
+  for (const figure of figures) figure.hidden = !figure.dataset.studyKind.split(" ").includes(study.kind);
   return figures.filter((f) => !f.hidden && ("fixed" in f.dataset) === fixed);
 }
 
@@ -202,7 +202,9 @@ function renderRunning(running) {
   list.replaceChildren();
   for (const [id, info] of Object.entries(running)) {
     const item = document.createElement("li");
-    item.textContent = `running ${id.slice(0, 8)}: step ${info.step ?? 0}, eval loss ${fmt(info.eval_loss)}`;
+    // A worker's trial reports its eval loss; an external trial's own code reports a value.
+    const [label, value] = "value" in info ? ["value", info.value] : ["eval loss", info.eval_loss];
+    item.textContent = `running ${id.slice(0, 8)}: step ${info.step ?? 0}, ${label} ${fmt(value)}`;
     list.append(item);
   }
 }

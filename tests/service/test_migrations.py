@@ -10,7 +10,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import insert, inspect, text
 
 from service.db import VERSION_TABLE, _alembic_config, create_db_engine, database_is_current, \
     downgrade_database, make_session_factory, upgrade_database
@@ -144,10 +144,12 @@ def test_upgrade_resolves_the_grid_studies_a_release_at_0002_stored(empty_databa
                               spec=STUDY_SPEC.validate_python(spec_dict).model_dump(mode="json"),
                               optuna_study_name="optuna-tuned"))
             session.flush()
-            for number, (state, value, lr) in enumerate([("complete", 2.0, 0.01), ("complete", 1.5, 0.003),
-                                                         ("failed", None, 0.1)]):
-                session.add(TrialAttempt(study_id="tuned", number=number, state=state, value=value,
-                                         params={"lr": lr}, intermediate=[]))
+            # Column by column, as 0002 had them (the ORM would also write columns later revisions added).
+            session.execute(insert(TrialAttempt), [
+                {"study_id": "tuned", "number": number, "state": state, "value": value, "params": {"lr": lr},
+                 "intermediate": []}
+                for number, (state, value, lr) in enumerate([("complete", 2.0, 0.01), ("complete", 1.5, 0.003),
+                                                             ("failed", None, 0.1)])])
             for key, spec in stored.items():
                 session.add(Study(id=key, name=key, kind=spec["kind"], status=StudyStatus.queued, spec=spec,
                                   optuna_study_name=f"optuna-{key}"))

@@ -131,7 +131,8 @@ def test_another_tenants_plots_are_not_found(client: TestClient, session_factory
 
 
 @pytest.mark.parametrize(("study_kind", "kind", "sentence"), [
-    ("transfer_check", "history", "the history plot is for tune studies only (a transfer_check study has: landscape)"),
+    ("transfer_check", "history",
+     "the history plot is for tune and external studies only (a transfer_check study has: landscape)"),
     ("transfer_check", "coord_check", "the coord_check plot is for tune studies only"),
     ("tune", "landscape", "the landscape plot is for transfer_check studies only"),
     ("tune", "scaling", "the scaling plot is for shape_schedule studies only"),

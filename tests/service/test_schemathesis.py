@@ -39,6 +39,10 @@ def test_every_operation_conforms_to_the_schema(migrated: Settings, session_fact
         study_id = client.post("/v1/studies", json={**spec_dict, **tiny}).json()["id"]
         run_attempt(WorkerContext(migrated, session_factory, sent),
                     client.get(f"/v1/studies/{study_id}/trials").json()["items"][0]["id"])
+        external = {"name": "ask/tell", "kind": "external", "search_space": spec_dict["search_space"],
+                    "n_trials": 1000, "parallelism": 64, "parametrization": "mup", "optimizer": "adamw"}
+        external_id = client.post("/v1/studies", json=external).json()["id"]
+        asked = client.post(f"/v1/studies/{external_id}/trials/ask").json()["number"]
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         for result in schema.get_all_operations():
             operation = result.ok()
@@ -47,10 +51,14 @@ def test_every_operation_conforms_to_the_schema(migrated: Settings, session_fact
             @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))
             def check(case: Any) -> None:
-                """As generated (mostly unknown ids), then again aimed at a real study with a finished trial."""
+                """As generated (mostly unknown ids), then again aimed at a real study with a finished trial
+                (ask/tell routes: at an external study and a trial it handed out)."""
                 case.call_and_validate(headers=headers, excluded_checks=NOT_EXPRESSIBLE_IN_THE_SCHEMA)
                 if "study_id" in (case.path_parameters or {}):
-                    case.path_parameters["study_id"] = study_id
+                    asktell = case.method.upper() == "POST" and "/trials/" in case.path
+                    case.path_parameters["study_id"] = external_id if asktell else study_id
+                    if asktell and "number" in case.path_parameters:
+                        case.path_parameters["number"] = asked
                     case.call_and_validate(headers=headers, excluded_checks=NOT_EXPRESSIBLE_IN_THE_SCHEMA)
 
             try:

@@ -1,0 +1,92 @@
+"""The external kind: an Optuna search whose trials the user's own code runs, asking for them over HTTP.
+
+No worker ever trains its trials (``dispatches_trials`` is False): service/leases.py hands each out under a
+lease to whoever asks (``scaletune agent``, or the user's script through ``scaletune.Client``), and the client
+library's ``Trial.build`` builds the user's model at ``model.proxy`` in the study's parametrization. No family,
+dataset or budget: the user's code owns those.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.storages import BaseStorage
+from pydantic import Field
+
+from scaletune.parametrize import Optimizer, ParamOptions, Parametrization
+from scaletune.runner import TrialConfig
+from service.kinds import tune
+from service.kinds.base import StudyKind
+from service.plots import DrawnPlot
+from service.settings import Settings
+from service.spec import HParamName, PrunerSpec, SamplerSpec, SearchParam, ShapeSpec, SpecProblem, Strict, over_limits
+
+
+class DirectionSpec(Strict):
+    """What the user's code tells is the value to minimize or maximize; its metric is the user's own."""
+
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+
+class ShapesSpec(Strict):
+    base: ShapeSpec = Field(description="the shape the tuned values are expressed in")
+    proxy: ShapeSpec = Field(description="the shape the user's code builds each trial at (Trial.build)")
+
+
+class ExternalSpec(Strict):
+    """Search hyperparameters for the user's own training code: it asks for trials over HTTP and tells results."""
+
+    name: str = Field(min_length=1, max_length=200)
+    kind: Literal["external"]
+    search_space: dict[HParamName, SearchParam] = Field(min_length=1)
+    objective: DirectionSpec = Field(default_factory=DirectionSpec)
+    n_trials: int = Field(ge=1)
+    parallelism: int = Field(1, ge=1, description="trials out at once; one more ask is answered 429")
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    parametrization: Parametrization
+    optimizer: Optimizer
+    parametrization_options: ParamOptions = Field(default_factory=ParamOptions)
+    model: ShapesSpec | None = Field(None, description="the shapes at which the client library builds the user's "
+                                                       "model; optional")
+    lease_seconds: int = Field(600, ge=5, le=7 * 24 * 3600,
+                               description="a trial not reported, renewed or told for this long is failed "
+                                           "(lease_expired) and its params are handed out again")
+
+
+class ExternalKind(StudyKind[ExternalSpec]):
+    name = "external"
+    spec_type = ExternalSpec
+    stored_type = ExternalSpec
+    dispatches_trials = False
+    plots = {name: plot for name, plot in tune.KIND.plots.items() if isinstance(plot, DrawnPlot)}
+
+    def check(self, spec: ExternalSpec, settings: Settings) -> list[SpecProblem]:
+        asked = [(("n_trials",), "trials", spec.n_trials), (("parallelism",), "parallelism", spec.parallelism)]
+        return over_limits(asked, settings) + tune.search_problems(spec)
+
+    def load_optuna_study(self, storage: BaseStorage, name: str, spec: ExternalSpec,
+                          retried_params: dict[str, Any] | None) -> optuna.Study:
+        return self.asking_study(storage, name, spec, retried_params,
+                                 storage.get_n_trials(storage.get_study_id_from_name(name)))
+
+    def asking_study(self, storage: BaseStorage, name: str, spec: ExternalSpec, retried_params: dict[str, Any] | None,
+                     ordinal: int) -> optuna.Study:
+        """The study for one ask; ``ordinal`` (the ask's place, counted under the study's lock) seeds the sampler,
+        so asks at the same moment do not draw the same point."""
+        return tune.searching_study(storage, name, spec, retried_params, ordinal, self.pruner(spec))
+
+    def pruner(self, spec: ExternalSpec) -> optuna.pruners.BasePruner:
+        """The user's code reports at steps of its own choosing: Optuna learns them from the reports."""
+        return tune.pruner(spec.pruner.name, None, None)
+
+    def distributions(self, spec: ExternalSpec) -> dict[str, BaseDistribution]:
+        return tune.distributions(spec)
+
+    def trial_config(self, spec: ExternalSpec, params: dict[str, Any]) -> TrialConfig:
+        raise TypeError("an external study's trials run in the user's own code (ask/tell), never on a worker")
+
+
+KIND = ExternalKind()
