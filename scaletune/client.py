@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -22,52 +23,16 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from scaletune.errors import (Conflict, EndpointMissing, NotFound, ScaletuneError, ServiceUnavailable, TooManyOut,
+                              Unauthorized, ValidationFailed)
+from scaletune.trial import ENV_PARAMS, ENV_STUDY, ENV_TOKEN, ENV_TRIAL, ENV_URL, Trial, shape_of
+
+__all__ = ["Client", "Conflict", "EndpointMissing", "NotFound", "ScaletuneError", "ServiceUnavailable", "TooManyOut",
+           "Trial", "Unauthorized", "ValidationFailed", "current_trial"]
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINISHED = ("completed", "failed", "cancelled")
 MAX_RECONNECTS = 5
-
-
-class ScaletuneError(Exception):
-    """Any failure talking to the server; ``status`` is the HTTP status (None when there was no response)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class NotFound(ScaletuneError):
-    pass
-
-
-class Unauthorized(ScaletuneError):
-    pass
-
-
-class Conflict(ScaletuneError):
-    pass
-
-
-class EndpointMissing(ScaletuneError):
-    """The server is older than this client (or lacks a feature): it has no such route."""
-
-
-class ValidationFailed(ScaletuneError):
-    """A 422: ``errors`` holds each problem as ``{"loc": [...], "msg": ...}``, paths as in the submitted document."""
-
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        self.errors = errors
-        lines = [f"  {'.'.join(str(p) for p in e.get('loc', []) if p != 'body') or 'body'}: {e.get('msg')}"
-                 for e in errors]
-        super().__init__("the server rejected the request:\n" + "\n".join(lines), 422)
-
-
-class ServiceUnavailable(ScaletuneError):
-    """No usable answer from ``url``: connection refused, timeout, or a 5xx."""
-
-    def __init__(self, url: str, reason: str, status: int | None = None) -> None:
-        self.url = url
-        super().__init__(f"scaletune at {url} is unavailable: {reason}. Is the server running "
-                         "(`scaletune up`), and is SCALETUNE_URL right?", status)
 
 
 class _Model(BaseModel):
@@ -132,9 +97,12 @@ class EvalPoint(_Model):
     flops: float | None = None
     train_loss: float | None = None
     eval_loss: float | None = None
+    value: float | None = None
 
 
-class Trial(_Model):
+class TrialRecord(_Model):
+    """A trial attempt as the server records it (GET .../trials)."""
+
     id: str
     number: int | None
     attempt: int
@@ -153,7 +121,7 @@ class Trial(_Model):
 
 
 class TrialPage(_Model):
-    items: list[Trial]
+    items: list[TrialRecord]
     total: int
     limit: int
     offset: int
@@ -242,6 +210,8 @@ class Client:
             raise Unauthorized(f"{message} (set SCALETUNE_TOKEN or pass token=... to a valid token)", status)
         if status == 409:
             raise Conflict(message, status)
+        if status == 429:
+            raise TooManyOut(message, float(response.headers.get("Retry-After", 5)))
         if status >= 500:
             raise ServiceUnavailable(self.url, f"HTTP {status}: {message}", status)
         raise ScaletuneError(f"HTTP {status}: {message}", status)
@@ -277,8 +247,8 @@ class Client:
             params["state"] = state
         return TrialPage.model_validate(self._request("GET", f"/v1/studies/{study_id}/trials", params=params).json())
 
-    def trial(self, study_id: str, number: int) -> Trial:
-        return Trial.model_validate(self._request("GET", f"/v1/studies/{study_id}/trials/{number}").json())
+    def trial(self, study_id: str, number: int) -> TrialRecord:
+        return TrialRecord.model_validate(self._request("GET", f"/v1/studies/{study_id}/trials/{number}").json())
 
     def cancel(self, study_id: str) -> StudyCreated:
         return StudyCreated.model_validate(self._request("POST", f"/v1/studies/{study_id}/cancel").json())
@@ -318,6 +288,41 @@ class Client:
                 raise TimeoutError(f"study {study_id} is still {study.status} after {timeout} s")
             time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
 
+    def ask(self, study_id: str, wait: bool = True, worker: str | None = None) -> Trial:
+        """The next trial of an external study, under a lease (see ``scaletune.trial``).
+
+        With ``wait``, a 429 (every allowed trial is out) is retried after its Retry-After; Conflict means the
+        study has nothing left to ask (finished, cancelled, or not an external study).
+        """
+        body = {"worker": worker or f"{socket.gethostname()}:{os.getpid()}"}
+        while True:
+            try:
+                asked = self._request("POST", f"/v1/studies/{study_id}/trials/ask", route="POST .../trials/ask",
+                                      json=body).json()
+            except TooManyOut as error:
+                if not wait:
+                    raise
+                time.sleep(error.retry_after)
+                continue
+            return Trial.from_asked(self, study_id, asked)
+
+    def report(self, study_id: str, number: int, step: int, value: float | None) -> bool:
+        """Record a trial's value at a step (None: not finite) and renew its lease; True: the trial should stop."""
+        answer = self._request("POST", f"/v1/studies/{study_id}/trials/{number}/report",
+                               json={"step": step, "value": value}).json()
+        return bool(answer["should_prune"])
+
+    def heartbeat(self, study_id: str, number: int) -> None:
+        """Renew a trial's lease; Conflict once it has ended or its lease ran out."""
+        self._request("POST", f"/v1/studies/{study_id}/trials/{number}/heartbeat")
+
+    def tell(self, study_id: str, number: int, state: str, value: float | None = None,
+             reason: str | None = None) -> TrialRecord:
+        """How a trial ended (complete, pruned, failed); telling again answers what the first tell recorded."""
+        body = {"state": state, "value": value, "reason": reason}
+        return TrialRecord.model_validate(self._request("POST", f"/v1/studies/{study_id}/trials/{number}/tell",
+                                                  json=body).json())
+
     def events(self, study_id: str, last_event_id: int | None = None) -> Iterator[Event]:
         """Every event after ``last_event_id``, live, until the study finishes; reconnects without losing any."""
         failures = 0
@@ -342,3 +347,18 @@ class Client:
                 if failures > MAX_RECONNECTS:
                     raise ServiceUnavailable(self.url, f"event stream lost: {type(error).__name__}: {error}") from None
                 time.sleep(min(0.5 * 2 ** failures, 10.0))
+
+
+def current_trial() -> Trial | None:
+    """The trial ``scaletune agent`` runs this process for (from its environment); None outside an agent."""
+    number = os.environ.get(ENV_TRIAL)
+    if not number:
+        return None
+    study_id = os.environ[ENV_STUDY]
+    client = Client(os.environ.get(ENV_URL), os.environ.get(ENV_TOKEN))
+    spec = client.study(study_id).spec
+    model = spec.get("model") or {}
+    return Trial(client=client, study_id=study_id, number=int(number), params=json.loads(os.environ[ENV_PARAMS]),
+                 lease_seconds=int(spec["lease_seconds"]), parametrization=spec["parametrization"],
+                 optimizer=spec["optimizer"], base=shape_of(model.get("base")), proxy=shape_of(model.get("proxy")),
+                 options=dict(spec.get("parametrization_options") or {}))

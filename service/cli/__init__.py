@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from service.cli import client_commands, server, tokens
+from service.cli.agent import agent
 from service.cli.coord import coord_check_command
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app.command("api")(server.api)
 app.command("worker")(server.worker)
 app.command("reconciler")(server.reconciler)
 app.command("coord-check")(coord_check_command)
+app.command("agent")(agent)
 app.add_typer(tokens.app, name="token")
 for _name in ("submit", "studies", "status", "watch", "trials", "cancel", "transfer", "check", "schedule", "plot"):
     app.command(_name)(getattr(client_commands, _name))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import uvicorn
 import yaml
 from fastapi.testclient import TestClient
 
@@ -83,6 +87,28 @@ def storage(migrated: Settings) -> Any:
 @pytest.fixture
 def sent() -> SentTasks:
     return SentTasks()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def live_url(migrated: Settings) -> Iterator[str]:
+    """The API served by uvicorn on a loopback port in a thread, for clients in other processes."""
+    server = uvicorn.Server(uvicorn.Config(create_app(migrated), host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(timeout=10)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,15 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from sqlalchemy import update
 from typer.testing import CliRunner
 
 from scaletune.client import (Client, Conflict, EndpointMissing, NotFound, ServiceUnavailable, StudyDetail,
                               Unauthorized, ValidationFailed)
-from service.api.app import create_app
 from service.auth import create_token
+from tests.service.conftest import free_port
 from service.cli import app
 from service.db import SessionFactory, write_session
 from service.models import EventType, Study, StudyStatus
@@ -30,27 +28,6 @@ from service.studies import add_event
 
 runner = CliRunner()
 CLIENT_COMMANDS = ["submit", "studies", "status", "watch", "trials", "cancel", "transfer", "check", "schedule", "plot"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def live_url(migrated: Settings) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(create_app(migrated), host="127.0.0.1", port=_free_port(),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -119,7 +96,7 @@ def test_validation_errors_carry_field_paths(api: Client, spec_dict: dict[str, A
 
 
 def test_unreachable_server_names_the_url() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ServiceUnavailable) as caught, Client(url) as client:
         client.studies()
     assert caught.value.url == url and url in str(caught.value) and "scaletune up" in str(caught.value)
@@ -246,7 +223,7 @@ def test_cli_rejected_spec_prints_field_errors_and_exits_1(env: dict[str, str], 
 
 
 def test_cli_unreachable_server_exits_1_naming_the_url(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     result = runner.invoke(app, ["studies"], env={"SCALETUNE_URL": url})
     assert result.exit_code == 1 and url in result.output
 
