@@ -1,16 +1,23 @@
 """API latency under load: a fresh PostgreSQL database with 1k studies (one with 10k trials), uvicorn on loopback.
 
     .venv/bin/python bench/api_load.py [--quick] [--concurrency 1,4] [--requests 1000] [--seconds 20]
+    .venv/bin/python bench/api_load.py --asktell [--quick] [--agents 256] [--trials 512] [--reports 4]
 
 Rows are bulk-inserted (no workers). The API runs as its own process (one uvicorn worker); the load
 comes from another process: for each level in ``concurrency``, that many closed-loop clients per
 endpoint, each run bounded by a request count and a time limit. Writes p50/p99 and requests/s per endpoint to docs/benchmarks.md.
+
+``--asktell``: simulated agents (asyncio, no training) serve one external study: ask, ``reports`` reports of
+random values, tell (pruned when the pruner says so); on 429 they wait Retry-After. Then a check: exactly
+n_trials told, no trial number or params handed out twice, nothing failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing
+import random
 import os
 import secrets
 import socket
@@ -19,6 +26,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,6 +45,14 @@ N_TRIALS_BIG = 10_000
 EVALS_PER_TRIAL = 10
 TARGET_P99_MS = 50.0
 SECTION = "API latency under load"
+ASKTELL_SECTION = "Ask/tell under load (external studies)"
+EXTERNAL_SPEC: dict[str, Any] = {
+    "name": "asktell-load", "kind": "external", "parallelism": 256, "lease_seconds": 600,
+    "search_space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+                     "output_mult": {"type": "float", "low": 0.25, "high": 8.0, "log": True}},
+    "sampler": {"name": "tpe", "seed": 0}, "pruner": {"name": "median"}, "parametrization": "mup",
+    "optimizer": "adamw", "model": {"base": {"width": 64, "depth": 2}, "proxy": {"width": 128, "depth": 2}},
+}
 SPEC: dict[str, Any] = {
     "name": "load", "kind": "tune",
     "model": {"family": "mlp", "base": {"width": 64, "depth": 2}, "proxy": {"width": 128, "depth": 2}, "args": {}},
@@ -77,15 +94,30 @@ def seed(url: str, n_studies: int, n_trials: int) -> str:
     return big
 
 
+@contextmanager
+def fresh_database() -> Iterator[tuple[str, str]]:
+    """A new PostgreSQL database (its URL and name), dropped afterwards."""
+    name = f"scaletune_load_{secrets.token_hex(4)}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", name
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def start_api(url: str, port: int, home: str) -> subprocess.Popen[bytes]:
+def start_api(url: str, port: int, home: str, **settings: str) -> subprocess.Popen[bytes]:
+    """``settings``: more SCALETUNE_* variables for the API process, by name without the prefix."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SCALETUNE_")},
-           "SCALETUNE_DATABASE_URL": url, "SCALETUNE_HOME": home, "SCALETUNE_AUTH_DISABLED": "true"}
+           "SCALETUNE_DATABASE_URL": url, "SCALETUNE_HOME": home, "SCALETUNE_AUTH_DISABLED": "true",
+           **{f"SCALETUNE_{key}": value for key, value in settings.items()}}
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app",
                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
     deadline = time.monotonic() + 60
@@ -161,51 +193,176 @@ def report(results: dict[tuple[str, int], dict[str, Any]], endpoints: dict[str, 
             f"min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
+def percentiles(latencies: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds."""
+    ordered = sorted(latencies)
+    return 1000 * statistics.median(ordered), 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+async def _agent(http: httpx.AsyncClient, study_id: str, reports: int, seed: int, log: dict[str, Any]) -> None:
+    """Ask, report random values, tell; until the study has nothing left to ask."""
+    rng = random.Random(seed)
+
+    async def timed(kind: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
+        started = time.perf_counter()
+        response = await http.post(path, json=body)
+        log["latency"][kind].append(time.perf_counter() - started)
+        return response
+
+    while True:
+        asked = await timed("ask", f"/v1/studies/{study_id}/trials/ask", None)
+        if asked.status_code == 409:
+            return
+        if asked.status_code == 429:
+            log["too_many"] += 1
+            await asyncio.sleep(float(asked.headers["Retry-After"]))
+            continue
+        asked.raise_for_status()
+        trial = asked.json()
+        log["asked"].append((trial["number"], tuple(sorted(trial["params"].items()))))
+        base, state = rng.random(), "complete"
+        for step in range(1, reports + 1):
+            answer = await timed("report", f"/v1/studies/{study_id}/trials/{trial['number']}/report",
+                                 {"step": step, "value": base + 1.0 / step})
+            answer.raise_for_status()
+            if answer.json()["should_prune"]:
+                state = "pruned"
+                break
+        told = await timed("tell", f"/v1/studies/{study_id}/trials/{trial['number']}/tell",
+                           {"state": state, "value": base})
+        told.raise_for_status()
+        log["told"].append(trial["number"])
+
+
+async def _agents(base: str, study_id: str, n_agents: int, reports: int) -> dict[str, Any]:
+    log: dict[str, Any] = {"latency": {"ask": [], "report": [], "tell": []}, "asked": [], "told": [], "too_many": 0}
+    limits = httpx.Limits(max_connections=n_agents, max_keepalive_connections=n_agents)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*[_agent(http, study_id, reports, seed, log) for seed in range(n_agents)])
+        log["wall"] = time.perf_counter() - started
+    return log
+
+
+def drive_agents(base: str, study_id: str, n_agents: int, reports: int, results: Any) -> None:
+    """The load process of the ask/tell run."""
+    results["log"] = asyncio.run(_agents(base, study_id, n_agents, reports))
+
+
+def check_asktell(base: str, study_id: str, n_trials: int, log: dict[str, Any]) -> dict[str, Any]:
+    """Exactly n_trials told, no number or params handed out twice, nothing failed or left running."""
+    with httpx.Client(base_url=base, timeout=60) as http:
+        study = http.get(f"/v1/studies/{study_id}").raise_for_status().json()
+    numbers = [number for number, _ in log["asked"]]
+    params = [point for _, point in log["asked"]]
+    counts = study["trial_counts"]
+    return {"status": study["status"], "told": len(log["told"]), "asked": len(numbers),
+            "numbers_unique": len(set(numbers)) == len(numbers), "params_unique": len(set(params)) == len(params),
+            "finished": counts["complete"] + counts["pruned"], "failed": counts["failed"],
+            "running": counts["running"] + counts["queued"],
+            "ok": (study["status"] == "completed" and len(log["told"]) == n_trials == len(numbers)
+                   and len(set(numbers)) == len(numbers) and len(set(params)) == len(params)
+                   and counts["complete"] + counts["pruned"] == n_trials and counts["failed"] == 0)}
+
+
+def asktell_report(log: dict[str, Any], check: dict[str, Any], args: argparse.Namespace) -> str:
+    rows = []
+    for kind, latencies in log["latency"].items():
+        p50, p99 = percentiles(latencies)
+        rows.append([kind, len(latencies), f"{len(latencies) / log['wall']:.0f}", f"{p50:.1f}", f"{p99:.1f}"])
+    table = markdown_table(["request", "count", "per second", "p50 ms", "p99 ms"], rows)
+    total = sum(len(v) for v in log["latency"].values())
+    verdict = "**passed**" if check["ok"] else "**FAILED**"
+    return (f"`.venv/bin/python bench/api_load.py --asktell{' --quick' if args.quick else ''}` on {os.cpu_count()} "
+            f"CPU cores, {datetime.now(UTC):%Y-%m-%d}. Protocol (fixed before the run): one external study on a fresh "
+            f"PostgreSQL database, n_trials={args.trials:,}, parallelism={args.agents}, TPE sampler, median pruner; "
+            f"{args.agents} simulated agents (asyncio coroutines in one separate process, one keep-alive connection "
+            f"each, no training) each loop: ask, {args.reports} reports of a random value (stopping early when told "
+            "to prune), tell complete (or pruned); on 429 they sleep Retry-After. The API is one uvicorn process on "
+            "loopback, auth disabled. The 2 busy cores are shared by the API, PostgreSQL, the load process and "
+            "other work on the machine (load average at the end below), so these are figures for a small box, not "
+            f"a ceiling.\n\n{table}\n\nAll requests: {total:,} in {log['wall']:.1f} s ({total / log['wall']:.0f}/s); "
+            f"429 answers: {log['too_many']}. Check {verdict}: study {check['status']}, {check['told']:,} trials "
+            f"told of {args.trials:,} asked for, {check['asked']:,} handed out, trial numbers unique: "
+            f"{check['numbers_unique']}, params unique: {check['params_unique']}, finished "
+            f"{check['finished']:,}, failed {check['failed']}, still out {check['running']}.\n\nload average "
+            f"(1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def run_asktell(url: str, name: str, args: argparse.Namespace) -> str:
+    upgrade_database(url)
+    port = free_port()
+    api = start_api(url, port, home=f"/tmp/{name}", MAX_PARALLELISM=str(args.agents), MAX_TRIALS=str(args.trials))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        study_id = httpx.post(f"{base}/v1/studies", json={**EXTERNAL_SPEC, "n_trials": args.trials,
+                                                          "parallelism": args.agents}).raise_for_status().json()["id"]
+        with multiprocessing.Manager() as manager:
+            results = manager.dict()
+            load = multiprocessing.get_context("spawn").Process(
+                target=drive_agents, args=(base, study_id, args.agents, args.reports, results))
+            load.start()
+            load.join()
+            log = dict(results["log"])
+        return asktell_report(log, check_asktell(base, study_id, args.trials, log), args)
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="100 studies, 1k trials, 200 requests per endpoint")
+    parser.add_argument("--quick", action="store_true", help="100 studies, 1k trials, 200 requests per endpoint "
+                                                             "(ask/tell: 32 agents, 128 trials)")
     parser.add_argument("--concurrency", default="1,4", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--requests", type=int, default=1000, help="at most this many requests per run")
     parser.add_argument("--seconds", type=float, default=20.0, help="at most this long per run")
     parser.add_argument("--no-docs", action="store_true", help="print the table instead of writing docs")
+    parser.add_argument("--asktell", action="store_true", help="the ask/tell run instead (simulated agents)")
+    parser.add_argument("--agents", type=int, default=256, help="ask/tell: simulated agents (and parallelism)")
+    parser.add_argument("--trials", type=int, default=512, help="ask/tell: n_trials of the external study")
+    parser.add_argument("--reports", type=int, default=4, help="ask/tell: reports per trial")
     args = parser.parse_args()
+    if args.asktell:
+        if args.quick:
+            args.agents, args.trials = min(args.agents, 32), min(args.trials, 128)
+        with fresh_database() as (url, name):
+            body = run_asktell(url, name, args)
+        print(body)
+        if not args.no_docs:
+            write_section(ASKTELL_SECTION, body)
+        return
     levels = [int(level) for level in args.concurrency.split(",")]
     args.studies, args.trials = (100, 1000) if args.quick else (N_STUDIES, N_TRIALS_BIG)
     if args.quick:
         args.requests = min(args.requests, 200)
 
-    name = f"scaletune_load_{secrets.token_hex(4)}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    api = None
-    try:
+    with fresh_database() as (url, name):
         upgrade_database(url)
         big = seed(url, args.studies, args.trials)
         port = free_port()
         api = start_api(url, port, home=f"/tmp/{name}")
-        deep = (args.trials // 100 - 1) * 100
-        endpoints = {"list": "/v1/studies?limit=50", "detail": f"/v1/studies/{big}",
-                     "trials page 1": f"/v1/studies/{big}/trials?limit=100",
-                     f"trials deep page (offset {deep:,})": f"/v1/studies/{big}/trials?limit=100&offset={deep}"}
-        with multiprocessing.Manager() as manager:
-            results = manager.dict()
-            load = multiprocessing.get_context("spawn").Process(
-                target=drive, args=(f"http://127.0.0.1:{port}", endpoints, args.requests, args.seconds,
-                                    levels, results))
-            load.start()
-            load.join()
-            measured = {(name, clients): dict(results[(name, clients)]) for name in endpoints for clients in levels}
-        body = report(measured, endpoints, args)
-        print(body)
-        if not args.no_docs:
-            write_section(SECTION, body)
-    finally:
-        if api is not None:
+        try:
+            deep = (args.trials // 100 - 1) * 100
+            endpoints = {"list": "/v1/studies?limit=50", "detail": f"/v1/studies/{big}",
+                         "trials page 1": f"/v1/studies/{big}/trials?limit=100",
+                         f"trials deep page (offset {deep:,})": f"/v1/studies/{big}/trials?limit=100&offset={deep}"}
+            with multiprocessing.Manager() as manager:
+                results = manager.dict()
+                load = multiprocessing.get_context("spawn").Process(
+                    target=drive, args=(f"http://127.0.0.1:{port}", endpoints, args.requests, args.seconds,
+                                        levels, results))
+                load.start()
+                load.join()
+                measured = {(name, clients): dict(results[(name, clients)]) for name in endpoints
+                            for clients in levels}
+        finally:
             api.terminate()
             api.wait(timeout=30)
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    body = report(measured, endpoints, args)
+    print(body)
+    if not args.no_docs:
+        write_section(SECTION, body)
 
 
 if __name__ == "__main__":
