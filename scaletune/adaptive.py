@@ -11,7 +11,6 @@ rerun on the same directory resumes in the right shape and reproduces an uninter
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -29,7 +28,7 @@ from scaletune.runner import TrialConfig
 from scaletune.scaling.schedule import Schedule
 from scaletune.shapes import Shape
 from scaletune.surgery import Recipe, Trainee, reshape
-from scaletune.train import Callback, EvalPoint, Loop, Progress, Status, TrainResult, resolve_device
+from scaletune.train import Callback, EvalPoint, Loop, Progress, Status, TrainResult, resolve_device, save_atomically
 
 CHECKPOINT = "schedule.pt"
 
@@ -164,17 +163,9 @@ def _start(recipe: Recipe, cfg: TrialConfig, device: torch.device) -> tuple[_Pro
 
 
 def _save(path: Path, progress: _Progress, trainee: Trainee, phases: Sequence[Phase]) -> None:
-    """Write to a temporary file, then rename over the checkpoint: a kill leaves the old or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    payload = {"phases": [p.to_dict() for p in phases], "progress": progress.to_dict(),
-               "shape": trainee.shape.to_dict(), "model": trainee.model.state_dict(),
-               "optimizer": trainee.optimizer.state_dict(), "rng": torch.get_rng_state()}
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    save_atomically(path, {"phases": [p.to_dict() for p in phases], "progress": progress.to_dict(),
+                           "shape": trainee.shape.to_dict(), "model": trainee.model.state_dict(),
+                           "optimizer": trainee.optimizer.state_dict(), "rng": torch.get_rng_state()})
 
 
 def _resume(path: Path, recipe: Recipe, phases: Sequence[Phase], device: torch.device) -> tuple[_Progress, Trainee]:

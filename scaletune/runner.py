@@ -92,10 +92,10 @@ def prepare_trial(cfg: TrialConfig, data_root: str | Path | None = None, max_par
 
 
 def run_trial(cfg: TrialConfig, callback: Callback | None = None, data_root: str | Path | None = None,
-              max_params: int | None = None) -> TrainResult:
-    """Validate, build, train."""
+              max_params: int | None = None, checkpointing: Checkpointing | None = None) -> TrainResult:
+    """Validate, build, train (resuming from ``checkpointing``'s file when there is one)."""
     prepared = prepare_trial(cfg, data_root, max_params)
     built = prepared.build(cfg.hparams, cfg.seed)
     return train(built.model, built.param_groups, prepared.dataset, cfg.budget, cfg.hparams, cfg.optimizer,
                  flops_per_sample=prepared.flops_per_sample, seed=cfg.seed, device=prepared.device,
-                 callback=callback)
+                 callback=callback, checkpointing=checkpointing)

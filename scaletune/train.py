@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -258,10 +260,54 @@ class Loop:
         return evaluate(model, self.dataset, self.budget.batch_size, self.budget.eval_batches, self.device)
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Save the run to ``path`` after every ``every_evals``-th eval; a run that finds the file there resumes it."""
+
+    path: Path
+    every_evals: int
+
+
+def save_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file, then rename over ``path``: a kill leaves the old or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _saving(callback: Callback | None, checkpointing: Checkpointing, model: nn.Module,
+            optimizer: torch.optim.Optimizer, progress: Progress) -> Callback:
+    def on_eval(point: EvalPoint) -> bool:
+        stop = callback is not None and callback(point)
+        if not stop and len(progress.curve) % checkpointing.every_evals == 0:
+            save_atomically(checkpointing.path, {"progress": asdict(progress), "model": model.state_dict(),
+                                                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()})
+        return stop
+    return on_eval
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> Progress:
+    payload = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng"])
+    saved = payload["progress"]
+    return Progress(**{**saved, "curve": [EvalPoint(**p) for p in saved["curve"]]})
+
+
 def train(model: nn.Module, param_groups: list[dict[str, Any]], dataset: Dataset, budget: Budget,
           hparams: HParams, optimizer: str, *, flops_per_sample: float, seed: int = 0,
-          device: str | torch.device | None = None, callback: Callback | None = None) -> TrainResult:
-    """Train ``model`` for ``budget.steps`` steps; divergence and early stops are outcomes, not errors."""
+          device: str | torch.device | None = None, callback: Callback | None = None,
+          checkpointing: Checkpointing | None = None) -> TrainResult:
+    """Train ``model`` for ``budget.steps`` steps; divergence and early stops are outcomes, not errors.
+
+    With ``checkpointing``, a run resumes from its checkpoint when one exists (the data stream skips the
+    batches already trained on) and saves one every few evals; the callback sees only the new eval points.
+    """
     started = time.perf_counter()
     dev = resolve_device(device)
     torch.manual_seed(seed)
@@ -269,7 +315,11 @@ def train(model: nn.Module, param_groups: list[dict[str, Any]], dataset: Dataset
     model.train()
     opt = make_optimizer(param_groups, optimizer, hparams)
     progress = Progress()
+    if checkpointing is not None:
+        if checkpointing.path.exists():
+            progress = _restore(checkpointing.path, model, opt, dev)
+        callback = _saving(callback, checkpointing, model, opt, progress)
+    batches = itertools.islice(dataset.train_batches(budget.batch_size, seed), progress.step, None)
     status = Loop(dataset, budget, hparams.warmup_frac, dev, callback).run(
-        model, opt, dataset.train_batches(budget.batch_size, seed), progress, budget.steps,
-        flops_per_step=float(budget.batch_size * flops_per_sample))
+        model, opt, batches, progress, budget.steps, flops_per_step=float(budget.batch_size * flops_per_sample))
     return progress.result(status, time.perf_counter() - started, dev)

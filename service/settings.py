@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     RECONCILE_INTERVAL: float = Field(15.0, gt=0)
     REQUEUE_AFTER: float = Field(600.0, gt=0, description="re-send a queued attempt's task after this many seconds")
     MAX_RETRIES: int = Field(2, ge=0)
+    CHECKPOINT_EVERY_EVALS: int = Field(
+        5, ge=0, description="a trial with more evals than this saves a checkpoint every this many evals, and its "
+                             "retry resumes from it instead of step 0 (0: never)")
     ORPHAN_STUDY_GRACE: float = Field(
         600.0, gt=0, description="remove an Optuna study named as scaletune's that has no study row after this many "
                                  "seconds (a crash between the two writes of a submit leaves one)")

@@ -56,6 +56,14 @@ def claim_attempt(session_factory: SessionFactory, attempt_id: str, worker: str,
     return attempt
 
 
+def first_attempt_id(session_factory: SessionFactory, attempt: TrialAttempt) -> str:
+    """The attempt that this one retries, directly or through earlier retries (itself when it is no retry)."""
+    with session_factory() as session:
+        while attempt.retry_of is not None:
+            attempt = session.get_one(TrialAttempt, attempt.retry_of)
+    return attempt.id
+
+
 def heartbeat(session_factory: SessionFactory, attempt_id: str) -> bool:
     """Refresh the lease; False when the attempt is no longer ours (the reconciler declared it lost)."""
     with write_session(session_factory) as session:

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 import optuna
 from optuna.trial import TrialState as OptunaState
 
-from scaletune.runner import run_trial
-from scaletune.train import EvalPoint, TrainResult
+from scaletune.runner import TrialConfig, run_trial
+from scaletune.train import Checkpointing, EvalPoint, TrainResult
 from service.db import SessionFactory, create_db_engine, make_session_factory
 from service.dispatch import dispatch, send_all
 from service.kinds.registry import kind_of, spec_of
@@ -24,7 +24,8 @@ from service.optuna_study import failure_value, get_storage
 from service.queue import Enqueue
 from service.settings import Settings
 from service.studies import study_is_cancelled
-from service.trials import Outcome, claim_attempt, finish_attempt, heartbeat, record_asked, record_point
+from service.trials import Outcome, claim_attempt, finish_attempt, first_attempt_id, heartbeat, record_asked, \
+    record_point
 from workers.schedule_run import run_planned_schedule
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,17 @@ def _failure(error: Exception) -> Outcome:
     return Outcome(TrialState.failed, failure_reason=f"{kind}: {type(error).__name__}: {error}")
 
 
+def checkpointing(ctx: WorkerContext, attempt: TrialAttempt, config: TrialConfig) -> Checkpointing | None:
+    """Long trials (more than CHECKPOINT_EVERY_EVALS evals) save every CHECKPOINT_EVERY_EVALS evals, in a file
+    every attempt of the trial shares, so a retry after a lost worker resumes where the last save left it."""
+    every = ctx.settings.CHECKPOINT_EVERY_EVALS
+    if every == 0 or config.budget.steps // config.budget.eval_every <= every:
+        return None
+    assert ctx.settings.ARTIFACTS_DIR is not None
+    first = first_attempt_id(ctx.session_factory, attempt)
+    return Checkpointing(ctx.settings.ARTIFACTS_DIR / attempt.study_id / "trials" / f"{first}.pt", every)
+
+
 def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None) -> TrialState | None:
     """Run one attempt; returns its final state, or None if it was not ours to run (duplicate or cancelled)."""
     with log_context(trial_id=attempt_id):
@@ -143,6 +155,7 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
     fixed = attempt.params if attempt.retry_of else None
     study: optuna.Study | None = None
     trial: optuna.Trial | None = None
+    saves: Checkpointing | None = None
     with Heartbeat(ctx.session_factory, attempt_id, ctx.settings.HEARTBEAT_INTERVAL) as beat:
         try:
             if is_schedule_run(attempt.params):
@@ -153,8 +166,10 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
                 trial = study.ask(kind.distributions(spec))
                 record_asked(ctx.session_factory, attempt_id, trial.number, trial.params)
                 progress = _Progress(ctx, attempt_id, attempt.study_id, trial, beat)
-                result = run_trial(kind.trial_config(spec, trial.params), progress, data_root=ctx.settings.DATA_ROOT,
-                                   max_params=ctx.settings.MAX_PROXY_PARAMS)
+                config = kind.trial_config(spec, trial.params)
+                saves = checkpointing(ctx, attempt, config)
+                result = run_trial(config, progress, data_root=ctx.settings.DATA_ROOT,
+                                   max_params=ctx.settings.MAX_PROXY_PARAMS, checkpointing=saves)
                 outcome = outcome_of(result, progress.stop_reason)
         except Exception as error:
             log.exception("attempt %s failed", attempt_id)
@@ -168,6 +183,8 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
                 log.exception("could not tell Optuna how trial %s ended", trial.number)
         if finished.retry is not None:
             send_all(ctx.enqueue, [finished.retry.id], spec.queue)
+        elif saves is not None:  # the trial is over: nothing will resume it
+            saves.path.unlink(missing_ok=True)
     dispatch(ctx.session_factory, attempt.study_id, ctx.enqueue)
     log.info("attempt %s ended %s", attempt_id, outcome.state if finished is not None else "elsewhere (lost its lease)")
     return outcome.state if finished is not None else None

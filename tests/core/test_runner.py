@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
 from scaletune.runner import ModelTooLarge, TrialConfig, run_trial
 from scaletune.shapes import Shape
-from scaletune.train import Budget
+from scaletune.train import Budget, Checkpointing, EvalPoint
 
 
 def mlp_trial(**changes) -> TrialConfig:
@@ -72,3 +73,24 @@ def test_divergence_is_reported_not_raised() -> None:
                     budget=Budget(steps=10, batch_size=32, eval_every=5, grad_clip=None, schedule="constant"))
     result = run_trial(cfg)
     assert result.status == "diverged" and result.diverged_step is not None
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    cfg = mlp_trial(budget=Budget(steps=60, batch_size=32, eval_every=10, eval_batches=4))
+    saves = Checkpointing(tmp_path / "trial.pt", every_evals=2)
+
+    def killed_at_step_50(point: EvalPoint) -> bool:
+        if point.step == 50:
+            raise KeyboardInterrupt("worker killed")
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(cfg, killed_at_step_50, checkpointing=saves)
+    seen: list[int] = []
+    resumed = run_trial(cfg, lambda point: seen.append(point.step) is not None, checkpointing=saves)
+
+    assert seen == [50, 60], "resumed after the save at the 4th eval (step 40), not from step 0"
+    uninterrupted = run_trial(cfg)
+    assert [p.step for p in resumed.curve] == [p.step for p in uninterrupted.curve]
+    assert [p.eval_loss for p in resumed.curve] == pytest.approx([p.eval_loss for p in uninterrupted.curve], rel=1e-5)
+    assert resumed.flops == pytest.approx(uninterrupted.flops)

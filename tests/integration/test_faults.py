@@ -56,7 +56,8 @@ def assert_exactly_n_trials_finished(service: Deployment, study_id: str, n_trial
 
 def test_a_killed_worker_is_found_stale_and_its_trial_retried_once(service: Deployment) -> None:
     study_id = service.submit(SPEC)
-    victim = service.wait_for_trial(study_id, running_with_progress)
+    # Two evals recorded: the checkpoint saved after the first (CHECKPOINT_EVERY_EVALS=1) is on disk.
+    victim = service.wait_for_trial(study_id, lambda t: t["state"] == "running" and len(t["intermediate"]) >= 2)
     os.kill(int(victim["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     service.start_worker("worker-c")
 
@@ -68,6 +69,9 @@ def test_a_killed_worker_is_found_stale_and_its_trial_retried_once(service: Depl
     assert lost["state"] == "failed" and lost["failure_reason"] == "worker_lost"
     [retry] = [t for t in trials if t["retry_of"] == victim["id"]]
     assert retry["state"] == "complete" and retry["attempt"] == 2 and retry["params"] == victim["params"]
+    eval_every = SPEC["budget"]["eval_every"]
+    assert retry["intermediate"][0]["step"] > eval_every, "the retry resumed from the checkpoint, not from step 0"
+    assert [p["step"] for p in retry["intermediate"]][-1] == SPEC["budget"]["steps"]
 
 
 def test_a_flushed_broker_is_repaired_by_the_reconciler(service: Deployment, redis_url: str) -> None:
