@@ -150,7 +150,8 @@ class Classification:
     target: Shape
     params: tuple[ParamInfo, ...]
     modules: tuple[ModuleInfo, ...]
-    unscaled_blocks: tuple[str, ...] = ()  # blocks repeated with depth that contain no scaled residual branch
+    blocks: tuple[str, ...] = ()  # outermost modules repeated with depth (``blocks.3``): the residual blocks
+    unscaled_blocks: tuple[str, ...] = ()  # those of them that contain no scaled residual branch
     unscalable_attention: tuple[tuple[str, int | None, int | None], ...] = ()  # (module, base, target head dim)
     branch_hint: tuple[str, ...] = ()  # patterns a user could pass as branch_outputs, for the refusal message
 
@@ -407,9 +408,11 @@ def classify(factory: Factory, base: Shape, target: Shape, *, branch_outputs: Se
         ))
     modules = _module_infos(target_model, base_model, roles, layouts, decl)
     branches = [m.name for m in modules if m.role == "branch"]
-    unscaled = _unscaled_blocks(base_model, deep_model, target_model, branches)
+    blocks = _repeated_blocks(base_model, deep_model, target_model)
+    unscaled = tuple(b for b in blocks if not any(br == b or br.startswith(b + ".") for br in branches))
     return Classification(
-        base=base, target=target, params=tuple(params), modules=tuple(modules), unscaled_blocks=unscaled,
+        base=base, target=target, params=tuple(params), modules=tuple(modules), blocks=blocks,
+        unscaled_blocks=unscaled,
         unscalable_attention=_unscalable_attention(target_model, base_model, modules),
         branch_hint=_branch_hint(target_model, unscaled[0]) if unscaled else (),
     )
@@ -529,15 +532,13 @@ def _declared_attention(name: str, module: nn.Module, base_module: nn.Module,
                       else _query_location(name, module, layouts))
 
 
-def _unscaled_blocks(base_model: nn.Module, deep_model: nn.Module, target_model: nn.Module,
-                     branches: list[str]) -> tuple[str, ...]:
-    """Outermost modules repeated with depth (``blocks.3``) that contain no scaled residual branch."""
+def _repeated_blocks(base_model: nn.Module, deep_model: nn.Module, target_model: nn.Module) -> tuple[str, ...]:
+    """Outermost modules repeated with depth (``blocks.3``), in the target model's order."""
     base_count = Counter(_module_template(n) for n, _ in base_model.named_modules())
     deep_count = Counter(_module_template(n) for n, _ in deep_model.named_modules())
     growing = {t for t, c in deep_count.items() if c > base_count.get(t, 0) and t.endswith("*")}
     outermost = {t for t in growing if not any(t.startswith(o + ".") for o in growing)}
-    blocks = [n for n, _ in target_model.named_modules() if _module_template(n) in outermost]
-    return tuple(b for b in blocks if not any(br == b or br.startswith(b + ".") for br in branches))
+    return tuple(n for n, _ in target_model.named_modules() if _module_template(n) in outermost)
 
 
 def _branch_hint(model: nn.Module, block: str) -> tuple[str, ...]:
