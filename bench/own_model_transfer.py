@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 
 from common import IMG, PARAM_OPTIONS, make_pool, markdown_table, single_thread, write_section
@@ -115,7 +116,7 @@ def target_met(target: str, result: TransferCheckResult) -> str:
 
 
 def main() -> None:
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     keys = sorted({(pz, shape) for ladder in LADDERS.values() for pz, shapes in ladder.items() for shape in shapes
                    if not (pz == "sp" and shape == BASE)}, key=lambda k: -k[1].width ** 2 * k[1].depth)
     with make_pool() as pool:  # mup/completep at the base shape is SP exactly (PARAM_OPTIONS), so it runs once
@@ -170,7 +171,8 @@ def main() -> None:
         f"{MAX_EXTENSIONS} times while the minimum is at an edge, then +-0.5 octave around the minimum; optimum = "
         "parabola through the minimum and its neighbours (scaletune.transfer_check). Trials run in-process with "
         "scaletune's training loop, not through `scaletune agent` (not on main when this was written). "
-        f"2 worker processes, 1 torch thread each, on a machine shared with other jobs (load ~8-10 on 2 cores).",
+        f"2 worker processes, 1 torch thread each, on 2 cores shared with other jobs (load average "
+        f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end).",
         "",
         markdown_table(["axis", "parametrization", "optimum log2 LR", "drift (octaves)", "best loss per size",
                         "at grid edge", "target"], rows),
