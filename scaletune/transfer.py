@@ -57,7 +57,9 @@ class TransferPlan:
 
         ``groups`` are dicts ``{name, class, in_block, params, numel, lr, init, init_std, multiplier,
         weight_decay, eps}`` covering every parameter of the target exactly once; ``module_multipliers``
-        are ``{name, role, value}`` for input/output multipliers, attention scales and residual branches.
+        are ``{name, role, value, attribute, hook, query}`` for input/output multipliers, attention scales and
+        residual branches: the float ``attribute`` the value is set on and/or whether a forward ``hook`` applies
+        it, and for foreign attention where its ``query`` weights are (:class:`scaletune.parametrize.ModulePlan`).
         """
         plan = _renamed(self.plan.to_dict(), _JSON_KEYS)
         plan["groups"] = [_renamed(g, _GROUP_JSON_KEYS) for g in plan["groups"]]

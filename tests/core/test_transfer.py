@@ -88,7 +88,7 @@ def test_the_json_has_the_documented_keys_and_round_trips():
                           "warnings", "provenance"]
     assert list(data["groups"][0]) == ["name", "class", "in_block", "params", "numel", "lr", "init", "init_std",
                                        "multiplier", "weight_decay", "eps"]
-    assert list(data["module_multipliers"][0]) == ["name", "role", "value"]
+    assert list(data["module_multipliers"][0]) == ["name", "role", "value", "attribute", "hook", "query"]
     assert list(TransferPlan.json_types()) == list(data)
     assert TransferPlan.from_dict(data) == plan
 
