@@ -24,6 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from scaletune.hparams import HParams
+from scaletune.presets import Declarations, preset_for
 from scaletune.shapes import Shape
 from scaletune.usage_trace import Use, trace_uses
 
@@ -53,25 +54,6 @@ _FUSED_QKV_CHILDREN = ("c_attn", "qkv", "Wqkv", "in_proj")
 
 class ParametrizationError(ValueError):
     """The model cannot be parametrized correctly as declared; the message names the modules and the fix."""
-
-
-@dataclass(frozen=True)
-class Declarations:
-    """What shapes cannot show about foreign model code: fnmatch patterns on module names, module classes.
-
-    ``branch_outputs``: modules whose output is one residual branch (the core multiplies it by r^-alpha);
-    ``attention``: modules computing attention (the core sets their logit scale); ``transposed``: module
-    classes ("module.QualName") that store their weight as (in, out), like Hugging Face's Conv1D.
-    """
-
-    branch_outputs: tuple[str, ...] = ()
-    attention: tuple[str, ...] = ()
-    transposed: tuple[str, ...] = ()
-
-    def merged(self, other: Declarations) -> Declarations:
-        return Declarations(*(tuple(dict.fromkeys((*a, *b))) for a, b in (
-            (self.branch_outputs, other.branch_outputs), (self.attention, other.attention),
-            (self.transposed, other.transposed))))
 
 
 class ParamClass(str, Enum):
@@ -344,8 +326,6 @@ def classify(factory: Factory, base: Shape, target: Shape, *, branch_outputs: Se
     ``branch_outputs`` and ``attention``; ``example_input`` (a tensor, tuple of positional args or dict of
     keyword args) lets a forward pass show how raw 2-D ``nn.Parameter`` matrices are used.
     """
-    from scaletune.presets import preset_for
-
     with torch.device("meta"):
         base_model = factory(base.width, base.depth)
         wide = _shapes(factory(2 * base.width, base.depth))

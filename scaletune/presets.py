@@ -1,4 +1,5 @@
-"""Declarations for popular foreign model classes, found by the model's class: no annotations for their users.
+"""What shapes cannot show about foreign model code (:class:`Declarations`), and presets of it for popular
+model classes, found by the model's class: no annotations for their users.
 
 Classes are matched by their import path, so neither ``transformers`` nor anything else is imported here.
 Each preset says where the residual branches end (the output projection of each attention and MLP
@@ -8,9 +9,29 @@ attention implementation). Checked against transformers 5.24 (tests/core/test_pr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
-from scaletune.parametrize import Declarations
+
+@dataclass(frozen=True)
+class Declarations:
+    """What shapes cannot show about foreign model code: fnmatch patterns on module names, module classes.
+
+    ``branch_outputs``: modules whose output is one residual branch (the core multiplies it by r^-alpha);
+    ``attention``: modules computing attention (the core sets their logit scale); ``transposed``: module
+    classes ("module.QualName") that store their weight as (in, out), like Hugging Face's Conv1D.
+    """
+
+    branch_outputs: tuple[str, ...] = ()
+    attention: tuple[str, ...] = ()
+    transposed: tuple[str, ...] = ()
+
+    def merged(self, other: Declarations) -> Declarations:
+        return Declarations(*(tuple(dict.fromkeys((*a, *b))) for a, b in (
+            (self.branch_outputs, other.branch_outputs), (self.attention, other.attention),
+            (self.transposed, other.transposed))))
+
 
 _HF = "transformers.models"
 _HF_CONV1D = "transformers.pytorch_utils.Conv1D"  # stores its weight as (in, out)
