@@ -5,7 +5,10 @@ parametrization, train a few steps on one fixed batch at a deliberately high LR,
 |output| of every named module on the forward pass of step t, before that step's update (t = 1 is the
 initialisation). A correct parametrization gives log2-log2 slopes near 0 against width; SP gives positive
 slopes after one step. Over depth, only the residual stream is comparable: the output of the last
-residual block (a module with ``branch_mult``), i.e. the input to the final norm.
+residual block (the last module repeated with depth), i.e. the input to the final norm.
+
+:func:`coord_check` runs a built-in or plugin family; :func:`coord_check_factory` runs the user's own
+model code, ``factory(width, depth) -> nn.Module``, on a dataset from the registry.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from scaletune.data.registry import dataset_spec, get_dataset
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
 from scaletune.models.size import family_factory
-from scaletune.parametrize import ParamOptions, build_model, make_optimizer
+from scaletune.parametrize import BuiltModel, Factory, ParamOptions, build_model, make_optimizer
 from scaletune.shapes import Shape
-from scaletune.train import loss_fn
+from scaletune.train import loss_fn, model_logits
 
 Axis = Literal["width", "depth"]
 FLAT_SLOPE = 0.1  # |slope| of log2 value vs log2 size counted as flat (docs/parametrizations.md)
@@ -130,23 +133,19 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
-def _last_residual_block(model: nn.Module) -> nn.Module:
-    blocks = [m for m in model.modules() if hasattr(m, "branch_mult")]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no residual blocks (modules with branch_mult); "
-                         "a depth coordinate check needs a residual stream")
-    return blocks[-1]
-
-
-def _probes(model: nn.Module, axis: Axis) -> dict[str, nn.Module]:
+def _probes(built: BuiltModel, axis: Axis) -> dict[str, nn.Module]:
     """Modules to record: every named module over width; only the final residual stream over depth."""
+    model = built.model
     if axis == "depth":
-        return {RESIDUAL_PROBE: _last_residual_block(model)}
+        if not built.classification.blocks:
+            raise ValueError(f"{type(model).__name__} has no residual blocks (modules repeated with depth); "
+                             "a depth coordinate check needs a residual stream")
+        return {RESIDUAL_PROBE: model.get_submodule(built.classification.blocks[-1])}
     return {name: module for name, module in model.named_modules() if name}
 
 
-def _record_run(model: nn.Module, param_groups: list[dict[str, Any]], optimizer: str, hparams: HParams,
-                batch: tuple[torch.Tensor, torch.Tensor], task: str, steps: int, axis: Axis) -> dict[str, list[float]]:
+def _record_run(built: BuiltModel, optimizer: str, hparams: HParams, batch: tuple[torch.Tensor, torch.Tensor],
+                task: str, steps: int, axis: Axis) -> dict[str, list[float]]:
     """Train ``steps`` steps on one batch; per probe, mean |output| on each step's forward before its update."""
     current: dict[str, float] = {}
 
@@ -157,14 +156,15 @@ def _record_run(model: nn.Module, param_groups: list[dict[str, Any]], optimizer:
                 current[name] = tensor.detach().abs().mean().item()
         return hook
 
-    handles = [m.register_forward_hook(hook_for(name)) for name, m in _probes(model, axis).items()]
-    opt = make_optimizer(param_groups, optimizer, hparams)
+    model = built.model
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in _probes(built, axis).items()]
+    opt = make_optimizer(built.param_groups, optimizer, hparams)
     history: dict[str, list[float]] = {}
     x, y = batch
     try:
         for _ in range(steps):
             current.clear()
-            loss = loss_fn(model(x), y, task)  # type: ignore[arg-type]
+            loss = loss_fn(model_logits(model(x)), y, task)  # type: ignore[arg-type]
             for name, value in current.items():
                 history.setdefault(name, []).append(value)
             opt.zero_grad(set_to_none=True)
@@ -176,12 +176,8 @@ def _record_run(model: nn.Module, param_groups: list[dict[str, Any]], optimizer:
     return history
 
 
-def coord_check(family: str, parametrization: str, widths: list[int], depths: list[int] | None = None,
-                steps: int = 4, seeds: int = 3, *, base: Shape | None = None, dataset: str | None = None,
-                dataset_args: dict[str, Any] | None = None, lr: float | None = None, optimizer: str = "adamw",
-                batch_size: int = 32, args: dict[str, Any] | None = None,
-                options: dict[str, Any] | None = None) -> CoordCheckResult:
-    """Sweep widths (at the base depth) or, when ``depths`` is given, depths at the one width in ``widths``."""
+def _sweep(widths: list[int], depths: list[int] | None, steps: int, seeds: int) -> tuple[list[int], list[int] | None,
+                                                                                    Axis, list[int]]:
     widths, depths = sorted(set(widths)), sorted(set(depths)) if depths else None
     axis: Axis = "depth" if depths else "width"
     sizes = depths if depths else widths
@@ -191,35 +187,80 @@ def coord_check(family: str, parametrization: str, widths: list[int], depths: li
         raise ValueError(f"a depth sweep runs at one fixed width; got widths {widths}")
     if steps < 2 or seeds < 1:
         raise ValueError(f"need steps >= 2 (t = 1 is the init) and seeds >= 1, got steps={steps}, seeds={seeds}")
-    fam = get_family(family)
-    dataset = dataset or DEFAULT_DATASET.get(family, FALLBACK_DATASET)
-    dataset_args, args = dataset_args or {}, args or {}
+    return widths, depths, axis, sizes
+
+
+def _default_lr(lr: float | None, optimizer: str) -> float:
     lr = DEFAULT_LR[optimizer] if lr is None and optimizer in DEFAULT_LR else lr
     if lr is None:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(DEFAULT_LR)}")
+    return lr
+
+
+def _run(name: str, factory_for: Any, parametrization: str, base: Shape, shapes: list[Shape], axis: Axis,
+         sizes: list[int], steps: int, seeds: int, dataset: str, dataset_args: dict[str, Any], lr: float,
+         optimizer: str, batch_size: int, options: dict[str, Any] | None, task: str,
+         declarations: dict[str, Any]) -> CoordCheckResult:
+    batch = next(get_dataset(dataset, dataset_args).train_batches(batch_size, seed=0))
+    hparams = HParams(lr=lr)
+    param_options = ParamOptions.from_dict(options)
+    per_size: list[dict[str, list[float]]] = []
+    for shape in shapes:
+        runs = []
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            built = build_model(factory_for(shape), base, shape, parametrization, hparams, optimizer, param_options,
+                                **declarations)
+            runs.append(_record_run(built, optimizer, hparams, batch, task, steps, axis))
+        per_size.append({probe: np.mean([run[probe] for run in runs], axis=0).tolist() for probe in runs[0]})
+
+    common = [probe for probe in per_size[0] if all(probe in size for size in per_size[1:])]
+    table = []
+    for probe in common:
+        for t in range(1, steps + 1):
+            values = [size[probe][t - 1] for size in per_size]
+            table.append(CoordRow(probe, t, values, log2_slope(sizes, values)))
+    return CoordCheckResult(name, parametrization, optimizer, lr, axis, sizes, steps, seeds, table)
+
+
+def coord_check(family: str, parametrization: str, widths: list[int], depths: list[int] | None = None,
+                steps: int = 4, seeds: int = 3, *, base: Shape | None = None, dataset: str | None = None,
+                dataset_args: dict[str, Any] | None = None, lr: float | None = None, optimizer: str = "adamw",
+                batch_size: int = 32, args: dict[str, Any] | None = None,
+                options: dict[str, Any] | None = None) -> CoordCheckResult:
+    """Sweep widths (at the base depth) or, when ``depths`` is given, depths at the one width in ``widths``."""
+    widths, depths, axis, sizes = _sweep(widths, depths, steps, seeds)
+    fam = get_family(family)
+    dataset = dataset or DEFAULT_DATASET.get(family, FALLBACK_DATASET)
+    dataset_args, args = dataset_args or {}, args or {}
     spec = dataset_spec(dataset, dataset_args)
     base = base or Shape(widths[0], depths[0] if depths else 2)
     shapes = [base.with_(depth=d, width=widths[0]) for d in depths] if depths else [base.with_(width=w) for w in widths]
     for shape in (base, *shapes):
         fam.validate(shape, spec, args)
-    batch = next(get_dataset(dataset, dataset_args).train_batches(batch_size, seed=0))
-    hparams = HParams(lr=lr)
-    param_options = ParamOptions.from_dict(options)
+    return _run(family, lambda shape: family_factory(fam, shape, spec, args), parametrization, base, shapes, axis,
+                sizes, steps, seeds, dataset, dataset_args, _default_lr(lr, optimizer), optimizer, batch_size,
+                options, spec.task, {})
 
-    per_size: list[dict[str, list[float]]] = []
-    for shape in shapes:
-        factory = family_factory(fam, shape, spec, args)
-        runs = []
-        for seed in range(seeds):
-            torch.manual_seed(seed)
-            built = build_model(factory, base, shape, parametrization, hparams, optimizer, param_options)
-            runs.append(_record_run(built.model, built.param_groups, optimizer, hparams, batch, spec.task, steps, axis))
-        per_size.append({name: np.mean([run[name] for run in runs], axis=0).tolist() for name in runs[0]})
 
-    common = [name for name in per_size[0] if all(name in size for size in per_size[1:])]
-    table = []
-    for name in common:
-        for t in range(1, steps + 1):
-            values = [size[name][t - 1] for size in per_size]
-            table.append(CoordRow(name, t, values, log2_slope(sizes, values)))
-    return CoordCheckResult(family, parametrization, optimizer, lr, axis, sizes, steps, seeds, table)
+def coord_check_factory(factory: Factory, parametrization: str, widths: list[int], depths: list[int] | None = None,
+                        steps: int = 4, seeds: int = 3, *, name: str | None = None, base: Shape | None = None,
+                        dataset: str = "pytext", dataset_args: dict[str, Any] | None = None, lr: float | None = None,
+                        optimizer: str = "adamw", batch_size: int = 32, options: dict[str, Any] | None = None,
+                        branch_outputs: list[str] | tuple[str, ...] = (),
+                        attention: list[str] | tuple[str, ...] = ()) -> CoordCheckResult:
+    """The same check on the user's own ``factory(width, depth) -> nn.Module`` (called on meta to classify).
+
+    The model must take the dataset's inputs and return logits (or an object with ``.logits``); the fixed
+    batch doubles as ``example_input`` for raw ``nn.Parameter`` matrices.
+    """
+    widths, depths, axis, sizes = _sweep(widths, depths, steps, seeds)
+    dataset_args = dataset_args or {}
+    spec = dataset_spec(dataset, dataset_args)
+    base = base or Shape(widths[0], depths[0] if depths else 2)
+    shapes = [base.with_(depth=d, width=widths[0]) for d in depths] if depths else [base.with_(width=w) for w in widths]
+    example = next(get_dataset(dataset, dataset_args).train_batches(batch_size, seed=0))[0]
+    declarations = {"branch_outputs": tuple(branch_outputs), "attention": tuple(attention), "example_input": example}
+    return _run(name or getattr(factory, "__name__", "model"), lambda shape: factory, parametrization, base, shapes,
+                axis, sizes, steps, seeds, dataset, dataset_args, _default_lr(lr, optimizer), optimizer, batch_size,
+                options, spec.task, declarations)

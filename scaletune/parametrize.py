@@ -13,16 +13,20 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from fnmatch import fnmatchcase
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from scaletune.hparams import HParams
+from scaletune.presets import Declarations, preset_for
 from scaletune.shapes import Shape
+from scaletune.usage_trace import Use, trace_uses
 
 Parametrization = Literal["sp", "mup", "depth_mup", "completep"]
 Optimizer = Literal["adamw", "sgd"]
@@ -39,6 +43,17 @@ MULTIPLIER_ATTRS: dict[str, str] = {
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _INT_SEGMENT = re.compile(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)")
+_MODULE_INDEX = re.compile(r"(?<![^.])\d+(?![^.])")
+OwnerKind = Literal["linear", "conv", "embedding", "norm", "other"]
+_SCALE_ATTRIBUTES = ("attn_scale", "scaling", "scale")  # float logit-scale attributes, in order of preference
+_WIDTH_ATTRIBUTES = ("embed_dim", "n_embd", "hidden_size", "d_model", "dim")
+_HEADS_ATTRIBUTES = ("num_heads", "n_head", "n_heads", "num_attention_heads")
+_QUERY_CHILDREN = ("q_proj", "query", "q")
+_FUSED_QKV_CHILDREN = ("c_attn", "qkv", "Wqkv", "in_proj")
+
+
+class ParametrizationError(ValueError):
+    """The model cannot be parametrized correctly as declared; the message names the modules and the fix."""
 
 
 class ParamClass(str, Enum):
@@ -78,7 +93,7 @@ class ParamInfo:
     m_in: float  # fan_in ratio target/base (1 if fan_in is not a width dim)
     m_out: float  # fan_out ratio target/base
     base_fan_in: int
-    owner_kind: Literal["linear", "conv", "embedding", "norm", "other"]
+    owner_kind: OwnerKind
     is_bias: bool
     tied_readout: bool = False
 
@@ -94,13 +109,21 @@ class ParamInfo:
 
 @dataclass(frozen=True)
 class ModuleInfo:
-    """A module whose forward multiplier the parametrization sets."""
+    """A module whose forward multiplier the parametrization sets.
+
+    ``attribute``: the float attribute holding the value (``branch_mult``, ``attn_scale``, ``scaling``...);
+    ``hook``: whether a forward hook applies it (foreign code that has no such attribute, or ignores it);
+    ``query``: for attention without ``zero_query_()``, where its query weights are.
+    """
 
     name: str
     role: Literal["input", "output", "attention", "branch"]
     m_in: float = 1.0
     head_dim: int = 0
     base_head_dim: int = 0
+    attribute: str | None = None
+    hook: bool = True
+    query: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +132,10 @@ class Classification:
     target: Shape
     params: tuple[ParamInfo, ...]
     modules: tuple[ModuleInfo, ...]
+    blocks: tuple[str, ...] = ()  # outermost modules repeated with depth (``blocks.3``): the residual blocks
+    unscaled_blocks: tuple[str, ...] = ()  # those of them that contain no scaled residual branch
+    unscalable_attention: tuple[tuple[str, int | None, int | None], ...] = ()  # (module, base, target head dim)
+    branch_hint: tuple[str, ...] = ()  # patterns a user could pass as branch_outputs, for the refusal message
 
     @property
     def r(self) -> float:
@@ -141,6 +168,16 @@ class ModulePlan:
     name: str
     role: Literal["input", "output", "attention", "branch"]
     value: float
+    attribute: str | None = None
+    hook: bool = True
+    query: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModulePlan:
+        """Plans written before foreign models set built-in attributes for branches and attention, hooks otherwise."""
+        legacy = {"attribute": {r: MULTIPLIER_ATTRS[r] for r in ("branch", "attention")}.get(d["role"]),
+                  "hook": d["role"] in ("input", "output")}
+        return cls(**{**legacy, **d})
 
 
 @dataclass
@@ -166,7 +203,7 @@ class Plan:
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in d.items() if k in known}
         values["groups"] = [GroupPlan(**g) for g in d["groups"]]
-        values["modules"] = [ModulePlan(**m) for m in d.get("modules", [])]
+        values["modules"] = [ModulePlan.from_dict(m) for m in d.get("modules", [])]
         return cls(**values)
 
 
@@ -180,9 +217,21 @@ class BuiltModel:
 
 # ---------------------------------------------------------------- classification
 
+@dataclass(frozen=True)
+class _Layout:
+    """Which dims of a weight are its fan-in and which its fan-out, as the module using it sees them."""
+
+    kind: OwnerKind
+    in_dims: tuple[int, ...]
+    out_dim: int | None
+
 
 def _template(name: str) -> str:
     return _INT_SEGMENT.sub("*", name)
+
+
+def _module_template(name: str) -> str:
+    return _MODULE_INDEX.sub("*", name)
 
 
 def _owner(model: nn.Module, param_name: str) -> nn.Module:
@@ -190,25 +239,42 @@ def _owner(model: nn.Module, param_name: str) -> nn.Module:
     return model.get_submodule(owner_name) if owner_name else model
 
 
-def _owner_kind(module: nn.Module) -> Literal["linear", "conv", "embedding", "norm", "other"]:
+def _class_path(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _declared_layout(module: nn.Module, ndim: int, decl: Declarations) -> _Layout:
+    """From the module type, never from the last dim; "other" keeps the (out, in) convention of microsoft/mup."""
     if isinstance(module, nn.Linear):
-        return "linear"
+        return _Layout("linear", (1,), 0)
     if isinstance(module, _CONVS):
-        return "conv"
+        return _Layout("conv", tuple(range(1, ndim)), 0)
     if isinstance(module, nn.Embedding):
-        return "embedding"
+        return _Layout("embedding", (0,), 1)
     if isinstance(module, _NORMS):
-        return "norm"
-    return "other"
+        return _Layout("norm", (), None)
+    if _class_path(module) in decl.transposed:
+        return _Layout("linear", (0,), 1)
+    return _Layout("other", (1,), 0)
 
 
-def _fan_dims(kind: str, ndim: int) -> tuple[list[int], int]:
-    """(fan_in dims, fan_out dim) from the module type, never from the last dim."""
-    if kind == "embedding":
-        return [0], 1
-    if kind == "conv":
-        return list(range(1, ndim)), 0
-    return [1], 0  # linear and raw matrices: (out, in, ...) as in microsoft/mup
+def _traced_layout(uses: set[Use], inf: set[int], name: str) -> _Layout:
+    kinds = {use.kind for use in uses}
+    if kinds == {"contract"} and len(uses) == 1:
+        (use,) = uses
+        return _Layout("linear", (use.dim,), 1 - use.dim)
+    if "contract" not in kinds and uses:  # looked up or added: fan-in 1, like nn.Embedding
+        out = sorted(inf)
+        return _Layout("embedding", tuple(d for d in (0, 1) if d not in inf), out[0] if out else None)
+    raise ParametrizationError(
+        f"raw parameter {name!r} is used in ways that give it no single fan-in dimension ({sorted(map(str, uses))}); "
+        "wrap it in nn.Linear or nn.Embedding")
+
+
+def _ambiguous(base_shape: tuple[int, ...], target_shape: tuple[int, ...], inf: set[int]) -> bool:
+    """A raw 2-D matrix whose fan-in cannot be read from shapes (square hidden matrices are the same both ways)."""
+    square = base_shape[0] == base_shape[1] and target_shape[0] == target_shape[1]
+    return not (len(inf) == 2 and square)
 
 
 def _counterpart(name: str, base_names: set[str], max_index: dict[tuple[str, int], int]) -> str:
@@ -248,15 +314,26 @@ def _ratio(target: tuple[int, ...], base: tuple[int, ...], dims: Iterable[int]) 
     return math.prod(target[d] / base[d] for d in dims)
 
 
-def classify(factory: Factory, base: Shape, target: Shape) -> Classification:
-    """Classify every parameter of ``factory(target.width, target.depth)`` with no annotations needed."""
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def classify(factory: Factory, base: Shape, target: Shape, *, branch_outputs: Sequence[str] = (),
+             attention: Sequence[str] = (), example_input: Any = None) -> Classification:
+    """Classify every parameter of ``factory(target.width, target.depth)``; annotations only for foreign code.
+
+    A preset found by the model's class (Hugging Face GPT-2 and Llama) adds its declarations to
+    ``branch_outputs`` and ``attention``; ``example_input`` (a tensor, tuple of positional args or dict of
+    keyword args) lets a forward pass show how raw 2-D ``nn.Parameter`` matrices are used.
+    """
     with torch.device("meta"):
         base_model = factory(base.width, base.depth)
         wide = _shapes(factory(2 * base.width, base.depth))
-        deep = _shapes(factory(base.width, 2 * base.depth))
+        deep_model = factory(base.width, 2 * base.depth)
         target_model = base_model if (target.width, target.depth) == (base.width, base.depth) \
             else factory(target.width, target.depth)
-    base_shapes = _shapes(base_model)
+    decl = Declarations(tuple(branch_outputs), tuple(attention)).merged(preset_for(base_model))
+    base_shapes, deep = _shapes(base_model), _shapes(deep_model)
     if set(wide) != set(base_shapes):
         raise ValueError("the model's parameter names change with width; scaletune needs the same names at every width")
     infinite = {n: {d for d, (a, b) in enumerate(zip(s, wide[n])) if a != b} for n, s in base_shapes.items()}
@@ -264,6 +341,22 @@ def classify(factory: Factory, base: Shape, target: Shape) -> Classification:
     block_templates = {t for t, c in deep_count.items() if c > base_count.get(t, 0)}
     maxima = _index_maxima(base_shapes)
     base_names = set(base_shapes)
+    target_shapes = _shapes(target_model)
+
+    layouts: dict[str, _Layout] = {}
+    for name, shape in target_shapes.items():
+        layouts[name] = _declared_layout(_owner(target_model, name), len(shape), decl)
+    raw = [n for n, s in target_shapes.items() if layouts[n].kind == "other" and len(s) == 2
+           and _ambiguous(base_shapes[_counterpart(n, base_names, maxima)], s,
+                          infinite[_counterpart(n, base_names, maxima)])]
+    for name in (n for n, s in target_shapes.items() if layouts[n].kind == "other" and len(s) == 2):
+        layouts[name] = _Layout("linear", (1,), 0)  # square hidden matrices; the traced ones are replaced below
+    if raw:
+        uses = _trace_raw(factory, base, base_model, [_counterpart(n, base_names, maxima) for n in raw],
+                          example_input)
+        for name in raw:
+            ref = _counterpart(name, base_names, maxima)
+            layouts[name] = _traced_layout(uses[ref], infinite[ref], name)
 
     all_names: dict[int, list[str]] = {}
     for name, p in target_model.named_parameters(remove_duplicate=False):
@@ -271,51 +364,66 @@ def classify(factory: Factory, base: Shape, target: Shape) -> Classification:
 
     params: list[ParamInfo] = []
     roles: dict[str, tuple[ParamClass, float, bool]] = {}
-    for p_id, names in all_names.items():
+    for names in all_names.values():
         for name in names:
-            roles[name] = _role(name, target_model, base_shapes, infinite, base_names, maxima)
+            ref = _counterpart(name, base_names, maxima)
+            roles[name] = _role(target_shapes[name], base_shapes[ref], layouts[name], infinite[ref])
         name = names[0]
-        cls = roles[name][0]
-        owner = _owner(target_model, name)
-        kind = _owner_kind(owner)
-        shape = tuple(target_model.get_parameter(name).shape)
+        cls, layout, shape = roles[name][0], layouts[name], target_shapes[name]
         ref = _counterpart(name, base_names, maxima)
-        inf = infinite[ref]
-        in_dims, out_dim = _fan_dims(kind, len(shape))
-        base_shape = base_shapes[ref]
+        inf, base_shape = infinite[ref], base_shapes[ref]
         if len(shape) >= 2:
-            m_in = _ratio(shape, base_shape, [d for d in in_dims if d in inf])
-            m_out = _ratio(shape, base_shape, [out_dim] if out_dim in inf else [])
-            base_fan_in = 1 if kind == "embedding" else math.prod(
-                base_shape[d] for d in (in_dims if kind != "other" else [d for d in range(len(shape)) if d not in inf]))
+            m_in = _ratio(shape, base_shape, [d for d in layout.in_dims if d in inf])
+            m_out = _ratio(shape, base_shape, [layout.out_dim] if layout.out_dim in inf else [])
+            fan_in_dims = layout.in_dims if layout.kind != "other" else [d for d in range(len(shape)) if d not in inf]
+            base_fan_in = 1 if layout.kind == "embedding" else math.prod(base_shape[d] for d in fan_in_dims)
         else:
             m_in = m_out = _ratio(shape, base_shape, inf)
             base_fan_in = 1
         tied = any(roles[n][0] is ParamClass.OUTPUT for n in names[1:])
         params.append(ParamInfo(
             name=name, cls=cls, in_block=_template(name) in block_templates, shape=shape,
-            m_in=m_in, m_out=m_out, base_fan_in=base_fan_in, owner_kind=kind,
+            m_in=m_in, m_out=m_out, base_fan_in=base_fan_in, owner_kind=layout.kind,
             is_bias=name.endswith("bias") and len(shape) == 1, tied_readout=tied,
         ))
-    modules = _module_infos(target_model, base_model, roles)
-    return Classification(base=base, target=target, params=tuple(params), modules=tuple(modules))
+    modules = _module_infos(target_model, base_model, roles, layouts, decl)
+    branches = [m.name for m in modules if m.role == "branch"]
+    blocks = _repeated_blocks(base_model, deep_model, target_model)
+    unscaled = tuple(b for b in blocks if not any(br == b or br.startswith(b + ".") for br in branches))
+    return Classification(
+        base=base, target=target, params=tuple(params), modules=tuple(modules), blocks=blocks,
+        unscaled_blocks=unscaled,
+        unscalable_attention=_unscalable_attention(target_model, base_model, modules),
+        branch_hint=_branch_hint(target_model, unscaled[0]) if unscaled else (),
+    )
 
 
-def _role(name: str, model: nn.Module, base_shapes: dict[str, tuple[int, ...]], infinite: dict[str, set[int]],
-          base_names: set[str], maxima: dict[tuple[str, int], int]) -> tuple[ParamClass, float, bool]:
+def _trace_raw(factory: Factory, base: Shape, base_model: nn.Module, names: list[str],
+               example_input: Any) -> dict[str, set[Use]]:
+    if example_input is None:
+        raise ParametrizationError(
+            f"raw nn.Parameter matrices {sorted(set(names))} have no module type that tells which dimension is "
+            "their fan-in (nn.Linear stores (out, in); `x @ W` uses (in, out)) nor whether they are a readout. "
+            "Pass example_input=<one batch> to build_model/classify so a forward pass shows how they are used, "
+            "or wrap them in nn.Linear / nn.Embedding")
+
+    def models() -> Iterator[nn.Module]:
+        yield base_model
+        yield factory(base.width, base.depth)
+
+    return trace_uses(models(), names, example_input)
+
+
+def _role(shape: tuple[int, ...], base_shape: tuple[int, ...], layout: _Layout, inf: set[int]
+          ) -> tuple[ParamClass, float, bool]:
     """(class, fan_in ratio, fan_out is a width dim) of a parameter as seen from the module using it by this name."""
-    ref = _counterpart(name, base_names, maxima)
-    inf = infinite[ref]
-    shape = tuple(model.get_parameter(name).shape)
-    kind = _owner_kind(_owner(model, name))
     if len(shape) <= 1:
         return ParamClass.VECTOR, 1.0, bool(inf)
-    if kind == "other" and len(inf) == 1:
+    if layout.kind == "other" and len(inf) == 1:
         return ParamClass.INPUT, 1.0, True  # raw tensors with one width dim: position embeddings, cls tokens, kernels
-    in_dims, out_dim = _fan_dims(kind, len(shape))
-    in_inf = any(d in inf for d in in_dims)
-    out_inf = out_dim in inf
-    m_in = _ratio(shape, base_shapes[ref], [d for d in in_dims if d in inf])
+    in_inf = any(d in inf for d in layout.in_dims)
+    out_inf = layout.out_dim in inf
+    m_in = _ratio(shape, base_shape, [d for d in layout.in_dims if d in inf])
     if in_inf and out_inf:
         return ParamClass.HIDDEN, m_in, True
     if in_inf:
@@ -323,26 +431,117 @@ def _role(name: str, model: nn.Module, base_shapes: dict[str, tuple[int, ...]], 
     return ParamClass.INPUT, 1.0, out_inf
 
 
-def _module_infos(model: nn.Module, base_model: nn.Module, roles: dict[str, tuple[ParamClass, float, bool]]
-                  ) -> list[ModuleInfo]:
+def _module_infos(model: nn.Module, base_model: nn.Module, roles: dict[str, tuple[ParamClass, float, bool]],
+                  layouts: dict[str, _Layout], decl: Declarations) -> list[ModuleInfo]:
     infos: list[ModuleInfo] = []
     base_modules = dict(base_model.named_modules())
     base_module_names, module_maxima = set(base_modules), _index_maxima(base_modules)
+    for pattern in (*decl.branch_outputs, *decl.attention):
+        if not any(fnmatchcase(name, pattern) for name in base_modules):
+            raise ParametrizationError(f"pattern {pattern!r} matches no module of {type(base_model).__name__}; "
+                                       f"module names look like {list(base_modules)[1:6]}")
+    _check_readout_owners(model, roles)
     for name, module in model.named_modules(remove_duplicate=False):
         weight = f"{name}.weight" if name else "weight"
-        if weight in roles and _owner_kind(module) != "norm":
+        if weight in roles and layouts[weight].kind != "norm":
             cls, m_in, out_inf = roles[weight]
             if cls is ParamClass.INPUT and out_inf:  # any module whose own weight is input-like, e.g. a patch embed
                 infos.append(ModuleInfo(name, "input"))
-            elif cls is ParamClass.OUTPUT and _owner_kind(module) in ("linear", "conv"):
+            elif cls is ParamClass.OUTPUT:
                 infos.append(ModuleInfo(name, "output", m_in=m_in))
         if isinstance(getattr(module, "attn_scale", None), float) and hasattr(module, "head_dim"):
             base_attn = base_modules[_counterpart(name, base_module_names, module_maxima)]
             infos.append(ModuleInfo(name, "attention", head_dim=int(module.head_dim),
-                                    base_head_dim=int(base_attn.head_dim)))
+                                    base_head_dim=int(base_attn.head_dim), attribute=MULTIPLIER_ATTRS["attention"],
+                                    hook=False))
+        elif _matches(name, decl.attention):
+            base_attn = base_modules[_counterpart(name, base_module_names, module_maxima)]
+            infos.append(_declared_attention(name, module, base_attn, layouts))
         if isinstance(getattr(module, "branch_mult", None), float):
+            infos.append(ModuleInfo(name, "branch", attribute=MULTIPLIER_ATTRS["branch"], hook=False))
+        elif _matches(name, decl.branch_outputs):
             infos.append(ModuleInfo(name, "branch"))
     return infos
+
+
+def _check_readout_owners(model: nn.Module, roles: dict[str, tuple[ParamClass, float, bool]]) -> None:
+    """A readout's multiplier scales the input of the module owning it, so that module must do nothing else."""
+    for name, (cls, _, _) in roles.items():
+        if cls is not ParamClass.OUTPUT:
+            continue
+        owner_name, _, local = name.rpartition(".")
+        others = [n for n, p in _owner(model, name).named_parameters() if n != local and p.ndim > 1]
+        if not owner_name or local != "weight" or others:
+            held_by = f"module {owner_name!r}" if owner_name else "the model itself"
+            raise ParametrizationError(
+                f"the readout matrix {name!r} is held by {held_by}{f' with {others}' if others else ''}: scaletune "
+                "applies the readout multiplier to the input of the module owning it; put the readout in a module "
+                "of its own as its `weight` (nn.Linear, or a module whose forward is x @ self.weight)")
+
+
+def head_dim(module: nn.Module) -> int | None:
+    """An attention module's head dimension from its attributes (head_dim, or width / heads), None if unknown."""
+    value = getattr(module, "head_dim", None)
+    if isinstance(value, int):
+        return value
+    width = next((v for a in _WIDTH_ATTRIBUTES if isinstance(v := getattr(module, a, None), int)), None)
+    heads = next((v for a in _HEADS_ATTRIBUTES if isinstance(v := getattr(module, a, None), int)), None)
+    return width // heads if width and heads else None
+
+
+def _query_location(name: str, module: nn.Module, layouts: dict[str, _Layout]) -> dict[str, Any] | None:
+    """Where the query weights are: a q_proj-like child, or the first third of a fused qkv child's outputs."""
+    for child, parts in [*((c, 1) for c in _QUERY_CHILDREN), *((c, 3) for c in _FUSED_QKV_CHILDREN)]:
+        weight = f"{name}.{child}.weight" if name else f"{child}.weight"
+        if isinstance(getattr(module, child, None), nn.Module) and weight in layouts:
+            out_dim = layouts[weight].out_dim
+            return {"module": child, "dim": 0 if out_dim is None else out_dim, "parts": parts}
+    return None
+
+
+def _declared_attention(name: str, module: nn.Module, base_module: nn.Module,
+                        layouts: dict[str, _Layout]) -> ModuleInfo:
+    dims = head_dim(module), head_dim(base_module)
+    if None in dims:
+        raise ParametrizationError(
+            f"attention module {name!r} ({type(module).__name__}): scaletune cannot tell its head dimension; give it "
+            f"an int attribute head_dim (or {'/'.join(_WIDTH_ATTRIBUTES[:2])} and {'/'.join(_HEADS_ATTRIBUTES[:2])})")
+    attribute = next((a for a in _SCALE_ATTRIBUTES if isinstance(getattr(module, a, None), float)), None)
+    return ModuleInfo(name, "attention", head_dim=dims[0], base_head_dim=dims[1], attribute=attribute, hook=True,
+                      query=None if callable(getattr(module, "zero_query_", None))
+                      else _query_location(name, module, layouts))
+
+
+def _repeated_blocks(base_model: nn.Module, deep_model: nn.Module, target_model: nn.Module) -> tuple[str, ...]:
+    """Outermost modules repeated with depth (``blocks.3``), in the target model's order."""
+    base_count = Counter(_module_template(n) for n, _ in base_model.named_modules())
+    deep_count = Counter(_module_template(n) for n, _ in deep_model.named_modules())
+    growing = {t for t, c in deep_count.items() if c > base_count.get(t, 0) and t.endswith("*")}
+    outermost = {t for t in growing if not any(t.startswith(o + ".") for o in growing)}
+    return tuple(n for n, _ in target_model.named_modules() if _module_template(n) in outermost)
+
+
+def _branch_hint(model: nn.Module, block: str) -> tuple[str, ...]:
+    """The block's children with weights that are not norms: the likely residual branches, as patterns."""
+    template = _module_template(block)
+    return tuple(f"{template}.{name}" for name, child in model.get_submodule(block).named_children()
+                 if any(p.ndim > 1 for p in child.parameters()) and not isinstance(child, _NORMS))
+
+
+def _unscalable_attention(model: nn.Module, base_model: nn.Module, modules: list[ModuleInfo]
+                          ) -> tuple[tuple[str, int | None, int | None], ...]:
+    """Modules that look like attention (class name) but whose logit scale scaletune does not set."""
+    covered = [m.name for m in modules if m.role == "attention"]
+    base_modules = dict(base_model.named_modules())
+    base_names, maxima = set(base_modules), _index_maxima(base_modules)
+    found = []
+    for name, module in model.named_modules():
+        if "attention" not in type(module).__name__.lower() or any(
+                name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in covered):
+            continue
+        base_module = base_modules[_counterpart(name, base_names, maxima)]
+        found.append((name, head_dim(base_module), head_dim(module)))
+    return tuple(found)
 
 
 # ---------------------------------------------------------------- rule tables
@@ -449,6 +648,37 @@ def _module_value(info: ModuleInfo, parametrization: str, hp: HParams, r: float,
     return branch_multiplier(parametrization, r, options)
 
 
+def _listed(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
+
+
+def check_transferable(cls: Classification, parametrization: str, options: ParamOptions) -> None:
+    """Refuse a plan that would silently not transfer: depth without scaled branches, 1/d attention not set."""
+    base, target = cls.base, cls.target
+    branches = [m for m in cls.modules if m.role == "branch"]
+    if depth_alpha(parametrization, options) is not None and target.depth != base.depth and (
+            cls.unscaled_blocks or not branches):
+        where = (f"the blocks {_listed(cls.unscaled_blocks)} contain no residual branch scaletune can scale"
+                 if cls.unscaled_blocks else "scaletune found no residual branch to scale")
+        example = f" (here perhaps {list(cls.branch_hint)})" if cls.branch_hint else ""
+        raise ParametrizationError(
+            f"depth changes {base.depth} -> {target.depth} under {parametrization!r}, but {where}, so the depth "
+            f"rule (each branch output x r^-alpha) cannot be applied. Pass branch_outputs=[patterns] to build_model: "
+            f"fnmatch patterns naming the modules whose output is one residual branch{example}, or give each block "
+            "a float attribute branch_mult that multiplies its branch outputs; otherwise keep the depth fixed")
+    if parametrization in MUP_FAMILY and target.width != base.width:
+        changing = [(n, b, t) for n, b, t in cls.unscalable_attention if b is None or t is None or b != t]
+        if changing:
+            dims = ", ".join(f"{n}: {'?' if b is None else b} -> {'?' if t is None else t}" for n, b, t in changing[:4])
+            raise ParametrizationError(
+                f"under {parametrization!r} the attention logit scale must follow the head dimension (1/d), but "
+                f"scaletune cannot set it in {_listed([n for n, _, _ in changing])} and their head dimension changes "
+                f"or cannot be read from attributes ({dims}). Pass attention=[patterns] to build_model (scaletune then "
+                "sets `scale=` of every F.scaled_dot_product_attention call inside the module, and its float "
+                "attribute attn_scale/scaling/scale if it has one), or keep the head dimension fixed as width grows")
+
+
 def make_plan(cls: Classification, parametrization: str, hp: HParams, optimizer: str = "adamw",
               options: ParamOptions | None = None) -> Plan:
     """Concrete settings for every parameter group of the target model. Pure: allocates nothing."""
@@ -457,6 +687,7 @@ def make_plan(cls: Classification, parametrization: str, hp: HParams, optimizer:
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
     options = options or ParamOptions()
+    check_transferable(cls, parametrization, options)
     groups: dict[tuple[Any, ...], GroupPlan] = {}
     for p in cls.params:
         init, std = param_init(p, parametrization, hp, options)
@@ -485,8 +716,8 @@ def make_plan(cls: Classification, parametrization: str, hp: HParams, optimizer:
                                          attention[0].base_head_dim) if attention else None),
         zero_init_query=zero_query,
         groups=list(groups.values()),
-        modules=[ModulePlan(m.name, m.role, _module_value(m, parametrization, hp, cls.r, options))
-                 for m in cls.modules],
+        modules=[ModulePlan(m.name, m.role, _module_value(m, parametrization, hp, cls.r, options), m.attribute,
+                            m.hook, m.query) for m in cls.modules],
     )
 
 
@@ -509,24 +740,83 @@ def _group_name(p: ParamInfo, init: str, existing: Iterable[GroupPlan]) -> str:
 # ---------------------------------------------------------------- applying a plan
 
 
-def _scale_output(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-    return output * module.scaletune_mult
+# Where a hook reads its value: built-in attributes are set directly, so foreign branch and attention hooks
+# keep theirs apart from a module's own attributes.
+_HOOK_VALUE = {**MULTIPLIER_ATTRS, "branch": "scaletune_branch_mult", "attention": "scaletune_attn_scale"}
+
+
+def _times(output: Any, mult: float) -> Any:
+    """Multiply a module's output, or the first element of a tuple output (Hugging Face modules return tuples)."""
+    if isinstance(output, tuple):
+        return (output[0] * mult, *output[1:])
+    return output * mult
+
+
+def _scale_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    return _times(output, module.scaletune_mult)
+
+
+def _scale_branch(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    return _times(output, module.scaletune_branch_mult)
 
 
 def _scale_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (args[0] * module.scaletune_mult, *args[1:])
 
 
-def _set_multiplier(module: nn.Module, role: str, value: float) -> None:
-    """Store the multiplier as a plain float and install the hook once (re-applying a plan must not stack)."""
-    setattr(module, MULTIPLIER_ATTRS[role], float(value))
-    if getattr(module, "scaletune_hook_role", None) == role:
+class _AttentionScale(TorchFunctionMode):
+    """Inside one attention module's forward: every F.scaled_dot_product_attention call uses this logit scale."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "scaled_dot_product_attention":
+            args, kwargs = args[:6], {**kwargs, "scale": self.scale}
+        return func(*args, **kwargs)
+
+
+def _enter_attention_scale(module: nn.Module, args: tuple[Any, ...]) -> None:
+    mode = _AttentionScale(module.scaletune_attn_scale)
+    mode.__enter__()
+    module.scaletune_modes.append(mode)
+
+
+def _exit_attention_scale(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    module.scaletune_modes.pop().__exit__(None, None, None)
+
+
+def _set_hook(module: nn.Module, role: str, value: float) -> None:
+    """Store the value as a plain float and install the role's hook once (re-applying a plan must not stack)."""
+    setattr(module, _HOOK_VALUE[role], float(value))
+    roles = getattr(module, "scaletune_hook_roles", ())
+    if role in roles:
         return
-    if role == "input":
-        module.register_forward_hook(_scale_output)
-    else:
+    if role == "attention":
+        module.scaletune_modes = []
+        module.register_forward_pre_hook(_enter_attention_scale)
+        module.register_forward_hook(_exit_attention_scale, always_call=True)
+    elif role == "output":
         module.register_forward_pre_hook(_scale_input)
-    module.scaletune_hook_role = role
+    elif role == "branch":
+        module.register_forward_hook(_scale_branch)
+    else:
+        module.register_forward_hook(_scale_output)
+    module.scaletune_hook_roles = (*roles, role)
+
+
+def _zero_query(module: nn.Module, query: dict[str, Any] | None) -> None:
+    """Zero the query projection: the module's own ``zero_query_()``, or the located weights (a fused qkv's first third)."""
+    if callable(getattr(module, "zero_query_", None)):
+        module.zero_query_()
+        return
+    if query is None:
+        return
+    for p in getattr(module, query["module"]).parameters(recurse=False):
+        dim = query["dim"] if p.ndim > 1 else 0
+        p.narrow(dim, 0, p.shape[dim] // query["parts"]).zero_()
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> list[dict[str, Any]]:
@@ -553,12 +843,12 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[dict[str, Any]]:
                                  "eps": g.eps, "name": g.name})
         for m in plan.modules:
             module = model.get_submodule(m.name)
-            if m.role in ("input", "output"):
-                _set_multiplier(module, m.role, m.value)
-                continue
-            setattr(module, MULTIPLIER_ATTRS[m.role], float(m.value))
+            if m.attribute is not None:
+                setattr(module, m.attribute, float(m.value))
+            if m.hook:
+                _set_hook(module, m.role, m.value)
             if m.role == "attention" and plan.zero_init_query:
-                module.zero_query_()
+                _zero_query(module, m.query)
     return param_groups
 
 
@@ -581,11 +871,19 @@ def make_optimizer(param_groups: list[dict[str, Any]], optimizer: str, hp: HPara
 
 def build_model(factory: Factory, base: Shape, target: Shape, parametrization: str, hp: HParams,
                 optimizer: str = "adamw", options: ParamOptions | None = None,
-                device: str | torch.device = "cpu", classification: Classification | None = None) -> BuiltModel:
+                device: str | torch.device = "cpu", classification: Classification | None = None, *,
+                branch_outputs: Sequence[str] = (), attention: Sequence[str] = (),
+                example_input: Any = None) -> BuiltModel:
     """Build ``factory`` at the target shape in its parametrization, with optimizer parameter groups.
 
-    ``classification`` (of ``factory`` at these shapes) saves classifying again when building many models."""
-    classification = classification or classify(factory, base, target)
+    ``classification`` (of ``factory`` at these shapes) saves classifying again when building many models.
+    For model code scaletune did not write, ``branch_outputs`` and ``attention`` (fnmatch patterns on module
+    names) say where the residual branches end and where attention is computed, and ``example_input``
+    lets it see how raw ``nn.Parameter`` matrices are used; see :func:`classify`. Raises
+    :class:`ParametrizationError` rather than building a model that would not transfer.
+    """
+    classification = classification or classify(factory, base, target, branch_outputs=branch_outputs,
+                                                 attention=attention, example_input=example_input)
     plan = make_plan(classification, parametrization, hp, optimizer, options)
     with torch.device(device):
         model = factory(target.width, target.depth)

@@ -138,6 +138,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def model_logits(output: Any) -> torch.Tensor:
+    """A model's logits: the output itself, or its ``logits`` (Hugging Face models return output objects)."""
+    return getattr(output, "logits", output)
+
+
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, task: Task) -> torch.Tensor:
     """Cross-entropy in fp32; for ``lm`` averaged over every token."""
     if task == "lm":
@@ -165,7 +170,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, max_batches: i
     for batch in itertools.islice(dataset.eval_batches(batch_size), max_batches):
         x, y = _to_device(batch, device)
         with _autocast(device):
-            logits = model(x)
+            logits = model_logits(model(x))
         n = y.numel()
         total += loss_fn(logits, y, dataset.spec.task).item() * n
         count += n
@@ -236,7 +241,7 @@ class Loop:
             apply_lr_factor(optimizer, lr_factor(progress.step, budget, self.warmup_frac))
             x, y = _to_device(next(batches), self.device)
             with _autocast(self.device):
-                loss = loss_fn(model(x), y, task)
+                loss = loss_fn(model_logits(model(x)), y, task)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 progress.diverged_step = progress.step + 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from typing import Any, Literal, get_type_hints
 
 from torch import nn
@@ -17,7 +18,7 @@ from scaletune.data.base import DataSpec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
 from scaletune.models.size import family_factory
-from scaletune.parametrize import ParamOptions, Plan, apply_plan, classify, make_plan
+from scaletune.parametrize import Classification, Factory, ParamOptions, Plan, apply_plan, classify, make_plan
 from scaletune.shapes import Shape
 
 BatchRule = Literal["sqrt", "linear"]
@@ -56,7 +57,9 @@ class TransferPlan:
 
         ``groups`` are dicts ``{name, class, in_block, params, numel, lr, init, init_std, multiplier,
         weight_decay, eps}`` covering every parameter of the target exactly once; ``module_multipliers``
-        are ``{name, role, value}`` for input/output multipliers, attention scales and residual branches.
+        are ``{name, role, value, attribute, hook, query}`` for input/output multipliers, attention scales and
+        residual branches: the float ``attribute`` the value is set on and/or whether a forward ``hook`` applies
+        it, and for foreign attention where its ``query`` weights are (:class:`scaletune.parametrize.ModulePlan`).
         """
         plan = _renamed(self.plan.to_dict(), _JSON_KEYS)
         plan["groups"] = [_renamed(g, _GROUP_JSON_KEYS) for g in plan["groups"]]
@@ -95,7 +98,7 @@ def _shape_warnings(parametrization: str, base: Shape, target: Shape, has_branch
     if target.depth != base.depth:
         if not has_branches:
             warnings.append(f"depth changes {base.depth} -> {target.depth} but the model has no scaled residual "
-                            "branches (no module with branch_mult): no parametrization transfers its depth")
+                            "branches (no branch_mult, no branch_outputs): no parametrization transfers its depth")
         elif parametrization not in DEPTH_TRANSFERRING:
             warnings.append(f"depth changes {base.depth} -> {target.depth} under '{parametrization}', which has no "
                             "residual-branch scaling: the optimum is not expected to hold; use depth_mup or completep")
@@ -132,6 +135,31 @@ def transfer_plan(family: str, data_spec: DataSpec, args: dict[str, Any], base: 
     model_family.validate(base, data_spec, args)
     model_family.validate(target, data_spec, args)
     classification = classify(family_factory(model_family, target, data_spec, args), base, target)
+    return _assemble(family, classification, parametrization, hparams, optimizer, options,
+                     tuned_batch_size=tuned_batch_size, batch_size=batch_size, tuned_steps=tuned_steps, steps=steps,
+                     tuned_seq_len=tuned_seq_len, seq_len=seq_len, batch_rule=batch_rule, provenance=provenance)
+
+
+def factory_transfer_plan(factory: Factory, name: str, base: Shape, target: Shape, parametrization: str,
+                          hparams: HParams, optimizer: str = "adamw", options: ParamOptions | None = None, *,
+                          branch_outputs: Sequence[str] = (), attention: Sequence[str] = (),
+                          example_input: Any = None, provenance: dict[str, Any] | None = None) -> TransferPlan:
+    """Plan the user's own model code, ``factory(width, depth) -> nn.Module``, on the user's machine.
+
+    ``name`` (e.g. the factory's import path) is recorded as the plan's family; the declarations are those
+    of :func:`scaletune.parametrize.build_model`. :func:`apply_transfer` then initialises the model.
+    """
+    classification = classify(factory, base, target, branch_outputs=branch_outputs, attention=attention,
+                              example_input=example_input)
+    return _assemble(name, classification, parametrization, hparams, optimizer, options, provenance=provenance)
+
+
+def _assemble(family: str, classification: Classification, parametrization: str, hparams: HParams,
+              optimizer: str, options: ParamOptions | None, *, tuned_batch_size: int | None = None,
+              batch_size: int | None = None, tuned_steps: int | None = None, steps: int | None = None,
+              tuned_seq_len: int | None = None, seq_len: int | None = None, batch_rule: BatchRule | None = None,
+              provenance: dict[str, Any] | None = None) -> TransferPlan:
+    base, target = classification.base, classification.target
     plan = make_plan(classification, parametrization, hparams, optimizer, options)
 
     scaling = _batch_scaling(batch_rule, tuned_batch_size, batch_size)

@@ -22,6 +22,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from scaletune.shapes import Shape
+from service.cli.factory import AttentionOption, BranchOption, FactoryOption, load_factory, patterns
+
 if TYPE_CHECKING:
     from scaletune.client import Client, Event, StudyDetail
 
@@ -288,15 +291,32 @@ def transfer(
     steps: Annotated[int | None, typer.Option(min=1, help="Target training steps.")] = None,
     batch_rule: Annotated[str | None, typer.Option(help="Heuristic LR rescale for batch size: sqrt or linear.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan JSON here.")] = None,
+    factory: FactoryOption = None,
+    branch_outputs: BranchOption = None,
+    attention: AttentionOption = None,
 ) -> None:
     """Project a tuned study's best values onto a target shape: per-group LR, init, multipliers (JSON plan).
 
-    Example: scaletune transfer 3f2c9a7e-... --width 4096 --depth 48 -o plan.json
+    With --factory the plan is for your own model code and is computed here, on your machine, from the
+    study's tuned values; then `scaletune.apply_transfer(model, plan)` initialises your model.
+
+    Examples:
+
+        scaletune transfer 3f2c9a7e-... --width 4096 --depth 48 -o plan.json
+
+        scaletune transfer 3f2c9a7e-... --factory mymodels.gpt:build --width 1024 --depth 24 -o plan.json
     """
-    target = {"width": width, "depth": depth, **({"patch_size": patch_size} if patch_size else {})}
-    with server_errors():
-        plan = _client().transfer(study_id, target, optimizer=optimizer, batch_size=batch_size, steps=steps,
-                                  batch_rule=batch_rule)
+    if factory is not None:
+        if patch_size is not None or batch_size is not None or steps is not None or batch_rule is not None:
+            raise typer.BadParameter("--patch-size, --batch-size, --steps and --batch-rule apply to a built-in "
+                                     "family's plan on the server, not to --factory")
+        plan = _own_model_plan(study_id, factory, Shape(width, depth), optimizer, patterns(branch_outputs),
+                               patterns(attention))
+    else:
+        target = {"width": width, "depth": depth, **({"patch_size": patch_size} if patch_size else {})}
+        with server_errors():
+            plan = _client().transfer(study_id, target, optimizer=optimizer, batch_size=batch_size, steps=steps,
+                                      batch_rule=batch_rule)
     if output is None:
         _print_json(plan)
         return
@@ -304,6 +324,49 @@ def transfer(
     console.print(f"Wrote the transfer plan to {output}", markup=False)
     for warning in plan.get("warnings", []):
         error_console.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
+
+
+def _example_input(spec: dict[str, Any]) -> Any:
+    """A batch of the study's dataset (if it names one), to show how raw nn.Parameter matrices are used."""
+    from scaletune.data.registry import get_dataset
+
+    dataset = spec.get("dataset")
+    if not dataset:
+        return None
+    return next(get_dataset(dataset["name"], dataset.get("args") or {}).train_batches(8, seed=0))[0]
+
+
+def _own_model_plan(study_id: str, factory: str, target: Shape, optimizer: str | None,
+                    branch_outputs: tuple[str, ...], attention: tuple[str, ...]) -> dict[str, Any]:
+    """The plan for the user's own model from the study's served tuned values, computed locally."""
+    from scaletune.hparams import HParams
+    from scaletune.parametrize import ParamOptions
+    from scaletune.transfer import factory_transfer_plan
+
+    with server_errors():
+        study = _client().study(study_id)
+    spec = study.spec
+    base = (spec.get("model") or {}).get("base")
+    tuned_optimizer = spec.get("optimizer", "adamw")
+    problem = ("it has no completed trial yet" if not study.best_params else
+               "its spec names no model base shape (model.base)" if base is None else
+               f"it tuned {tuned_optimizer}, whose values do not transfer to {optimizer}"
+               if optimizer not in (None, tuned_optimizer) else None)
+    if problem:
+        error_console.print(f"error: study {study.id} cannot be transferred: {problem}", style="red", markup=False)
+        raise typer.Exit(code=1)
+    try:
+        plan = factory_transfer_plan(
+            load_factory(factory), factory, Shape.from_dict(base), target, spec["parametrization"],
+            HParams.from_dict({**spec.get("hyperparameters", {}), **study.best_params}), tuned_optimizer,
+            ParamOptions.from_dict(spec.get("parametrization_options")), branch_outputs=branch_outputs,
+            attention=attention, example_input=_example_input(spec),
+            provenance={"study_id": study.id, "best_value": study.best_value,
+                        "computed": "locally, from the study's tuned values"})
+    except ValueError as error:
+        error_console.print(f"error: {error}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    return plan.to_dict()
 
 
 def check(study_id: StudyId, json_: JsonOption = False) -> None:

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from scaletune.coord_check import FLAT_SLOPE, CoordCheckResult, coord_check
-
+from scaletune.coord_check import FLAT_SLOPE, CoordCheckResult, coord_check, coord_check_factory
+from service.cli.factory import AttentionOption, BranchOption, FactoryOption, load_factory, patterns
 
 
 def parse_sizes(text: str, what: str) -> list[int]:
@@ -49,33 +49,50 @@ def summary_table(result: CoordCheckResult) -> Table:
 
 
 def coord_check_command(
-    family: Annotated[str, typer.Option(help="Model family: mlp, resnet, vit, gpt or an installed plugin.")],
     parametrization: Annotated[str, typer.Option(help="sp, mup, depth_mup or completep.")],
+    family: Annotated[str | None, typer.Option(help="Model family: mlp, resnet, vit, gpt or an installed plugin.")] = None,
+    factory: FactoryOption = None,
+    branch_outputs: BranchOption = None,
+    attention: AttentionOption = None,
     widths: Annotated[str, typer.Option(help="Comma-separated widths; with --depths give exactly one.")] = "64,128,256,512",
     depths: Annotated[str | None, typer.Option(help="Comma-separated depths for a depth sweep at one width.")] = None,
     steps: Annotated[int, typer.Option(help="Training steps recorded (t = 1 is the init).")] = 4,
     seeds: Annotated[int, typer.Option(help="Seeds averaged per size.")] = 3,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
     lr: Annotated[float | None, typer.Option(help="Learning rate; default deliberately high (adamw 1e-2, sgd 0.1).")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset; default pytext for gpt, digits otherwise.")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset; default pytext for gpt and --factory, digits otherwise.")] = None,
     batch_size: Annotated[int, typer.Option(help="Size of the one fixed batch.")] = 32,
     json: Annotated[Path | None, typer.Option(help="Write the full result as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a log-log PNG (one panel per step) here.")] = None,
 ) -> None:
     """Check that activations keep their size as width (or depth) grows, in the chosen parametrization.
 
-    Example:
+    Give a built-in --family, or --factory for your own model code (run here, on your machine; it must take
+    the dataset's inputs and return logits or an object with .logits).
+
+    Examples:
 
         scaletune coord-check --family gpt --parametrization completep --widths 64,128,256,512 --json out.json --plot out.png
+
+        scaletune coord-check --factory mymodels.gpt:build --parametrization completep --widths 64 --depths 2,4,8
 
     Exits 1 when a module's |slope| exceeds 0.1 after the first update, 2 on bad input.
     """
     console = Console()
+    if (family is None) == (factory is None):
+        raise typer.BadParameter("give exactly one of --family (a built-in or plugin family) and --factory")
     width_list = parse_sizes(widths, "--widths")
     depth_list = parse_sizes(depths, "--depths") if depths is not None else None
     try:
-        result = coord_check(family, parametrization, width_list, depth_list, steps, seeds, dataset=dataset,
-                             lr=lr, optimizer=optimizer, batch_size=batch_size)
+        if factory is not None:
+            result = coord_check_factory(load_factory(factory), parametrization, width_list, depth_list, steps, seeds,
+                                         name=factory, dataset=dataset or "pytext", lr=lr, optimizer=optimizer,
+                                         batch_size=batch_size, branch_outputs=patterns(branch_outputs),
+                                         attention=patterns(attention))
+        else:
+            result = coord_check(family, parametrization, width_list, depth_list, steps, seeds, dataset=dataset,
+                                 lr=lr, optimizer=optimizer, batch_size=batch_size)
     except (ValueError, KeyError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=2) from None

@@ -45,6 +45,7 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.attn_scale = 1 / math.sqrt(head_dim)
+        self.branch_mult = 1.0
         self.qkv = nn.Linear(width, 3 * width)
 
     def zero_query_(self) -> None:
@@ -65,7 +66,7 @@ class TinyLM(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = self.wte(idx)
         for a in self.attns:
-            h = h + a.qkv(h)[..., : h.shape[-1]] * a.attn_scale
+            h = h + a.branch_mult * a.qkv(h)[..., : h.shape[-1]] * a.attn_scale
         return self.lm_head(h)
 
 

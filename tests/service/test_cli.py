@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -94,3 +95,31 @@ def test_without_gpus_cpu_workers_on_queue_cpu() -> None:
 def test_gpu_pinning_respects_the_parents_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert [physical_gpu(0), physical_gpu(1)] == ["2", "3"]
+
+
+def test_coord_check_runs_the_users_own_model_code(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(Path(__file__).parent)  # where own_models.py, the "user's" code, lives
+    out = tmp_path / "coord.json"
+    result = runner.invoke(app, ["coord-check", "--factory", "own_models:build", "--parametrization", "mup",
+                                 "--widths", "32,128", "--steps", "3", "--seeds", "1", "--dataset", "digits",
+                                 "--json", str(out)], prog_name="scaletune")
+    assert result.exit_code in (0, 1), result.output  # 1 = not flat, still a finished check
+    data = json.loads(out.read_text())
+    assert data["family"] == "own_models:build" and data["sizes"] == [32, 128] and data["axis"] == "width"
+    assert {"stem", "blocks.0.fc2", "out"} <= set(data["modules"])
+    assert data["modules"]["out"]["values"][0] == [0.0, 0.0]  # muP zero-init readout, found in foreign code
+    depth = runner.invoke(app, ["coord-check", "--factory", "own_models:build", "--parametrization", "completep",
+                                "--widths", "32", "--depths", "2,4", "--steps", "2", "--seeds", "1", "--dataset",
+                                "digits", "--branch-outputs", "blocks.*.fc2", "--json", str(out)],
+                          prog_name="scaletune")
+    assert depth.exit_code in (0, 1), depth.output
+    assert list(json.loads(out.read_text())["modules"]) == ["residual_stream"]
+
+
+def test_coord_check_needs_exactly_one_of_family_and_factory() -> None:
+    for extra in ([], ["--family", "mlp", "--factory", "own_models:build"]):
+        result = runner.invoke(app, ["coord-check", "--parametrization", "mup", *extra], prog_name="scaletune")
+        assert result.exit_code == 2 and "exactly one of --family" in result.output
+    refused = runner.invoke(app, ["coord-check", "--factory", "own_models:build", "--parametrization", "completep",
+                                  "--widths", "32", "--depths", "2,4", "--dataset", "digits"], prog_name="scaletune")
+    assert refused.exit_code == 2 and "branch_outputs" in refused.output

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
-from scaletune.data.registry import dataset_spec
+from scaletune.client import Client
+from scaletune.data.registry import dataset_spec, get_dataset
 from scaletune.hparams import HParams
 from scaletune.shapes import Shape
-from scaletune.transfer import transfer_plan
+from scaletune.transfer import apply_transfer, factory_transfer_plan, transfer_plan
+from service.auth import create_token
+from service.cli import app
 from service.dispatch import dispatch
 from service.settings import Settings
 from service.kinds.registry import STUDY_SPEC
@@ -102,3 +110,39 @@ def test_bad_targets_are_422_with_a_reason(client: TestClient, tuned_study: str,
     assert response.status_code == 422, response.text
     [problem] = response.json()["detail"]
     assert problem["loc"] == loc and says in problem["msg"]
+
+
+def test_cli_transfer_plans_the_users_own_model_locally(tuned_study: str, live_url: str, session_factory: Any,
+                                                         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(Path(__file__).parent)  # where own_models.py, the "user's" code, lives
+    token = create_token(session_factory, "own-model")
+    env = {"SCALETUNE_URL": live_url, "SCALETUNE_TOKEN": token}
+    command = ["transfer", tuned_study, "--factory", "own_models:build", "--width", "64", "--depth", "4"]
+    refused = CliRunner().invoke(app, command, env=env)
+    assert refused.exit_code == 2
+    assert "blocks.0, blocks.1, blocks.2, blocks.3" in refused.output and "branch_outputs" in refused.output
+
+    out = tmp_path / "plan.json"
+    made = CliRunner().invoke(app, [*command, "--branch-outputs", "blocks.*.fc2", "-o", str(out)], env=env)
+    assert made.exit_code == 0, made.output
+    plan = json.loads(out.read_text())
+
+    own_models = importlib.import_module("own_models")
+    best = Client(live_url, token=token).study(tuned_study).best_params
+    x = next(get_dataset("digits", {}).train_batches(8, seed=0))[0]
+    expected = factory_transfer_plan(own_models.build, "own_models:build", Shape(16, 1), Shape(64, 4), "completep",
+                                     HParams(output_mult=2.0, lr=best["lr"]), branch_outputs=["blocks.*.fc2"],
+                                     example_input=x)
+    assert {k: v for k, v in plan.items() if k != "provenance"} == \
+        {k: v for k, v in expected.to_dict().items() if k != "provenance"}
+    assert plan["provenance"]["study_id"] == tuned_study
+
+    model = own_models.build(64, 4)
+    groups = apply_transfer(model, plan)
+    assert torch.count_nonzero(model.out.weight) == 0  # muP readout zero-init
+    assert model.stem.weight.std().item() == pytest.approx(1 / 8, rel=0.1)  # input init 1/sqrt(64 features)
+    h = torch.randn(3, 64)
+    block = model.blocks[2]
+    torch.testing.assert_close(block(h), h + torch.nn.functional.linear(
+        torch.relu(block.fc1(block.norm(h))), block.fc2.weight, block.fc2.bias) * 0.25)  # branch x r^-1
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
