@@ -2,10 +2,10 @@
 
 For each case (mlp 16x1 and 64x2 on teacher data, gpt 32x2 on pytext), T = 32 trials with distinct learning
 rates and distinct seeds (so every member has its own data order, the general case) run unpacked (run_trial
-one after another) and in packs of K = 1, 2, 4, 8, 16, 32 (T / K packs each). Every measurement runs in a
-fresh spawned process with one torch thread, after a small warm-up there (imports, data, first kernels), so
-its peak resident memory is its own; rounds alternate the arms so machine load falls on all of them alike,
-and the table gives the median over rounds with the min-max range.
+one after another) and in packs of K = 1, 2, 4, 8, 16, 32 (T / K packs each). Each round runs every arm of a
+case in one fresh spawned process with one torch thread, after a warm-up there; rounds alternate the arms'
+order so machine load falls on all of them alike, and the table gives medians over rounds with min-max.
+Trials per hour are given per CPU-hour of the process (robust to other jobs on the machine) and per wall hour.
 
     .venv/bin/python bench/packs.py [--quick] [--rounds N] [--device cpu|cuda]
 """
@@ -13,10 +13,11 @@ and the table gives the median over rounds with the min-max range.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing
 import os
-import resource
 import statistics
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -65,37 +66,71 @@ def trials(cfg: TrialConfig, n: int) -> list[TrialConfig]:
             for i in range(n)]
 
 
-def peak_bytes(device: str) -> int:
-    if device == "cuda":
-        import torch
+class PeakMemory:
+    """Peak memory of one arm: resident set sampled every 5 ms above its level at the start (freed heap is
+    handed back to the OS first, so an earlier arm's high-water mark does not hide this one's); on CUDA, the
+    allocator's peak."""
 
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.start = self.peak = 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            self.start = self.peak = self.rss()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
 
 
-def measure(cfg: TrialConfig, pack: int, n: int) -> dict[str, float]:
-    """Run n trials unpacked (pack 0) or in packs of ``pack``; wall and CPU seconds, peak memory above warm-up."""
-    single_thread()
-    device = cfg.device or "cpu"
-    run_pack(trials(replace(cfg, budget=replace(cfg.budget, steps=2)), 2))  # warm-up: imports, data, kernels
-    run_trial(replace(cfg, budget=replace(cfg.budget, steps=2)))
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = peak_bytes(device)
+def measure_arm(cfg: TrialConfig, pack: int, n: int) -> dict[str, float]:
+    """Run n trials unpacked (pack 0) or in packs of ``pack``: wall and CPU seconds, memory peak above the start."""
     cfgs = trials(cfg, n)
-    wall, cpu = time.perf_counter(), time.process_time()
-    if pack == UNPACKED:
-        statuses = [run_trial(c).status for c in cfgs]
-    else:
-        statuses = [r.status for i in range(0, n, pack) for r in run_pack(cfgs[i : i + pack])]
-    if device == "cuda":
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"wall": wall, "cpu": cpu, "peak": peak_bytes(device), "extra": peak_bytes(device) - before,
+    with PeakMemory(cfg.device or "cpu") as memory:
+        wall, cpu = time.perf_counter(), time.process_time()
+        if pack == UNPACKED:
+            statuses = [run_trial(c).status for c in cfgs]
+        else:
+            statuses = [r.status for i in range(0, n, pack) for r in run_pack(cfgs[i : i + pack])]
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"wall": wall, "cpu": cpu, "peak": memory.peak, "extra": memory.peak - memory.start,
             "completed": statuses.count("completed")}
+
+
+def measure_round(cfg: TrialConfig, arms: list[int], n: int) -> dict[int, dict[str, float]]:
+    """Every arm of one case in this (fresh, single-threaded) process, in the given order, after a warm-up."""
+    single_thread()
+    short = replace(cfg, budget=replace(cfg.budget, steps=2))
+    run_pack(trials(short, 2))  # warm-up: imports, data, first kernels
+    run_trial(short)
+    return {pack: measure_arm(cfg, pack, n) for pack in arms}
 
 
 def median_range(values: list[float], fmt: str) -> str:
@@ -106,35 +141,38 @@ def report(results: dict[tuple[str, int], list[dict[str, float]]], all_cases: li
            rounds: int, n: int, wall: float, device: str, load: tuple[float, float, float], quick: bool) -> str:
     rows = []
     for case in all_cases:
-        base = statistics.median(r["wall"] for r in results[(case.name, UNPACKED)])
+        base_cpu = statistics.median(r["cpu"] for r in results[(case.name, UNPACKED)])
         for pack in (UNPACKED, *sizes):
             runs = results[(case.name, pack)]
-            per_hour = [n / r["wall"] * 3600 for r in runs]
             rows.append([
                 case.name if pack == UNPACKED else "", "unpacked" if pack == UNPACKED else pack,
-                median_range(per_hour, ".0f"), f"{base / statistics.median(r['wall'] for r in runs):.2f}x",
-                f"{statistics.median(r['cpu'] for r in runs) / n * 1000:.0f}",
-                f"{statistics.median(r['peak'] for r in runs) / 2**20:.0f}",
+                median_range([n / r["cpu"] * 3600 for r in runs], ".0f"),
+                f"{base_cpu / statistics.median(r['cpu'] for r in runs):.2f}x",
+                median_range([n / r["wall"] * 3600 for r in runs], ".0f"),
                 f"{statistics.median(r['extra'] for r in runs) / 2**20:.1f}",
                 f"{min(int(r['completed']) for r in runs)}/{n}",
             ])
-    table = markdown_table(["case", "pack size", "trials/hour, median (min-max)", "vs unpacked",
-                            "CPU ms/trial", "peak RSS MiB" if device == "cpu" else "peak allocated MiB",
-                            "peak above warm-up MiB", "completed"], rows)
+    table = markdown_table(["case", "pack size", "trials per CPU-hour, median (min-max)", "vs unpacked (CPU)",
+                            "trials per wall hour, median (min-max)",
+                            "peak memory above start, MiB" if device == "cpu" else "peak allocated above start, MiB",
+                            "completed"], rows)
+    rounds_text = (f"the arms alternate in {rounds} rounds so the load falls on all of them, and the ratio column "
+                   "compares medians" if rounds > 1 else "one round (a single measurement per arm, no spread)")
     auto_sizes = "; ".join(f"{c.name} ({count_params(prepare_trial(c.cfg).factory, c.cfg.shape):,} params, "
                       f"{c.cfg.budget.steps} steps of batch {c.cfg.budget.batch_size}): auto pack "
                       f"{pack_size_for(c.cfg)}" for c in all_cases)
     return f"""Command: `.venv/bin/python bench/packs.py{' --quick' if quick else ''}{'' if device == 'cpu' else ' --device ' + device}` ({wall / 60:.1f} min wall, {time.strftime('%Y-%m-%d')}).
-Device: {device}, one torch thread per measurement process, measurements one at a time on a machine with
+Device: {device}, one torch thread per measurement process at normal priority, one at a time, on a machine with
 2 CPU cores **busy with other engineers' jobs** throughout (load average 1/5/15 min at the end: {load[0]:.2f},
-{load[1]:.2f}, {load[2]:.2f}), so absolute rates are pessimistic and carry that noise; the arms alternate in
-{rounds} rounds so the load falls on all of them, and the ratio column compares medians.
+{load[1]:.2f}, {load[2]:.2f}), so absolute rates are pessimistic and carry that noise; {rounds_text}.
 
 Protocol (fixed before the run): per case {n} trials with learning rates spread over two octaves and seeds
 0..{n - 1} (each member its own data order), run unpacked (`run_trial` one after another) and in packs of
-{', '.join(map(str, sizes))} (`run_pack`, {n}/K packs), each arm in a fresh spawned process after a 2-step
-warm-up there. Trials/hour = {n} / wall seconds x 3600, build and evaluation included. Peak memory: the
-process's peak RSS (ru_maxrss; on CUDA, peak allocated) and its rise over the warm-up's peak.
+{', '.join(map(str, sizes))} (`run_pack`, {n}/K packs); each round runs all arms of a case in one fresh spawned
+process after a 2-step warm-up, alternating their order between rounds. Rates count build and evaluation.
+CPU-hour rates use the process's CPU time, wall rates its wall time (which other jobs inflate). Peak memory:
+the process's resident set sampled every 5 ms during the arm, above its level at the arm's start (after
+`malloc_trim`), i.e. what the arm's models, optimizer state and activations add; on CUDA, peak allocated.
 
 {table}
 
@@ -156,12 +194,12 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     for r in range(opts.rounds):
         for case in all_cases:
-            arms = (UNPACKED, *sizes)
-            for pack in arms if r % 2 == 0 else reversed(arms):
-                with context.Pool(1) as pool:
-                    outcome = pool.apply(measure, (case.cfg, pack, n))
-                results.setdefault((case.name, pack), []).append(outcome)
-                print(f"round {r + 1} {case.name} pack {pack or 'unpacked'}: {outcome}", flush=True)
+            arms = [UNPACKED, *sizes]
+            with context.Pool(1) as pool:
+                outcome = pool.apply(measure_round, (case.cfg, arms if r % 2 == 0 else arms[::-1], n))
+            for pack, measured in outcome.items():
+                results.setdefault((case.name, pack), []).append(measured)
+                print(f"round {r + 1} {case.name} pack {pack or 'unpacked'}: {measured}", flush=True)
     body = report(results, all_cases, sizes, opts.rounds, n, time.perf_counter() - started, opts.device,
                   os.getloadavg(), opts.quick)
     print(body)
