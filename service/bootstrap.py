@@ -11,10 +11,10 @@ import re
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from service.auth import TokenNameTaken, create_token, hash_secret, split_token
 from service.db import SessionFactory, write_session
 from service.models import ApiToken
 from service.studies import DEFAULT_TENANT
+from service.tokens import TokenNameTaken, create_token, hash_secret, split_token
 
 BOOTSTRAP_NAME = "bootstrap"
 _CHOSEN = re.compile(r"st_[0-9a-z]{8,32}_[A-Za-z0-9_-]{32,}")

@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, status
 from pydantic import BaseModel, Field
 
+from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.schemas import Problem, TrialOut
 from service.api.state import ServiceState, service_state
-from service.auth import UNAUTHORIZED, CurrentPrincipal
 from service.leases import AllTrialsOut, NotAskable, StudyClosed, TrialEnded, TrialNotFound, ask, renew, report, tell
 from service.spec import ShapeSpec, Strict
 from service.studies import StudyNotFound

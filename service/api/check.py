@@ -12,14 +12,15 @@ from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.responses import Response
 from sqlalchemy import select
 
+from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.lookup import study_of_kind
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
-from service.auth import UNAUTHORIZED, CurrentPrincipal, Principal
 from service.kinds import transfer_check
 from service.models import TrialAttempt
 from service.plots import NoPlotData, PlotInput
 from service.spec import TransferCheckSpec
+from service.tokens import Principal
 
 router = APIRouter(prefix="/v1/studies", tags=["transfer check"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]

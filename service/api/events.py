@@ -18,8 +18,8 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.state import ServiceState, service_state
-from service.auth import UNAUTHORIZED, CurrentPrincipal
 from service.models import UNFINISHED_STUDY, Event, EventType, Study
 from service.studies import StudyNotFound, get_study
 

@@ -7,11 +7,11 @@ from typing import TypeVar
 from fastapi import HTTPException, status
 from sqlalchemy.orm import Session
 
-from service.auth import Principal
 from service.kinds.base import StudyKind
 from service.kinds.registry import kind_of, spec_of
 from service.models import Study
 from service.studies import StudyNotFound, get_study
+from service.tokens import Principal
 
 SpecT = TypeVar("SpecT")
 

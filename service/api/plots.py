@@ -13,11 +13,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.responses import Response
 
+from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.state import ServiceState, service_state
-from service.auth import UNAUTHORIZED, CurrentPrincipal, Principal
 from service.kinds.registry import KINDS, kind_of, spec_of
 from service.plots import NoPlotData, Plot, PlotInput
 from service.studies import StudyNotFound, get_study
+from service.tokens import Principal
 from service.trials import list_trials
 
 router = APIRouter(prefix="/v1/studies", tags=["plots"], responses=UNAUTHORIZED)

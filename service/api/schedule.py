@@ -10,15 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from scaletune.data.registry import dataset_spec
+from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.lookup import study_of_kind
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
-from service.auth import UNAUTHORIZED, CurrentPrincipal, Principal
 from service.db import write_session
 from service.dispatch import send_all
 from service.kinds import schedule_run, shape_schedule
 from service.models import StudyStatus, TrialAttempt, TrialState, new_id
 from service.spec import ResolvedShapeSchedule
+from service.tokens import Principal
 
 router = APIRouter(prefix="/v1/studies", tags=["shape schedule"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response, status
 from sqlalchemy.exc import IntegrityError
 
+from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.schemas import (Problem, StudyCreated, StudyDetail, StudyPage, StudySummary, TrialOut,
                                  TrialPage, study_links)
 from service.api.state import ServiceState, service_state
-from service.auth import UNAUTHORIZED, CurrentPrincipal
 from service.dispatch import dispatch
 from service.models import Study, StudyStatus, TrialState
 from service.quotas import ConcurrencyQuotaExceeded, concurrent_studies_limit, spec_limits_for

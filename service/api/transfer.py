@@ -14,10 +14,10 @@ from scaletune.models.registry import get_family
 from scaletune.models.size import family_factory, params_by_depth
 from scaletune.shapes import Shape
 from scaletune.transfer import TransferPlan, transfer_plan
+from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.lookup import study_of_kind
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
-from service.auth import UNAUTHORIZED, CurrentPrincipal
 from service.kinds import tune
 from service.kinds.tuned import NoCompletedTrial, best_attempt, tuned_values
 from service.spec import ShapeSpec, TuneSpec

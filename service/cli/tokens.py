@@ -38,7 +38,7 @@ def create(
 
     Example: scaletune token create --name alice --tenant vision
     """
-    from service.auth import TokenNameTaken, create_token
+    from service.tokens import TokenNameTaken, create_token
 
     try:
         token = create_token(_session_factory(), name, tenant=tenant, admin=admin)
@@ -56,7 +56,7 @@ def revoke(name: Annotated[str, typer.Option(help="The name the token was create
 
     Example: scaletune token revoke --name alice
     """
-    from service.auth import revoke_token
+    from service.tokens import revoke_token
 
     if not revoke_token(_session_factory(), name):
         error_console.print(f"No live token named {name!r}.", style="red", markup=False)

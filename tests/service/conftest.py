@@ -18,10 +18,10 @@ import yaml
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.auth import create_token
 from service.db import SessionFactory, create_db_engine, make_session_factory, upgrade_database
 from service.optuna_study import get_storage
 from service.settings import Settings
+from service.tokens import create_token
 
 # The spec, exactly as shipped for users in examples/.
 EXAMPLE_SPEC: dict[str, Any] = yaml.safe_load(

@@ -15,7 +15,7 @@ from torch import nn
 
 import scaletune
 from scaletune.client import Client
-from service.auth import create_token
+from service.tokens import create_token
 from service.db import SessionFactory
 from tests.service.test_asktell import EXTERNAL
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.auth import create_token
+from service.tokens import create_token
 from service.db import SessionFactory
 from service.leases import LeaseExpired, ask, tell
 from service.models import TrialAttempt, utcnow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,11 +13,12 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from service.api.app import create_app
-from service.auth import AUTH_COOKIE, authenticate, create_token, revoke_token, TokenNameTaken
+from service.api.auth import AUTH_COOKIE
 from service.cli import app as cli
 from service.db import SessionFactory
 from service.models import ApiToken
 from service.settings import Settings
+from service.tokens import TokenNameTaken, authenticate, create_token, revoke_token
 
 
 @pytest.fixture
@@ -40,6 +43,14 @@ def test_tokens_are_stored_hashed_and_revocable(session_factory: SessionFactory)
         create_token(session_factory, "alice")
     assert revoke_token(session_factory, "alice") and not revoke_token(session_factory, "alice")
     assert authenticate(session_factory, token) is None
+
+
+def test_the_token_store_works_without_the_http_layer() -> None:
+    """The CLI and workers use the store; only the API's dependency knows about headers, cookies and FastAPI."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, service.tokens; print(sorted(m for m in sys.modules "
+                             "if m.split('.')[0] in ('fastapi', 'starlette') or m.startswith('service.api')))"],
+                            capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nonsense"}, {"Authorization": "Basic eDp5"},

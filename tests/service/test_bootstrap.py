@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.auth import authenticate, create_token, revoke_token
+from service.tokens import authenticate, create_token, revoke_token
 from service.bootstrap import BadBootstrapToken, bootstrap_admin_token
 from service.db import SessionFactory
 

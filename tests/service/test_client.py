@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 
 from scaletune.client import (Client, Conflict, EndpointMissing, NotFound, ServiceUnavailable, StudyDetail,
                               Unauthorized, ValidationFailed)
-from service.auth import create_token
-from tests.service.conftest import free_port
 from service.cli import app
 from service.db import SessionFactory, write_session
 from service.models import EventType, Study, StudyStatus
 from service.settings import Settings
 from service.studies import add_event
+from service.tokens import create_token
+from tests.service.conftest import free_port
 
 runner = CliRunner()
 CLIENT_COMMANDS = ["submit", "studies", "status", "watch", "trials", "cancel", "transfer", "check", "schedule", "plot"]

@@ -13,10 +13,10 @@ from sqlalchemy import update
 
 from scaletune.client import parse_sse
 from service.api import events as events_api
-from service.auth import create_token
 from service.db import SessionFactory, write_session
 from service.models import EventType, Study, StudyStatus
 from service.studies import add_event
+from service.tokens import create_token
 
 
 def _add(session_factory: SessionFactory, study_id: str, type_: EventType, payload: dict[str, Any],

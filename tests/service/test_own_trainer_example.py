@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.auth import create_token
+from service.tokens import create_token
 from service.db import SessionFactory
 
 pytestmark = pytest.mark.integration

@@ -17,13 +17,13 @@ from test_transfer_check_study import CHECK_SPEC, run_all
 
 from scaletune.coord_check import coord_check
 from service import coord_plot
-from service.auth import create_token
 from service.db import SessionFactory, write_session
 from service.models import Study, TrialAttempt, TrialState
 from service.kinds.tune import distributions
 from service.settings import Settings
 from service.kinds.registry import STUDY_SPEC
 from service.studies import create_study
+from service.tokens import create_token
 from workers.trial_task import WorkerContext
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select
 
 from service.api.app import create_app
-from service.auth import create_token
 from service.db import SessionFactory, create_db_engine, make_session_factory, upgrade_database
 from service.kinds.registry import STUDY_SPEC
 from service.models import Study
@@ -22,6 +21,7 @@ from service.optuna_study import get_storage
 from service.quotas import ConcurrencyQuotaExceeded
 from service.settings import Settings, TenantQuota
 from service.studies import create_study
+from service.tokens import create_token
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.api.app import create_app
-from service.auth import create_token
 from service.db import SessionFactory
 from service.settings import Settings
+from service.tokens import create_token
 from workers.trial_task import WorkerContext, run_attempt
 
 if TYPE_CHECKING:

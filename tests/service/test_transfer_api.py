@@ -18,7 +18,7 @@ from scaletune.data.registry import dataset_spec, get_dataset
 from scaletune.hparams import HParams
 from scaletune.shapes import Shape
 from scaletune.transfer import apply_transfer, factory_transfer_plan, transfer_plan
-from service.auth import create_token
+from service.tokens import create_token
 from service.cli import app
 from service.dispatch import dispatch
 from service.settings import Settings

@@ -11,13 +11,13 @@ import pytest
 from fastapi.testclient import TestClient
 from optuna.trial import TrialState as OptunaState
 
-from service.auth import create_token
 from service.dispatch import dispatch
 from service.models import Study
 from service.settings import Settings
 from service.kinds.registry import STUDY_SPEC, kind_of, parse_spec
 from service.spec import SpecError, TransferCheckSpec
 from service.studies import create_study
+from service.tokens import create_token
 from test_transfer_api import tune_spec, tuned_study  # noqa: F401  (fixtures shared with the transfer tests)
 from workers.trial_task import WorkerContext, run_attempt
 

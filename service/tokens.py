@@ -1,9 +1,7 @@
-"""API tokens and the ``require_principal`` dependency: who is calling, which tenant they act for, whether admin.
+"""The API token store: create, revoke and check tokens; a token stands for a principal (tenant, admin or not).
 
 A token reads ``st_<selector>_<secret>``. The selector (public) finds the row; only the sha256 of the
-secret is stored, compared in constant time. A token is accepted from the ``Authorization: Bearer``
-header, the ``scaletune_token`` cookie (the web page) or the ``token`` query parameter (EventSource
-cannot set headers); any route gets authentication with ``principal: CurrentPrincipal``.
+secret is stored, compared in constant time. How a request carries its token is ``service.api.auth``'s job.
 """
 
 from __future__ import annotations
@@ -12,22 +10,15 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Depends, HTTPException, status
-from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from service.api.state import ServiceState, service_state
 from service.db import SessionFactory, write_session
 from service.models import ApiToken
 from service.studies import DEFAULT_TENANT
 
 TOKEN_PREFIX = "st"
-AUTH_COOKIE = "scaletune_token"
-TOKEN_QUERY = "token"
-UNAUTHORIZED = {401: {"description": "no token, or an unknown or revoked one"}}
 
 
 @dataclass(frozen=True)
@@ -40,9 +31,6 @@ class Principal:
     def tenant_scope(self) -> str | None:
         """The tenant whose studies this caller may see; None (admin) means every tenant."""
         return None if self.is_admin else self.tenant
-
-
-NO_AUTH_PRINCIPAL = Principal(tenant=DEFAULT_TENANT, token_name="no-auth", is_admin=True)
 
 
 class TokenNameTaken(ValueError):
@@ -92,27 +80,3 @@ def authenticate(session_factory: SessionFactory, token: str) -> Principal | Non
     if row is None or row.revoked or not hmac.compare_digest(row.hash, hash_secret(secret)):
         return None
     return Principal(tenant=row.tenant, token_name=row.name, is_admin=row.admin)
-
-
-_bearer = HTTPBearer(auto_error=False, description="an API token from `scaletune token create`")
-_cookie = APIKeyCookie(name=AUTH_COOKIE, auto_error=False, description="the same token, set by the web page")
-_query = APIKeyQuery(name=TOKEN_QUERY, auto_error=False, description="the same token, for EventSource")
-
-
-def require_principal(state: Annotated[ServiceState, Depends(service_state)],
-                      bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-                      cookie: Annotated[str | None, Depends(_cookie)],
-                      query: Annotated[str | None, Depends(_query)]) -> Principal:
-    """FastAPI dependency: the caller's principal, or 401. With AUTH_DISABLED, the admin of tenant 'default'."""
-    if state.settings.AUTH_DISABLED:
-        return NO_AUTH_PRINCIPAL
-    token = bearer.credentials if bearer is not None else cookie or query
-    principal = authenticate(state.session_factory, token) if token else None
-    if principal is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED,
-                            "missing or invalid API token" if token is None else "invalid or revoked API token",
-                            headers={"WWW-Authenticate": "Bearer"})
-    return principal
-
-
-CurrentPrincipal = Annotated[Principal, Depends(require_principal)]
