@@ -194,13 +194,15 @@ class Client:
         if response.is_success:
             return
         try:
-            detail: Any = response.json().get("detail")
-        except (ValueError, AttributeError):
-            detail = response.text
+            problem: Any = response.json()
+        except ValueError:
+            problem = None
+        if not isinstance(problem, dict):  # not a problem document (say, a proxy's error page)
+            problem = {"detail": response.text or response.reason_phrase}
         status = response.status_code
-        if status == 422 and isinstance(detail, list):
-            raise ValidationFailed(detail)
-        message = detail if isinstance(detail, str) else json.dumps(detail)
+        if status == 422 and problem.get("errors"):
+            raise ValidationFailed(problem["errors"])
+        message = str(problem.get("detail") or response.reason_phrase)
         if status in (404, 405) and route is not None and message in ("Not Found", "Method Not Allowed"):
             raise EndpointMissing(f"the server at {self.url} has no {route}; it is older than this client or "
                                   "does not offer this feature", status)

@@ -10,13 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from service.api import asktell, check, events, health, plots, schedule, studies, transfer, web
 from service.api.body_limit import BodySizeLimit
+from service.api.problems import install_problem_details
 from service.api.state import ServiceState
 from service.db import create_db_engine, database_is_current, make_session_factory
 from service.logging import log_context
@@ -25,8 +23,6 @@ from service.optuna_study import get_storage
 from service.queue import make_celery, trial_sender
 from service.reconcile import reconcile_forever
 from service.settings import Settings
-from service.kinds.registry import without_kind_tag
-from service.spec import SpecError
 
 
 log = logging.getLogger("service.api.requests")
@@ -47,25 +43,6 @@ async def _log_request(request: Request, call_next: Callable[[Request], Awaitabl
 
 class DatabaseNotMigrated(RuntimeError):
     pass
-
-
-def _spec_error_response(_request: Request, error: Exception) -> JSONResponse:
-    """Same shape as FastAPI's own 422s, so clients read structural and semantic problems alike."""
-    assert isinstance(error, SpecError)
-    detail = [{"type": "value_error", "loc": ["body", *p.loc], "msg": p.msg} for p in error.problems]
-    return JSONResponse({"detail": detail}, status_code=422)
-
-
-def _validation_error_response(_request: Request, error: Exception) -> JSONResponse:
-    """FastAPI's 422 body, with the spec-kind tag taken out of body paths so they match the user's document."""
-    assert isinstance(error, RequestValidationError)
-    detail = []
-    for problem in error.errors():
-        loc = tuple(problem["loc"])
-        if loc[:1] == ("body",):
-            loc = ("body", *without_kind_tag(loc[1:]))
-        detail.append({**problem, "loc": list(loc)})
-    return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
 
 
 def _open_state(settings: Settings) -> ServiceState:
@@ -107,8 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Tune hyperparameters on small proxy models and transfer them to the large target.")
     app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES)
     app.middleware("http")(_log_request)
-    app.add_exception_handler(SpecError, _spec_error_response)
-    app.add_exception_handler(RequestValidationError, _validation_error_response)
+    install_problem_details(app)
     app.include_router(health.router)
     app.include_router(metrics_router)
     app.include_router(studies.router)

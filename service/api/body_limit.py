@@ -6,6 +6,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.problems import PROBLEM_JSON, problem_body
+
 
 class BodyTooLarge(Exception):
     pass
@@ -18,10 +20,12 @@ class BodySizeLimit:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body is larger than {self.max_bytes} bytes"}).encode()
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        body = json.dumps(problem_body(413, f"request body is larger than {self.max_bytes} bytes; send less",
+                                       scope["path"])).encode()
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", PROBLEM_JSON.encode()),
+                                (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -30,7 +34,7 @@ class BodySizeLimit:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(send)
+            await self._reject(scope, send)
             return
         received = 0
 
@@ -45,4 +49,4 @@ class BodySizeLimit:
         try:
             await self.app(scope, limited_receive, send)
         except BodyTooLarge:
-            await self._reject(send)
+            await self._reject(scope, send)

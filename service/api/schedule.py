@@ -12,6 +12,7 @@ from sqlalchemy import select
 from scaletune.data.registry import dataset_spec
 from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.lookup import study_of_kind
+from service.api.problems import InvalidField
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
 from service.db import write_session
@@ -27,9 +28,8 @@ NOT_A_SCHEDULE = {404: {"model": Problem, "description": "no study with this id"
                   409: {"model": Problem, "description": "not a shape_schedule study, or too few runs yet"}}
 
 
-def _unprocessable(msg: str, name: str, where: str = "query") -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, [{"type": "value_error", "loc": [where, name],
-                                                                  "msg": msg}])
+def _unprocessable(msg: str, name: str, where: str = "query") -> InvalidField:
+    return InvalidField((where, name), msg)
 
 
 def _query(target_loss: float | None, budget_flops: float | None, target_width: int | None,

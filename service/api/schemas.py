@@ -151,5 +151,20 @@ class TrialPage(BaseModel):
     offset: int
 
 
+class FieldError(BaseModel):
+    """One invalid field: where (``loc``, from the top of the request: body, query or path), why, which check."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
 class Problem(BaseModel):
-    detail: str
+    """RFC 9457 problem details, the body of every error (media type ``application/problem+json``)."""
+
+    type: str = Field("about:blank", description="about:blank: the status code says what kind of problem")
+    title: str = Field(description="the HTTP status phrase")
+    status: int
+    detail: str = Field(description="what went wrong and what to do, in one readable sentence")
+    instance: str | None = Field(None, description="the request path")
+    errors: list[FieldError] | None = Field(None, description="a 422's invalid fields, each at its location")

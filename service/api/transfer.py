@@ -16,6 +16,7 @@ from scaletune.shapes import Shape
 from scaletune.transfer import TransferPlan, transfer_plan
 from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.lookup import study_of_kind
+from service.api.problems import InvalidField
 from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
 from service.kinds import tune
@@ -44,9 +45,8 @@ TransferPlanJSON = create_model("TransferPlan", __doc__=TransferPlan.to_dict.__d
                                 **{key: (type_, ...) for key, type_ in TransferPlan.json_types().items()})
 
 
-def _unprocessable(msg: str, *loc: str | int) -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                         [{"type": "value_error", "loc": ["body", *loc], "msg": msg}])
+def _unprocessable(msg: str, *loc: str | int) -> InvalidField:
+    return InvalidField(("body", *loc), msg)
 
 
 def plan_for(spec: TuneSpec, tuned: dict[str, float], request: TransferRequest, max_params: int,

@@ -27,9 +27,7 @@ async function api(path, options = {}) {
   if (!response.ok) {
     let detail = response.statusText;
     try {
-      const body = await response.json();
-      detail = typeof body.detail === "string" ? body.detail
-        : body.detail.map((e) => `${e.loc.filter((p) => p !== "body").join(".")}: ${e.msg}`).join("; ");
+      detail = (await response.json()).detail || detail;  // a problem document (RFC 9457): detail is for people
     } catch (_) { /* not JSON */ }
     const error = new Error(detail);
     error.status = response.status;

@@ -77,7 +77,7 @@ def test_size_quotas_are_422_naming_the_limit(small: TestClient, big: TestClient
     spec_dict.update(change)
     response = small.post("/v1/studies", json=spec_dict)
     assert response.status_code == 422, response.text
-    [problem] = response.json()["detail"]
+    [problem] = response.json()["errors"]
     assert problem["loc"] == loc and message in problem["msg"]
     assert big.post("/v1/studies", json=spec_dict).status_code == 201, "the tenant override applies to one tenant"
 

@@ -188,7 +188,7 @@ def test_a_schedule_run_needs_a_completed_shape_schedule_and_one_target(
     response = client.post(f"/v1/studies/{unfinished.id}/schedule/run", json={"target_loss": 1.0})
     assert response.status_code == 409 and "once every grid trial has finished" in response.text
     response = client.post(f"/v1/studies/{finished_study}/schedule/run", json={"target_loss": 1.0, "budget_flops": 1e6})
-    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "target_loss"]
+    assert response.status_code == 422 and response.json()["errors"][0]["loc"] == ["body", "target_loss"]
     response = client.post(f"/v1/studies/{finished_study}/schedule/run", json={"target_loss": 1.0, "lr": 3})
     assert response.status_code == 422
 

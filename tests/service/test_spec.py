@@ -77,7 +77,7 @@ def test_bad_spec_is_422_naming_the_field(client: TestClient, spec_dict: dict[st
     _set(spec_dict, path, value)
     response = client.post("/v1/studies", json=spec_dict)
     assert response.status_code == 422, response.text
-    problems = response.json()["detail"]
+    problems = response.json()["errors"]
     matching = [p for p in problems if p["loc"][:len(loc)] == loc]
     assert matching, problems
     assert any(words in p["msg"] for p in matching), problems
@@ -94,7 +94,7 @@ def test_proxy_over_the_parameter_limit_is_refused_with_count_and_limit(
     with TestClient(create_app(small)) as client:
         response = client.post("/v1/studies", json=spec_dict)
     assert response.status_code == 422
-    [problem] = response.json()["detail"]
+    [problem] = response.json()["errors"]
     assert problem["loc"] == ["body", "model", "proxy"]
     assert re.search(r"the proxy has [\d,]{6,} parameters, above this server's limit of 10,000", problem["msg"])
 

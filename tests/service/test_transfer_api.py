@@ -108,7 +108,7 @@ def test_bad_targets_are_422_with_a_reason(client: TestClient, tuned_study: str,
                                            loc: list[str], says: str) -> None:
     response = client.post(f"/v1/studies/{tuned_study}/transfer", json=body)
     assert response.status_code == 422, response.text
-    [problem] = response.json()["detail"]
+    [problem] = response.json()["errors"]
     assert problem["loc"] == loc and says in problem["msg"]
 
 

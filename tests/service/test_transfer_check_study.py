@@ -173,7 +173,7 @@ def test_a_source_that_cannot_give_a_setup_is_refused_at_submit(client: TestClie
     for study_id, says in sources:
         response = client.post("/v1/studies", json={**spec, "source": {"study_id": study_id}})
         assert response.status_code == 422, response.text
-        [problem] = response.json()["detail"]
+        [problem] = response.json()["errors"]
         assert problem["loc"] == ["body", "source", "study_id"] and says in problem["msg"], problem
 
     response = client.post("/v1/studies", json={**spec, "source": {"study_id": tuned_study}})
