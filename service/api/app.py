@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from service.api import asktell, check, events, health, plots, schedule, studies, transfer, web
+from service.api import asktell, check, events, health, plots, schedule, studies, tokens, transfer, web
 from service.api.body_limit import BodySizeLimit
 from service.api.problems import install_problem_details
 from service.api.state import ServiceState
@@ -95,4 +95,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(transfer.router)
     app.include_router(check.router)
     app.include_router(schedule.router)
+    app.include_router(tokens.router)
     return app

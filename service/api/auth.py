@@ -18,7 +18,7 @@ from service.tokens import Principal, authenticate
 
 AUTH_COOKIE = "scaletune_token"
 TOKEN_QUERY = "token"
-UNAUTHORIZED = {401: {"description": "no token, or an unknown or revoked one"}}
+UNAUTHORIZED = {401: {"description": "no token, or an unknown, expired or revoked one"}}
 NO_AUTH_PRINCIPAL = Principal(tenant=DEFAULT_TENANT, token_name="no-auth", is_admin=True)
 
 _bearer = HTTPBearer(auto_error=False, description="an API token from `scaletune token create`")
@@ -37,7 +37,7 @@ def require_principal(state: Annotated[ServiceState, Depends(service_state)],
     principal = authenticate(state.session_factory, token) if token else None
     if principal is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED,
-                            "missing or invalid API token" if token is None else "invalid or revoked API token",
+                            "missing or invalid API token" if token is None else "invalid, expired or revoked API token",
                             headers={"WWW-Authenticate": "Bearer"})
     return principal
 

@@ -28,7 +28,7 @@ from service.spec import SpecError
 PROBLEM_JSON = "application/problem+json"
 SCHEMA_REF = "#/components/schemas/"
 SHARED_RESPONSES = {
-    "401": ("Unauthorized", "no token, or an unknown or revoked one"),
+    "401": ("Unauthorized", "no token, or an unknown, expired or revoked one"),
     "413": ("BodyTooLarge", "the request body is larger than the server accepts (SCALETUNE_MAX_REQUEST_BYTES)"),
     "422": ("ValidationFailed", "invalid fields: `errors` lists each with its location, `detail` sums them up"),
 }

@@ -1,4 +1,7 @@
-"""``scaletune token create|revoke``: API tokens, written straight to the database the service uses."""
+"""``scaletune token create|list|revoke``: API tokens, written straight to the database the service uses.
+
+Admins can do the same over HTTP (``/v1/tokens``); these commands are for the operator of the database.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="Create and revoke API tokens (the API needs one unless started with --no-auth).",
+app = typer.Typer(help="Create, list and revoke API tokens (the API needs one unless started with --no-auth).",
                   no_args_is_help=True)
 console = Console()
 error_console = Console(stderr=True)
@@ -32,22 +35,46 @@ def _session_factory() -> SessionFactory:
 def create(
     name: Annotated[str, typer.Option(help="A unique name for the token (who or what uses it).")],
     tenant: Annotated[str, typer.Option(help="The tenant whose studies the token creates and sees.")] = "default",
-    admin: Annotated[bool, typer.Option("--admin", help="See and cancel every tenant's studies.")] = False,
+    admin: Annotated[bool, typer.Option("--admin", help="See and cancel every tenant's studies, manage tokens.")]
+    = False,
+    expires_in_days: Annotated[float | None, typer.Option(min=0.0, help="The token stops working after this many "
+                                                          "days (default: never).")] = None,
 ) -> None:
     """Create an API token and print it once (only its hash is stored); send it as `Authorization: Bearer ...`.
 
-    Example: scaletune token create --name alice --tenant vision
+    Example: scaletune token create --name alice --tenant vision --expires-in-days 90
     """
+    from datetime import timedelta
+
+    from service.models import utcnow
     from service.tokens import TokenNameTaken, create_token
 
+    expires_at = None if expires_in_days is None else utcnow() + timedelta(days=expires_in_days)
     try:
-        token = create_token(_session_factory(), name, tenant=tenant, admin=admin)
+        token = create_token(_session_factory(), name, tenant=tenant, admin=admin, expires_at=expires_at)
     except TokenNameTaken as error:
         error_console.print(str(error), style="red", markup=False)
         raise typer.Exit(1) from None
     error_console.print(f"Token {name!r} for tenant {tenant!r}{' (admin)' if admin else ''}; it is shown only "
                         "once, so store it now (e.g. export SCALETUNE_TOKEN=...):", markup=False)
     console.print(token, markup=False, soft_wrap=True)
+
+
+@app.command("list")
+def list_() -> None:
+    """Every token with its tenant, role, expiry and state (active, revoked, expired); never a secret.
+
+    Example: scaletune token list
+    """
+    from rich.table import Table
+
+    from service.tokens import list_tokens
+
+    table = Table("name", "tenant", "admin", "created", "expires", "state")
+    for info in list_tokens(_session_factory()):
+        table.add_row(info.name, info.tenant, "yes" if info.admin else "", f"{info.created_at:%Y-%m-%d %H:%M}",
+                      "never" if info.expires_at is None else f"{info.expires_at:%Y-%m-%d %H:%M}", info.state)
+    console.print(table)
 
 
 @app.command("revoke")
