@@ -55,6 +55,7 @@ class StudyCreated(_Model):
 
 class StudySummary(_Model):
     id: str
+    short_id: str  # a unique prefix of id: every method that takes a study id takes it too
     name: str
     kind: str
     status: str

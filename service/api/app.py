@@ -9,13 +9,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from starlette.responses import Response
 
 from service.api import asktell, check, events, health, plots, schedule, studies, tokens, transfer, web
 from service.api.body_limit import BodySizeLimit
 from service.api.problems import install_problem_details
 from service.api.state import ServiceState
+from service.api.study_ref import resolve_study_ref
 from service.db import create_db_engine, database_is_current, make_session_factory
 from service.logging import log_context
 from service.metrics import router as metrics_router
@@ -87,13 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_details(app)
     app.include_router(health.router)
     app.include_router(metrics_router)
-    app.include_router(studies.router)
-    app.include_router(asktell.router)
-    app.include_router(events.router)
-    app.include_router(plots.router)
     app.include_router(web.router)
-    app.include_router(transfer.router)
-    app.include_router(check.router)
-    app.include_router(schedule.router)
     app.include_router(tokens.router)
+    for about_studies in (studies, asktell, events, plots, transfer, check, schedule):  # each takes an id prefix too
+        app.include_router(about_studies.router, dependencies=[Depends(resolve_study_ref)])
     return app

@@ -4,8 +4,8 @@ The body has ``type`` (``about:blank``: the status says what kind of problem it 
 phrase), ``status``, ``detail`` (one readable sentence, what a client shows a person) and ``instance`` (the
 request path); a 422 adds ``errors``, one ``{loc, msg, type}`` per invalid field, paths as in the request.
 The OpenAPI document describes each error response with the shared ``Problem`` schema, and the 401 and 422 of
-every operation (and the 413 of one with a body) as the shared response components ``Unauthorized``,
-``ValidationFailed`` and ``BodyTooLarge``.
+every operation (the 413 of one with a body, the 400 of one with a study id) as the shared response components
+``Unauthorized``, ``ValidationFailed``, ``BodyTooLarge`` and ``AmbiguousId``.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.schemas import FieldError, Problem
 from service.kinds.registry import without_kind_tag
 from service.spec import SpecError
+from service.study_ids import AmbiguousStudyId
 
 PROBLEM_JSON = "application/problem+json"
 SCHEMA_REF = "#/components/schemas/"
 SHARED_RESPONSES = {
+    "400": ("AmbiguousId", "the study id prefix matches several studies: `candidates` lists them"),
     "401": ("Unauthorized", "no token, or an unknown, expired or revoked one"),
     "413": ("BodyTooLarge", "the request body is larger than the server accepts (SCALETUNE_MAX_REQUEST_BYTES)"),
     "422": ("ValidationFailed", "invalid fields: `errors` lists each with its location, `detail` sums them up"),
@@ -50,9 +52,9 @@ def problem_body(status: int, detail: str, instance: str | None = None,
 
 
 def problem_response(request: Request, status: int, detail: str, errors: list[FieldError] | None = None,
-                     headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(problem_body(status, detail, request.url.path, errors), status_code=status,
-                        headers=headers, media_type=PROBLEM_JSON)
+                     headers: dict[str, str] | None = None, **extensions: Any) -> JSONResponse:
+    return JSONResponse({**problem_body(status, detail, request.url.path, errors), **extensions},
+                        status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
 def _where(loc: Sequence[str | int]) -> str:
@@ -94,6 +96,11 @@ async def _field_invalid(request: Request, error: Exception) -> JSONResponse:
     return invalid_fields(request, [error.error])
 
 
+async def _ambiguous_id(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, AmbiguousStudyId)
+    return problem_response(request, 400, str(error), candidates=[study_id for study_id, _ in error.candidates])
+
+
 def _is_problem(code: str, response: dict[str, Any]) -> bool:
     """Every 4xx; a 5xx when the route says so (a probe's 503 has a body of its own)."""
     schemas = [media.get("schema", {}).get("$ref") for media in response.get("content", {}).values()]
@@ -114,6 +121,8 @@ def _problem_openapi(app: FastAPI) -> dict[str, Any]:
             responses = operation.get("responses", {})
             if "requestBody" in operation:
                 responses["413"] = {}
+            if any(parameter["name"] == "study_id" for parameter in operation.get("parameters", [])):
+                responses["400"] = {}
             for code, response in responses.items():
                 if code in SHARED_RESPONSES:
                     responses[code] = {"$ref": f"#/components/responses/{SHARED_RESPONSES[code][0]}"}
@@ -131,4 +140,5 @@ def install_problem_details(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_invalid)
     app.add_exception_handler(SpecError, _spec_invalid)
     app.add_exception_handler(InvalidField, _field_invalid)
+    app.add_exception_handler(AmbiguousStudyId, _ambiguous_id)
     app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]

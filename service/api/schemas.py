@@ -30,6 +30,8 @@ class StudyCreated(BaseModel):
 
 class StudySummary(BaseModel):
     id: str
+    short_id: str = Field(description="the shortest prefix of id (8 characters or more) that no other study you "
+                                      "can see shares; every route and CLI command takes it in place of the id")
     name: str
     kind: str
     status: str
@@ -40,8 +42,8 @@ class StudySummary(BaseModel):
     links: StudyLinks
 
     @classmethod
-    def of(cls, study: Study) -> StudySummary:
-        return cls(id=study.id, name=study.name, kind=study.kind, status=study.status,
+    def of(cls, study: Study, short_id: str) -> StudySummary:
+        return cls(id=study.id, short_id=short_id, name=study.name, kind=study.kind, status=study.status,
                    n_trials=study.spec["n_trials"], best_value=study.best_value, created_at=study.created_at,
                    finished_at=study.finished_at, links=study_links(study.id))
 
@@ -168,3 +170,4 @@ class Problem(BaseModel):
     detail: str = Field(description="what went wrong and what to do, in one readable sentence")
     instance: str | None = Field(None, description="the request path")
     errors: list[FieldError] | None = Field(None, description="a 422's invalid fields, each at its location")
+    candidates: list[str] | None = Field(None, description="an ambiguous id prefix's matches (400)")

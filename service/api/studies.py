@@ -20,6 +20,7 @@ from service.kinds.summary import finished_result
 from service.spec import SpecError, SpecProblem
 from service.studies import StudyAlreadyFinished, StudyNotFound, cancel_study, create_study, \
     find_by_idempotency_key, get_study, list_studies, spec_fingerprint, trial_counts
+from service.study_ids import short_ids
 from service.trials import get_trial, list_trials
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=UNAUTHORIZED)
@@ -93,7 +94,9 @@ def get_studies(state: State, principal: CurrentPrincipal, status_: Annotated[St
                 offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> StudyPage:
     with state.session_factory() as session:
         rows, total = list_studies(session, principal.tenant_scope, status=status_, limit=limit, offset=offset)
-        return StudyPage(items=[StudySummary.of(s) for s in rows], total=total, limit=limit, offset=offset)
+        short = short_ids(session, [s.id for s in rows], principal.tenant_scope)
+        return StudyPage(items=[StudySummary.of(s, short[s.id]) for s in rows], total=total, limit=limit,
+                         offset=offset)
 
 
 @router.get("/{study_id}", response_model=StudyDetail, responses=NOT_FOUND,

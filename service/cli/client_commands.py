@@ -37,7 +37,8 @@ console = Console()
 error_console = Console(stderr=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's JSON instead of a table.")]
-StudyId = Annotated[str, typer.Argument(help="The study's id (as printed by `scaletune submit`).")]
+StudyId = Annotated[str, typer.Argument(help="The study's id, or a unique prefix of it such as the short id `scaletune "
+                                          "studies` shows.")]
 
 
 def _client() -> Client:
@@ -204,10 +205,11 @@ def studies(
         _print_json(page.model_dump(mode="json"))
         return
     table = Table(title=f"studies {offset + 1}-{offset + len(page.items)} of {page.total}")
-    for column in ("id", "name", "kind", "status", "trials", "best", "created"):
+    table.add_column("id", no_wrap=True, min_width=max((len(s.short_id) for s in page.items), default=2))
+    for column in ("name", "kind", "status", "trials", "best", "created"):
         table.add_column(column)
-    for s in page.items:
-        table.add_row(s.id, s.name, s.kind, s.status, str(s.n_trials), _fmt(s.best_value),
+    for s in page.items:  # the short id is unique: every command takes it in place of the full id
+        table.add_row(s.short_id, s.name, s.kind, s.status, str(s.n_trials), _fmt(s.best_value),
                       s.created_at.strftime("%Y-%m-%d %H:%M"))
     console.print(table)
 

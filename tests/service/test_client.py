@@ -212,6 +212,20 @@ def test_cli_submit_status_trials_cancel_with_exit_codes(env: dict[str, str], sp
     assert missing.exit_code == 1 and "no-such-study" in missing.output
 
 
+def test_cli_studies_shows_a_short_id_that_every_command_takes(env: dict[str, str], api: Client,
+                                                              spec_dict: dict[str, Any]) -> None:
+    first, second = api.submit(spec_dict).id, api.submit(spec_dict).id
+    listed = runner.invoke(app, ["studies"], env={**env, "COLUMNS": "60"})  # a narrow terminal
+    assert listed.exit_code == 0, listed.output
+    shown = [cell for line in listed.output.splitlines() if line.startswith("│")
+             if (cell := line.split("│")[1].strip())]
+    assert sorted(shown) == sorted([first[:8], second[:8]]), listed.output  # whole, no ellipsis
+    status = runner.invoke(app, ["status", first[:8], "--json"], env=env)
+    assert status.exit_code == 0 and json.loads(status.output)["id"] == first
+    assert runner.invoke(app, ["cancel", second[:8]], env=env).exit_code == 0
+    assert api.study(second[:8]).status == "cancelled" and api.study(first).status == "queued"
+
+
 def test_cli_rejected_spec_prints_field_errors_and_exits_1(env: dict[str, str], spec_dict: dict[str, Any],
                                                            tmp_path: Path) -> None:
     spec_dict["budget"]["eval_every"] = 10_000

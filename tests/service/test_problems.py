@@ -76,7 +76,7 @@ def test_an_oversized_body_is_a_problem(client: TestClient) -> None:
 def test_openapi_documents_every_error_as_a_problem_with_shared_components(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    shared = {"401": "Unauthorized", "413": "BodyTooLarge", "422": "ValidationFailed"}
+    shared = {"400": "AmbiguousId", "401": "Unauthorized", "413": "BodyTooLarge", "422": "ValidationFailed"}
     assert {name: response["content"] for name, response in schema["components"]["responses"].items()} == {
         name: problem for name in shared.values()}
     properties = schema["components"]["schemas"]["Problem"]["properties"]
