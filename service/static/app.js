@@ -8,7 +8,7 @@ const TRIALS_PER_REQUEST = 1000;
 const MAX_TRIALS_LOADED = 5000;
 const $ = (selector) => document.querySelector(selector);
 
-const state = { studiesOffset: 0, study: null, trials: [], trialsOffset: 0, sortKey: "number", sortAsc: true,
+const state = { studiesOffset: 0, studyId: null, study: null, trials: [], trialsOffset: 0, sortKey: "number", sortAsc: true,
                 source: null, refreshTimer: null, listTimer: null, plotsDrawnAt: null };
 
 // ---- HTTP ----
@@ -92,6 +92,7 @@ function renderStudy(study) {
   $("#best-value").textContent = fmt(study.best_value);
   $("#best-params").textContent = study.best_params ? JSON.stringify(study.best_params) : "–";
   if (study.error) showError(study.error);
+  if (FINISHED.includes(study.status)) stopFollowing();  // a finished study has no live stream to wait for
 }
 
 async function loadTrials(studyId) {
@@ -174,6 +175,7 @@ async function loadPlots(studyId, figures) {
 async function refreshStudy(studyId) {
   try {
     const study = await (await api(`/v1/studies/${studyId}`)).json();
+    if (state.studyId !== studyId) return null;  // the user moved on while this was in flight
     state.study = study;
     renderStudy(study);
     await loadTrials(studyId);
@@ -207,10 +209,17 @@ function renderRunning(running) {
   }
 }
 
+function stopFollowing() {
+  if (state.source) { state.source.close(); state.source = null; }
+  $("#live-state").textContent = "finished";
+  renderRunning({});
+}
+
 function follow(studyId) {
   const running = {};
   const source = new EventSource(`/v1/studies/${studyId}/events`);
   state.source = source;
+  $("#live-state").textContent = "connecting";
   source.onopen = () => { $("#live-state").textContent = "live"; };
   source.onerror = () => { $("#live-state").textContent = "reconnecting"; };
   const handle = (event) => {
@@ -220,9 +229,7 @@ function follow(studyId) {
     if (data.type === "trial_finished") delete running[data.trial_id];
     renderRunning(running);
     if (data.type === "study_finished") {
-      source.close();  // the server ends the stream; without close() EventSource would reconnect forever
-      $("#live-state").textContent = "finished";
-      renderRunning({});
+      stopFollowing();  // the server ends the stream; without close() EventSource would reconnect forever
       refreshStudy(studyId);
     } else {
       scheduleRefresh(studyId);
@@ -234,12 +241,13 @@ function follow(studyId) {
 }
 
 async function showStudy(studyId) {
+  state.studyId = studyId;
   state.trials = [];
   state.trialsOffset = 0;
   state.plotsDrawnAt = null;
+  $("#live-state").textContent = "–";  // until the study says whether there is anything to follow
   const study = await refreshStudy(studyId);
-  if (study && !FINISHED.includes(study.status)) follow(studyId);
-  else $("#live-state").textContent = study ? "finished" : "–";
+  if (study && !FINISHED.includes(study.status) && state.studyId === studyId) follow(studyId);
 }
 
 async function submitTransfer(event) {
@@ -269,6 +277,7 @@ async function submitTransfer(event) {
 // ---- routing ----
 function route() {
   if (state.source) { state.source.close(); state.source = null; }
+  state.studyId = null;
   clearInterval(state.listTimer);
   showError("");
   const match = location.hash.match(/^#\/study\/([^/]+)$/);

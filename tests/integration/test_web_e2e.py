@@ -18,7 +18,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 pytestmark = pytest.mark.integration
 
@@ -124,3 +124,27 @@ def test_study_page_shows_live_progress_to_completion(embedded_service: str, tok
     browser.find_element(By.CSS_SELECTOR, "#transfer-form button").click()
     WebDriverWait(browser, 30).until(lambda b: _text(b, "#transfer-result").startswith("plan downloaded"))
     assert browser.execute_script("return window.__sameDocument === true;")
+
+    Select(browser.find_element(By.NAME, "batch_rule")).select_by_visible_text("sqrt")  # without a batch size
+    browser.find_element(By.CSS_SELECTOR, "#transfer-form button").click()
+    WebDriverWait(browser, 30).until(lambda b: _text(b, "#transfer-result").startswith(
+        "batch_size: batch_rule needs batch_size"))  # the problem's detail, as the server wrote it
+
+    # A fresh page opened on the finished study: from the moment the study shows, nothing claims to connect.
+    browser.get(f"{embedded_service}/#/")
+    browser.refresh()
+    assert _live_state_when_shown(browser, study_id) == "finished"
+
+
+def _live_state_when_shown(browser: WebDriver, study_id: str) -> str:
+    """Open the study from the list and read the live state in the same task that first renders the study."""
+    return str(browser.execute_async_script("""
+        const [studyId, done] = arguments;
+        const observer = new MutationObserver(() => {
+          if (document.querySelector("#study-id").textContent !== studyId) return;
+          observer.disconnect();
+          done(document.querySelector("#live-state").textContent);
+        });
+        observer.observe(document.body, {subtree: true, childList: true, characterData: true});
+        location.hash = `#/study/${studyId}`;
+    """, study_id))
