@@ -6,14 +6,23 @@
     for event in client.events(study.id):
         print(event.type, event.payload)
     print(client.wait(study.id).best_params)
+
+Idempotent calls (every GET, and ``transfer``, which only computes) and ``submit`` (sent with a generated
+``Idempotency-Key``, so the server creates the study once however often it arrives) are retried on a
+transport error, a 5xx or a 429: up to ``retries`` times, waiting ``backoff * 2**n`` seconds with jitter,
+or what the server's ``Retry-After`` asks when that is longer, never more than ``max_backoff``.
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
+import logging
 import os
+import random
 import socket
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +42,9 @@ __all__ = ["Client", "Conflict", "EndpointMissing", "NotFound", "ScaletuneError"
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINISHED = ("completed", "failed", "cancelled")
 MAX_RECONNECTS = 5
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+log = logging.getLogger("scaletune.client")
 
 
 class _Model(BaseModel):
@@ -176,8 +188,10 @@ class Client:
     """A scaletune server at ``url`` ($SCALETUNE_URL); ``token`` ($SCALETUNE_TOKEN) is sent as a Bearer token."""
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, retries: int = 4, backoff: float = 0.5,
+                 max_backoff: float = 30.0) -> None:
         self.url = (url or os.environ.get("SCALETUNE_URL") or DEFAULT_URL).rstrip("/")
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         token = token or os.environ.get("SCALETUNE_TOKEN") or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
@@ -219,21 +233,51 @@ class Client:
             raise ServiceUnavailable(self.url, f"HTTP {status}: {message}", status)
         raise ScaletuneError(f"HTTP {status}: {message}", status)
 
-    def _request(self, method: str, path: str, route: str | None = None, **kwargs: Any) -> httpx.Response:
-        """``route`` names an optional feature's endpoint, so a server without it gives EndpointMissing."""
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as error:
-            raise ServiceUnavailable(self.url, f"{type(error).__name__}: {error}") from None
-        self._raise_for(response, route)
-        return response
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        """Exponential backoff with jitter, or the server's Retry-After (seconds or a date) when longer; capped."""
+        delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            if retry_after.strip().isdigit():
+                delay = max(delay, float(retry_after))
+            elif (when := email.utils.parsedate_to_datetime(retry_after)) is not None:
+                delay = max(delay, when.timestamp() - time.time())
+        return min(delay, self.max_backoff)
+
+    def _request(self, method: str, path: str, route: str | None = None, retry: bool | None = None,
+                 **kwargs: Any) -> httpx.Response:
+        """``route`` names an optional feature's endpoint, so a server without it gives EndpointMissing;
+        ``retry`` (default: GET only) says whether sending the request twice is harmless."""
+        retry = method == "GET" if retry is None else retry
+        attempt = 0
+        while True:
+            attempt += 1
+            last = not retry or attempt > self.retries
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as error:
+                if last:
+                    raise ServiceUnavailable(self.url, f"{type(error).__name__}: {error}") from None
+                reason, retry_after = type(error).__name__, None
+            else:
+                if last or response.status_code not in RETRIED_STATUSES:
+                    self._raise_for(response, route)
+                    return response
+                reason, retry_after = f"HTTP {response.status_code}", response.headers.get("Retry-After")
+            delay = self._delay(attempt, retry_after)
+            log.warning("%s %s: %s; retry %d of %d in %.1f s", method, path, reason, attempt, self.retries, delay)
+            time.sleep(delay)
 
     def health(self) -> dict[str, Any]:
         return dict(self._request("GET", "/readyz").json())
 
-    def submit(self, spec: dict[str, Any] | str | Path) -> StudyCreated:
-        """Submit a spec given as a dict or as the path of a YAML/JSON file."""
-        return StudyCreated.model_validate(self._request("POST", "/v1/studies", json=_load_spec(spec)).json())
+    def submit(self, spec: dict[str, Any] | str | Path, idempotency_key: str | None = None) -> StudyCreated:
+        """Submit a spec given as a dict or as the path of a YAML/JSON file.
+
+        Retries reuse one ``Idempotency-Key`` (generated unless given), so the study is created once.
+        """
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        return StudyCreated.model_validate(self._request("POST", "/v1/studies", retry=True, json=_load_spec(spec),
+                                                         headers=headers).json())
 
     def studies(self, status: str | None = None, limit: int = 50, offset: int = 0) -> StudyPage:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
@@ -260,7 +304,7 @@ class Client:
         """The transfer plan (JSON) of the study's best values onto ``target`` ({"width":…, "depth":…})."""
         body = {"target": target, **{k: v for k, v in options.items() if v is not None}}
         return dict(self._request("POST", f"/v1/studies/{study_id}/transfer", route="POST .../transfer",
-                                  json=body).json())
+                                  retry=True, json=body).json())
 
     def check(self, study_id: str) -> dict[str, Any]:
         """A transfer_check study's verdict: per-size optimum LR, drift in octaves, holds/drifts."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,8 @@ import yaml
 from sqlalchemy import update
 from typer.testing import CliRunner
 
-from scaletune.client import (Client, Conflict, EndpointMissing, NotFound, ServiceUnavailable, StudyDetail,
-                              Unauthorized, ValidationFailed)
+from scaletune.client import (Client, Conflict, EndpointMissing, NotFound, ScaletuneError, ServiceUnavailable,
+                              StudyDetail, Unauthorized, ValidationFailed)
 from service.cli import app
 from service.db import SessionFactory, write_session
 from service.models import EventType, Study, StudyStatus
@@ -262,3 +265,109 @@ def test_cli_watch_follows_events_until_the_study_finishes(api: Client, env: dic
 
     table = runner.invoke(app, ["watch", study_id], env=env)
     assert table.exit_code == 0 and "completed" in table.output
+
+
+# ---- retries, against a real HTTP server on loopback that answers from a script ----
+Reply = Callable[[BaseHTTPRequestHandler, bytes], None]
+
+
+def _drop(handler: BaseHTTPRequestHandler, _body: bytes) -> None:
+    """Close the connection without an answer, as a crashed server or a cut network does."""
+    handler.close_connection = True
+    handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+def _answer(status: int, headers: dict[str, str] | None = None, body: object | None = None) -> Reply:
+    def reply(handler: BaseHTTPRequestHandler, _body: bytes) -> None:
+        payload = json.dumps(body if body is not None else {"detail": f"scripted {status}"}).encode()
+        handler.send_response(status)
+        for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+    return reply
+
+
+def _forward(upstream: str, then_drop: bool = False) -> Reply:
+    """Relay the request to the real API; with ``then_drop`` its answer is lost on the way back."""
+    def reply(handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "content-length")}
+        answer = httpx.request(handler.command, upstream + handler.path, headers=headers, content=body)
+        if then_drop:
+            _drop(handler, body)
+        else:
+            _answer(answer.status_code, body=answer.json())(handler, body)
+    return reply
+
+
+@contextmanager
+def scripted_server(*replies: Reply) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Answers the n-th request with ``replies[n]`` (the last one from then on); yields its URL and what it saw."""
+    seen: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append({"method": self.command, "path": self.path, "at": time.monotonic(),
+                         "idempotency_key": self.headers.get("Idempotency-Key")})
+            replies[min(len(seen), len(replies)) - 1](self, body)
+
+        do_GET = do_POST = _any
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+EMPTY_PAGE = {"items": [], "total": 0, "limit": 50, "offset": 0}
+
+
+def test_an_idempotent_call_is_retried_through_drops_5xx_and_429_honouring_retry_after() -> None:
+    with scripted_server(_drop, _answer(503), _answer(429, {"Retry-After": "1"}), _answer(200, body=EMPTY_PAGE)) \
+            as (url, seen), Client(url, backoff=0.01) as client:
+        assert client.studies().total == 0
+    assert [request["path"] for request in seen] == ["/v1/studies?limit=50&offset=0"] * 4
+    assert seen[3]["at"] - seen[2]["at"] >= 1.0, "the client waited as Retry-After asked"
+
+
+def test_retries_are_bounded() -> None:
+    with scripted_server(_answer(503)) as (url, seen), Client(url, retries=2, backoff=0.01) as client, \
+            pytest.raises(ServiceUnavailable, match="HTTP 503"):
+        client.studies()
+    assert len(seen) == 3, "the first try and two retries"
+
+
+def test_a_call_that_is_not_idempotent_is_sent_once() -> None:
+    with scripted_server(_answer(503)) as (url, seen), Client(url, backoff=0.01) as client, \
+            pytest.raises(ScaletuneError):
+        client.cancel("some-study")
+    assert len(seen) == 1
+
+
+def test_a_retried_submit_creates_one_study(live_url: str, token: str, api: Client, spec_dict: dict[str, Any]) -> None:
+    """The first answer is lost after the server created the study; the retry carries the same key."""
+    with scripted_server(_forward(live_url, then_drop=True), _forward(live_url)) as (url, seen), \
+            Client(url, token=token, backoff=0.01) as flaky:
+        created = flaky.submit(spec_dict)
+    assert len(seen) == 2 and seen[0]["idempotency_key"] == seen[1]["idempotency_key"] is not None
+    assert [s.id for s in api.studies().items] == [created.id]
+
+
+def test_cli_submit_retries_and_creates_one_study(live_url: str, env: dict[str, str], api: Client,
+                                                  spec_dict: dict[str, Any], tmp_path: Path) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec_dict))
+    with scripted_server(_forward(live_url, then_drop=True), _answer(502), _forward(live_url)) as (url, seen):
+        result = runner.invoke(app, ["submit", str(spec_file), "--json"], env={**env, "SCALETUNE_URL": url})
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 3 and len({request["idempotency_key"] for request in seen}) == 1
+    assert [s.id for s in api.studies().items] == [json.loads(result.stdout)["id"]]
