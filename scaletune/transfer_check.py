@@ -2,7 +2,13 @@
 
 Pure analysis over raw trial results (one record per size x LR x seed). Per size, the optimum log2 LR
 is the vertex of the parabola through the grid minimum of the seed-mean loss and its two neighbours;
-its uncertainty is a bootstrap over seeds. Drift is measured in octaves against the smallest size.
+its uncertainty is a bootstrap over seeds. Drift is measured in octaves against the smallest size, and
+its interval comes from the same bootstrap (each size resampled on its own).
+
+The verdict claims no more than the data shows: ``holds`` needs every drift's 95% interval inside the
+tolerance, ``drifts`` needs one wholly outside it; an optimum at the grid edge (only a bound), too few
+seeds for a bootstrap, or an interval across the tolerance make it ``inconclusive``, with the reason and,
+where seeds would settle it, how many.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from scaletune.shapes import Shape
 
 DRIFT_TOLERANCE_OCTAVES = 0.5
 BOOTSTRAP_RESAMPLES = 200
+MIN_SEEDS = 3  # 2 seeds give 3 distinct resamples (each single-seed one with chance 1/4): no 95% interval
+MAX_SEEDS_ADVISED = 32  # past this the tolerance, not the noise, is the problem
 Verdict = Literal["holds", "drifts", "not_monotone", "inconclusive"]
 
 
@@ -67,7 +75,9 @@ class SizeResult:
     interval: tuple[float, float] | None  # bootstrap 95% interval over seeds
     at_edge: bool  # the grid minimum is the first or last grid point: widen the grid
     best_loss: float | None  # lowest seed-mean loss on the grid
+    seeds: int  # distinct seeds with results at this size
     drift: float | None = None  # octaves vs the smallest size
+    drift_interval: tuple[float, float] | None = None  # bootstrap 95% interval of the drift
 
 
 @dataclass
@@ -79,6 +89,8 @@ class TransferCheckResult:
     direction: Literal["higher", "lower"] | None  # where the optimum moves with size, for 'drifts'
     reasons: list[str] = field(default_factory=list)
     tolerance: float = DRIFT_TOLERANCE_OCTAVES
+    max_drift_interval: tuple[float, float] | None = None  # the interval of the size with the largest drift
+    seeds_needed: int | None = None  # set when more seeds per grid point would settle an inconclusive verdict
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,36 +144,53 @@ def parabola_optimum(xs: Sequence[float], ys: Sequence[float]) -> tuple[float | 
     return min(max(-b / (2 * a), x0), x2), False
 
 
-def _bootstrap(grid: list[float], table: np.ndarray, rng: np.random.Generator) -> tuple[float, float] | None:
-    optima = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
+def _bootstrap_optima(grid: list[float], table: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The optimum of each resample over seeds (NaN where every point of the resample diverged)."""
+    optima = np.full(BOOTSTRAP_RESAMPLES, np.nan)
+    for k in range(BOOTSTRAP_RESAMPLES):
         columns = rng.integers(0, table.shape[1], table.shape[1])
         x, _ = parabola_optimum(grid, list(_seed_mean(table[:, columns])))
         if x is not None:
-            optima.append(x)
-    if not optima:
+            optima[k] = x
+    return optima
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float] | None:
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
         return None
-    low, high = np.percentile(optima, [2.5, 97.5])
+    low, high = np.percentile(finite, [2.5, 97.5])
     return float(low), float(high)
 
 
-def _analyse_size(size: str, records: list[TrialRecord], rng: np.random.Generator) -> SizeResult:
-    grid, _, table = _loss_table(records)
+def _analyse_size(size: str, records: list[TrialRecord], rng: np.random.Generator
+                  ) -> tuple[SizeResult, np.ndarray]:
+    grid, seeds, table = _loss_table(records)
     mean = _seed_mean(table)
     optimum, at_edge = parabola_optimum(grid, list(mean))
     finite = [float(y) for y in mean if math.isfinite(y)]
+    optima = _bootstrap_optima(grid, table, rng)
     return SizeResult(
         size=size, shape=records[0].shape.to_dict(), log2_lrs=grid,
         mean_loss=[float(y) if math.isfinite(y) else None for y in mean],
         diverged=[int(n) for n in np.isinf(table).sum(axis=1)],
-        optimum_log2_lr=optimum, interval=_bootstrap(grid, table, rng), at_edge=at_edge,
-        best_loss=min(finite) if finite else None,
-    )
+        optimum_log2_lr=None if optimum is None else float(optimum), interval=_interval(optima), at_edge=at_edge,
+        best_loss=min(finite) if finite else None, seeds=len(seeds),
+    ), optima
+
+
+def _seeds_for(drift: float, interval: tuple[float, float], seeds: int, tolerance: float) -> int:
+    """Seeds that would shrink the interval (width ~ 1/sqrt(seeds)) to one side of the tolerance."""
+    room = abs(tolerance - abs(drift))
+    half = (interval[1] - interval[0]) / 2
+    if room <= 0 or half <= 0:
+        return MAX_SEEDS_ADVISED
+    return min(MAX_SEEDS_ADVISED, max(seeds + 1, math.ceil(seeds * (half / room) ** 2)))
 
 
 def analyse(records: Iterable[TrialRecord | dict[str, Any]], tolerance: float = DRIFT_TOLERANCE_OCTAVES,
             seed: int = 0) -> TransferCheckResult:
-    """Optimum per size, its drift vs the smallest size, monotonicity of the best loss, and a verdict."""
+    """Optimum per size, its drift vs the smallest size with a bootstrap interval, monotonicity, and a verdict."""
     parsed = [r if isinstance(r, TrialRecord) else TrialRecord.from_dict(r) for r in records]
     by_size: dict[str, list[TrialRecord]] = {}
     for r in parsed:
@@ -170,35 +199,72 @@ def analyse(records: Iterable[TrialRecord | dict[str, Any]], tolerance: float = 
         raise ValueError(f"a transfer check needs at least two sizes, got {sorted(by_size)}")
     rng = np.random.default_rng(seed)
     ordered = sorted(by_size, key=lambda s: _size_key(by_size[s][0].shape))
-    sizes = [_analyse_size(s, by_size[s], rng) for s in ordered]
+    analysed = [_analyse_size(s, by_size[s], rng) for s in ordered]
+    sizes = [size for size, _ in analysed]
+    reference, reference_optima = sizes[0].optimum_log2_lr, analysed[0][1]
+    for s, optima in analysed[1:]:
+        if reference is not None and s.optimum_log2_lr is not None:
+            s.drift = s.optimum_log2_lr - reference
+            s.drift_interval = _interval(optima - reference_optima)
+    if reference is not None:
+        sizes[0].drift = 0.0
 
-    reasons = []
+    best = [s.best_loss for s in sizes]
+    monotone = all(a is not None and b is not None and b <= a for a, b in zip(best, best[1:]))
+    moved = [s for s in sizes[1:] if s.drift is not None]
+    widest = max(moved, key=lambda s: abs(s.drift or 0.0)) if moved else None
+    result = TransferCheckResult(
+        sizes=sizes, monotone=monotone, max_drift=None if widest is None else widest.drift,
+        verdict="inconclusive", direction=None, tolerance=tolerance,
+        max_drift_interval=None if widest is None else widest.drift_interval)
+    _judge(result)
+    return result
+
+
+def _judge(result: TransferCheckResult) -> None:
+    """Set the verdict, direction, reasons and seeds needed; every blocker is reported, not just the first."""
+    sizes, tolerance, reasons = result.sizes, result.tolerance, result.reasons
     failed = [s.size for s in sizes if s.optimum_log2_lr is None]
     if failed:
         reasons.append(f"every run diverged at size(s) {failed}: lower the LR grid")
     edges = [s.size for s in sizes if s.at_edge]
     if edges:
-        reasons.append(f"the optimum lies at the grid edge for {edges}: widen the grid; drift there is a bound")
-    reference = sizes[0].optimum_log2_lr
-    for s in sizes:
-        if reference is not None and s.optimum_log2_lr is not None:
-            s.drift = s.optimum_log2_lr - reference
-    best = [s.best_loss for s in sizes]
-    monotone = all(a is not None and b is not None and b <= a for a, b in zip(best, best[1:]))
-    if not monotone:
+        reasons.append(f"the optimum lies at the grid edge for {edges}, so it is only a bound: widen the grid")
+    if not result.monotone:
         reasons.append("the loss at the optimum does not improve with every size step")
-    drifts = [s.drift for s in sizes if s.drift is not None]
-    max_drift = max(drifts, key=abs) if len(drifts) > 1 else None
-    direction: Literal["higher", "lower"] | None = None
-    if max_drift is None:
-        verdict: Verdict = "inconclusive"
-    elif abs(max_drift) > tolerance:
-        verdict, direction = "drifts", "higher" if max_drift > 0 else "lower"
-        reasons.append(f"the optimum moves {abs(max_drift):.2f} octaves to {direction} LR (tolerance {tolerance})")
-    else:
-        verdict = "holds" if monotone else "not_monotone"
-    return TransferCheckResult(sizes=sizes, monotone=monotone, max_drift=max_drift, verdict=verdict,
-                               direction=direction, reasons=reasons, tolerance=tolerance)
+    seeds = min(s.seeds for s in sizes)
+    if seeds < MIN_SEEDS:
+        result.seeds_needed = MIN_SEEDS
+        reasons.append(f"only {seeds} seed(s) per grid point: the bootstrap interval needs at least {MIN_SEEDS}; "
+                       f"run {MIN_SEEDS} or more seeds")
+    if failed or edges or seeds < MIN_SEEDS:
+        return
+    intervals = [(s, s.drift_interval) for s in sizes[1:]]
+    if any(interval is None for _, interval in intervals):
+        reasons.append("a drift has no bootstrap interval (every resample diverged): lower the LR grid")
+        return
+    outside = [(s, i) for s, i in intervals if i is not None and (i[0] > tolerance or i[1] < -tolerance)]
+    if outside:
+        moved, _ = max(outside, key=lambda pair: abs(pair[0].drift or 0.0))
+        result.verdict = "drifts"
+        result.direction = "higher" if (moved.drift or 0.0) > 0 else "lower"
+        reasons.append(f"the optimum moves {abs(moved.drift or 0.0):.2f} octaves to {result.direction} LR at "
+                       f"{moved.size}, its 95% interval {_fmt(moved.drift_interval)} wholly beyond the tolerance "
+                       f"{tolerance}")
+        return
+    straddling = [(s, i) for s, i in intervals if i is not None and (i[0] < -tolerance or i[1] > tolerance)]
+    if straddling:
+        needed = max(_seeds_for(s.drift or 0.0, i, s.seeds, tolerance) for s, i in straddling)
+        result.seeds_needed = needed
+        names = ", ".join(f"{s.size} {_fmt(i)}" for s, i in straddling)
+        reasons.append(f"the drift's 95% interval crosses the tolerance +-{tolerance} ({names}): about {needed} "
+                       "seeds per grid point would settle it")
+        return
+    result.verdict = "holds" if result.monotone else "not_monotone"
+
+
+def _fmt(interval: tuple[float, float] | None) -> str:
+    return "-" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
 
 
 def draw(result: TransferCheckResult, ax: Any, title: str | None = None) -> None:

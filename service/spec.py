@@ -253,6 +253,8 @@ class TransferCheckSpec(GridSpec):
     """Train a ladder of sizes at LR multipliers around the tuned LR, to show the optimum stays put."""
 
     kind: Literal["transfer_check"]
+    seeds: int = Field(3, ge=2, le=32, description="independent runs per grid point; the verdict's bootstrap "
+                                                   "interval needs at least 3")
     sizes: list[ShapeSpec] = Field(min_length=3, max_length=16, description="shapes to check, e.g. 1x, 4x, 16x width")
     octaves: float = Field(3.0, gt=0, le=10, description="LR multipliers span 2^-octaves .. 2^+octaves")
     step: float = Field(0.5, gt=0, le=10, description="octaves between neighbouring LR multipliers")

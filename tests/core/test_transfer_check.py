@@ -88,6 +88,39 @@ def test_plot_is_written_with_diverged_points(tmp_path):
     assert out.exists() and out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_two_sizes_at_the_same_grid_edge_are_inconclusive_not_holds():
+    result = analyse(sweep(optima=[5.0, 5.0, 5.0], floors=[2.0, 1.8, 1.7]))
+    assert all(s.at_edge for s in result.sizes) and result.max_drift == pytest.approx(0.0)
+    assert result.verdict == "inconclusive"
+    assert any("grid edge" in r for r in result.reasons)
+
+
+def test_two_seeds_are_inconclusive_and_say_how_many_seeds_are_needed():
+    result = analyse(sweep(optima=[0.2, 0.2, 0.2], floors=[2.0, 1.8, 1.7], seeds=2))
+    assert result.verdict == "inconclusive" and result.seeds_needed == 3
+    assert any("at least 3" in r for r in result.reasons)
+
+
+def test_holds_needs_the_drift_interval_inside_the_tolerance():
+    """Same true optimum everywhere, but noise wide enough that the interval crosses +-0.5 octave."""
+    noisy = analyse(sweep(optima=[0.0, 0.0, 0.0], floors=[2.0, 1.8, 1.7], seeds=3, noise=0.05, rng_seed=7))
+    assert abs(noisy.max_drift) <= noisy.tolerance  # the point estimate alone would have said 'holds'
+    low, high = noisy.max_drift_interval
+    assert low < -noisy.tolerance or high > noisy.tolerance
+    assert noisy.verdict == "inconclusive" and noisy.seeds_needed > 3
+    assert any("about" in r and "seeds" in r for r in noisy.reasons)
+    quiet = analyse(sweep(optima=[0.0, 0.0, 0.0], floors=[2.0, 1.8, 1.7], seeds=6, noise=0.01, rng_seed=1))
+    assert quiet.verdict == "holds"
+    assert all(-0.5 <= s.drift_interval[0] <= s.drift_interval[1] <= 0.5 for s in quiet.sizes[1:])
+
+
+def test_drifts_needs_the_drift_interval_beyond_the_tolerance():
+    result = analyse(sweep(optima=[0.0, 1.0, 2.0], floors=[2.0, 1.8, 1.7], seeds=4, noise=0.01, rng_seed=2))
+    assert result.verdict == "drifts" and result.direction == "higher"
+    assert result.max_drift_interval[0] > 0.5
+    assert result.sizes[0].drift == 0.0 and result.sizes[0].drift_interval is None
+
+
 def test_a_single_size_is_refused():
     with pytest.raises(ValueError, match="at least two sizes"):
         analyse(sweep(optima=[0.0], floors=[2.0]))
