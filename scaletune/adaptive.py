@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from scaletune.clipping import RelativeClipper, make_clipper
 from scaletune.data.base import DataSpec
 from scaletune.data.registry import dataset_spec, get_dataset
 from scaletune.models.registry import get_family
@@ -97,8 +98,9 @@ def run_schedule(cfg: TrialConfig, phases: Sequence[Phase], checkpoint_dir: str 
                  noise: float = 0.5) -> ScheduleResult:
     """Train through ``phases`` (the first at ``cfg.shape``), resuming from ``checkpoint_dir`` if it holds one.
 
-    ``cfg.budget`` gives batch size, eval cadence, decay fraction and clipping; its ``steps`` are replaced
-    by the steps the phases need. ``noise`` (in units of the new width's init std) breaks symmetry after width
+    ``cfg.budget`` gives batch size, eval cadence and decay fraction; its ``steps`` are replaced by the steps
+    the phases need. A relative clipping rule restarts its running norm at each new shape. ``noise`` (in
+    units of the new width's init std) breaks symmetry after width
     growth (see ``surgery.width``): with 0, a grown muP + Adam model follows the narrow one's trajectory exactly
     and the growth can never pay; 0.5 left the narrow model's plateau in bench/adaptive_schedule.py.
     """
@@ -119,25 +121,27 @@ def run_schedule(cfg: TrialConfig, phases: Sequence[Phase], checkpoint_dir: str 
     ends = phase_ends(phases, flops_per_step)
     budget = replace(cfg.budget, steps=ends[-1])
     path = Path(checkpoint_dir) / CHECKPOINT
-    progress, trainee = _resume(path, recipe, phases, device) if path.exists() else _start(recipe, cfg, device)
+    clip = make_clipper(**recipe.options.clip_rule())
+    progress, trainee = _resume(path, recipe, phases, device, clip) if path.exists() else _start(recipe, cfg, device)
     example = next(dataset.eval_batches(budget.batch_size))[0].to(device)
     batches = islice(dataset.train_batches(budget.batch_size, cfg.seed), progress.step, None)
     loop = Loop(dataset, budget, cfg.hparams.warmup_frac, device, callback)
     status: Status = "completed"
     while status == "completed" and progress.step < budget.steps:
         if progress.step == ends[progress.phase]:
-            _save(path, progress, trainee, phases)
+            _save(path, progress, trainee, phases, clip)
             before, old = loop.eval_loss(trainee.model), trainee.shape
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + progress.phase)
             trainee = reshape(recipe, trainee, phases[progress.phase + 1].shape, example, noise, generator)
+            clip = make_clipper(**recipe.options.clip_rule())
             progress.phase += 1
             progress.switches.append(Switch(progress.step, progress.flops, old.to_dict(), trainee.shape.to_dict(),
                                             before, loop.eval_loss(trainee.model)))
-            _save(path, progress, trainee, phases)
+            _save(path, progress, trainee, phases, clip)
         status = loop.run(trainee.model, trainee.optimizer, batches, progress, until=ends[progress.phase],
-                          flops_per_step=flops_per_step(trainee.shape))
+                          flops_per_step=flops_per_step(trainee.shape), clip=clip)
     if status == "completed":
-        _save(path, progress, trainee, phases)
+        _save(path, progress, trainee, phases, clip)
     return ScheduleResult(progress.result(status, time.perf_counter() - started, device), progress.switches)
 
 
@@ -162,13 +166,16 @@ def _start(recipe: Recipe, cfg: TrialConfig, device: torch.device) -> tuple[_Pro
     return _Progress(), recipe.start(cfg.shape, device)
 
 
-def _save(path: Path, progress: _Progress, trainee: Trainee, phases: Sequence[Phase]) -> None:
+def _save(path: Path, progress: _Progress, trainee: Trainee, phases: Sequence[Phase],
+          clip: RelativeClipper | None) -> None:
     save_atomically(path, {"phases": [p.to_dict() for p in phases], "progress": progress.to_dict(),
                            "shape": trainee.shape.to_dict(), "model": trainee.model.state_dict(),
-                           "optimizer": trainee.optimizer.state_dict(), "rng": torch.get_rng_state()})
+                           "optimizer": trainee.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                           "clip": None if clip is None else clip.state_dict()})
 
 
-def _resume(path: Path, recipe: Recipe, phases: Sequence[Phase], device: torch.device) -> tuple[_Progress, Trainee]:
+def _resume(path: Path, recipe: Recipe, phases: Sequence[Phase], device: torch.device,
+            clip: RelativeClipper | None) -> tuple[_Progress, Trainee]:
     payload = torch.load(path, map_location=device, weights_only=True)
     if payload["phases"] != [p.to_dict() for p in phases]:
         raise ValueError(f"{path} belongs to a different schedule; use a fresh checkpoint directory")
@@ -176,4 +183,6 @@ def _resume(path: Path, recipe: Recipe, phases: Sequence[Phase], device: torch.d
     trainee.model.load_state_dict(payload["model"])
     trainee.optimizer.load_state_dict(payload["optimizer"])
     torch.set_rng_state(payload["rng"])
+    if clip is not None and payload.get("clip") is not None:
+        clip.load_state_dict(payload["clip"])
     return _Progress.from_dict(payload["progress"]), trainee

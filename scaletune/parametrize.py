@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from scaletune.clipping import DEFAULT_FACTOR, ClipRule, make_clipper
 from scaletune.hparams import HParams
 from scaletune.presets import Declarations, preset_for
 from scaletune.shapes import Shape
@@ -72,14 +73,22 @@ class ParamOptions:
     weight_decay_rule: Literal["lr_wd_product", "unscaled"] = "lr_wd_product"  # keep lr*wd constant (mup, CP)
     eps_rule: Literal["per_group", "global", "none"] = "per_group"  # CP table / CP code / mup package
     alpha: float | None = None  # override the depth exponent of depth_mup / completep
+    grad_clip: ClipRule = "off"  # a fixed global norm is not scale-invariant, so it is not offered (clipping.py)
+    grad_clip_factor: float = DEFAULT_FACTOR  # 'relative': clip at this multiple of the running gradient norm
 
     def __post_init__(self) -> None:
         if self.alpha is not None and not 0 < self.alpha <= 2:
             raise ValueError(f"alpha (the depth exponent) must be in (0, 2], got {self.alpha}")
+        make_clipper(self.grad_clip, self.grad_clip_factor)  # validates both
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> ParamOptions:
         return cls(**(values or {}))
+
+    def clip_rule(self) -> dict[str, Any]:
+        """What a plan records of the clipping rule: enough for :func:`scaletune.clipping.make_clipper`."""
+        return {"rule": self.grad_clip} if self.grad_clip == "off" else \
+            {"rule": self.grad_clip, "factor": self.grad_clip_factor}
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,7 @@ class Plan:
     zero_init_query: bool
     groups: list[GroupPlan]
     modules: list[ModulePlan] = field(default_factory=list)
+    grad_clip: dict[str, Any] = field(default_factory=lambda: {"rule": "off"})  # make_clipper(**grad_clip)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -718,6 +728,7 @@ def make_plan(cls: Classification, parametrization: str, hp: HParams, optimizer:
         groups=list(groups.values()),
         modules=[ModulePlan(m.name, m.role, _module_value(m, parametrization, hp, cls.r, options), m.attribute,
                             m.hook, m.query) for m in cls.modules],
+        grad_clip=options.clip_rule(),
     )
 
 

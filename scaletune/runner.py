@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from scaletune.clipping import make_clipper
 from scaletune.data.base import Dataset
 from scaletune.data.registry import dataset_spec, get_dataset
 from scaletune.hparams import HParams
@@ -98,4 +99,4 @@ def run_trial(cfg: TrialConfig, callback: Callback | None = None, data_root: str
     built = prepared.build(cfg.hparams, cfg.seed)
     return train(built.model, built.param_groups, prepared.dataset, cfg.budget, cfg.hparams, cfg.optimizer,
                  flops_per_sample=prepared.flops_per_sample, seed=cfg.seed, device=prepared.device,
-                 callback=callback, checkpointing=checkpointing)
+                 callback=callback, checkpointing=checkpointing, clip=make_clipper(**built.plan.grad_clip))

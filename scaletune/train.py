@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaletune.clipping import RelativeClipper
 from scaletune.data.base import Dataset, Task
 from scaletune.hparams import HParams
 from scaletune.parametrize import make_optimizer
@@ -26,13 +27,15 @@ Status = Literal["completed", "diverged", "stopped"]
 
 @dataclass(frozen=True)
 class Budget:
-    """How long and how a run trains; the warmup fraction is a tuned value and lives in HParams."""
+    """How long and how a run trains; the warmup fraction is a tuned value and lives in HParams.
+
+    Gradient clipping is not here: it is part of the parametrization (``ParamOptions.grad_clip``).
+    """
 
     steps: int
     batch_size: int
     eval_every: int
     schedule: Schedule = "cosine"
-    grad_clip: float | None = 1.0
     decay_frac: float = 0.2
     eval_batches: int | None = None
     min_lr_frac: float = 0.0
@@ -43,8 +46,6 @@ class Budget:
                              f"{self.steps}, {self.batch_size}, {self.eval_every}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; known: {list(SCHEDULES)}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
         if not 0.0 <= self.decay_frac <= 1.0:
             raise ValueError(f"decay_frac must lie in [0, 1], got {self.decay_frac}")
         if not 0.0 <= self.min_lr_frac <= 1.0:
@@ -228,8 +229,10 @@ class Loop:
     callback: Callback | None = None
 
     def run(self, model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[tuple[torch.Tensor, ...]],
-            progress: Progress, until: int, flops_per_step: float) -> Status:
+            progress: Progress, until: int, flops_per_step: float, clip: RelativeClipper | None = None) -> Status:
         """Train from ``progress.step`` to step ``until`` ("completed"), or to a divergence or a stop.
+
+        ``clip`` is the parametrization's clipping rule (``make_clipper(**plan.grad_clip)``); None never clips.
 
         A non-finite training loss at step k stops before that update (``steps`` = k - 1); a non-finite eval
         after step k stops after it (``steps`` = k). Either way ``diverged_step`` = k, the step whose loss was
@@ -248,8 +251,8 @@ class Loop:
                 return "diverged"
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if budget.grad_clip is not None:
-                nn.utils.clip_grad_norm_(params, budget.grad_clip)
+            if clip is not None:
+                clip(params)
             optimizer.step()
             progress.advance(loss_value, flops_per_step)
             if not budget.evaluates_after(progress.step):
@@ -307,11 +310,12 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dev
 def train(model: nn.Module, param_groups: list[dict[str, Any]], dataset: Dataset, budget: Budget,
           hparams: HParams, optimizer: str, *, flops_per_sample: float, seed: int = 0,
           device: str | torch.device | None = None, callback: Callback | None = None,
-          checkpointing: Checkpointing | None = None) -> TrainResult:
+          checkpointing: Checkpointing | None = None, clip: RelativeClipper | None = None) -> TrainResult:
     """Train ``model`` for ``budget.steps`` steps; divergence and early stops are outcomes, not errors.
 
     With ``checkpointing``, a run resumes from its checkpoint when one exists (the data stream skips the
     batches already trained on) and saves one every few evals; the callback sees only the new eval points.
+    ``clip``: see :meth:`Loop.run` (a resumed run restarts a relative rule's running norm).
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -326,5 +330,6 @@ def train(model: nn.Module, param_groups: list[dict[str, Any]], dataset: Dataset
         callback = _saving(callback, checkpointing, model, opt, progress)
     batches = itertools.islice(dataset.train_batches(budget.batch_size, seed), progress.step, None)
     status = Loop(dataset, budget, hparams.warmup_frac, dev, callback).run(
-        model, opt, batches, progress, budget.steps, flops_per_step=float(budget.batch_size * flops_per_sample))
+        model, opt, batches, progress, budget.steps, flops_per_step=float(budget.batch_size * flops_per_sample),
+        clip=clip)
     return progress.result(status, time.perf_counter() - started, dev)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from scaletune.clipping import make_clipper
 from scaletune.hparams import HParams
 from scaletune.packs.train import PackMember, train_pack
 from scaletune.runner import TrialConfig, prepare_trial
@@ -31,6 +32,7 @@ def run_pack(cfgs: list[TrialConfig], callbacks: list[Callback | None] | None = 
     members = []
     for cfg, callback in zip(cfgs, callbacks):
         built = prepared.build(cfg.hparams, cfg.seed)
-        members.append(PackMember(built.model, built.param_groups, cfg.hparams, cfg.seed, callback))
+        members.append(PackMember(built.model, built.param_groups, cfg.hparams, cfg.seed, callback,
+                                  make_clipper(**built.plan.grad_clip)))
     return train_pack(members, prepared.dataset, cfgs[0].budget, cfgs[0].optimizer,
                       flops_per_sample=prepared.flops_per_sample, device=prepared.device)

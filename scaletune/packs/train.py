@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scaletune.clipping import RelativeClipper
 from scaletune.data.base import Dataset
 from scaletune.hparams import HParams
 from scaletune.packs.optim import make_pack_optimizer, settings_by_name
@@ -38,6 +39,7 @@ class PackMember:
     hparams: HParams
     seed: int = 0
     callback: Callback | None = None
+    clip: RelativeClipper | None = None  # the parametrization's clipping rule, on this member's own norm
 
 
 class _Members:
@@ -128,8 +130,7 @@ def train_pack(members: list[PackMember], dataset: Dataset, budget: Budget, opti
         losses[finite].sum().backward()
         grad = packed.take_grad()[finite] if diverged else packed.take_grad()
         drop(diverged)
-        if budget.grad_clip is not None:
-            _clip_per_member(grad, budget.grad_clip)
+        _clip_members(grad, [members[i].clip for i in state.active])
         opt.step(grad, factors[finite])
         for pos, i in enumerate(state.active):
             state.progress[i].advance(values[finite[pos]], flops_per_step)
@@ -148,7 +149,10 @@ def train_pack(members: list[PackMember], dataset: Dataset, budget: Budget, opti
     return [p.result(s, seconds, dev) for p, s, seconds in zip(state.progress, state.status, state.seconds)]
 
 
-def _clip_per_member(grad: torch.Tensor, max_norm: float) -> None:
-    """``clip_grad_norm_`` for each member on its own: every member's gradient norm is its own."""
-    norms = torch.linalg.vector_norm(grad, 2, dim=1, keepdim=True)
-    grad.mul_(torch.clamp(max_norm / (norms + 1e-6), max=1.0))
+def _clip_members(grad: torch.Tensor, clips: list[RelativeClipper | None]) -> None:
+    """Each member's clipping rule on its own gradient norm (the rows of ``grad``), as it would run alone."""
+    if all(clip is None for clip in clips):
+        return
+    norms = torch.linalg.vector_norm(grad, 2, dim=1).tolist()
+    scales = [1.0 if clip is None else clip.scale(norm) for clip, norm in zip(clips, norms)]
+    grad.mul_(torch.tensor(scales, dtype=grad.dtype, device=grad.device)[:, None])

@@ -70,7 +70,7 @@ def test_invalid_shape_or_family_is_a_clear_error() -> None:
 
 def test_divergence_is_reported_not_raised() -> None:
     cfg = mlp_trial(optimizer="sgd", hparams=HParams(lr=1e30),
-                    budget=Budget(steps=10, batch_size=32, eval_every=5, grad_clip=None, schedule="constant"))
+                    budget=Budget(steps=10, batch_size=32, eval_every=5, schedule="constant"))
     result = run_trial(cfg)
     assert result.status == "diverged" and result.diverged_step is not None
 

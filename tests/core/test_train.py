@@ -145,7 +145,7 @@ def test_eval_batches_caps_the_held_out_pass() -> None:
 
 
 def test_overflowing_lr_is_a_recorded_divergence_not_an_exception() -> None:
-    result = run(Budget(steps=20, batch_size=8, eval_every=5, grad_clip=None, schedule="constant"),
+    result = run(Budget(steps=20, batch_size=8, eval_every=5, schedule="constant"),
                  lr=1e30, optimizer="sgd")
     assert result.status == "diverged"
     assert result.diverged_step is not None and 1 <= result.diverged_step <= 20

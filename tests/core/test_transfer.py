@@ -12,9 +12,15 @@ from scaletune.transfer import TransferPlan
 from scaletune.data.base import DataSpec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
+<<<<<<< HEAD
 from scaletune.models.size import family_factory
 from scaletune.parametrize import build_model, classify, make_plan
+=======
+from scaletune.parametrize import ParamOptions, build_model, classify, make_plan
+from scaletune.runner import family_factory
+>>>>>>> 24d57b0 (clipping is part of the parametrization: ParamOptions.grad_clip off (default) or relative (clip a step above factor x the running norm, scale-invariant); Budget.grad_clip (a fixed norm of 1.0 on every trial, which clipped some sizes and not others) removed; the rule travels in Plan/TransferPlan and the service's parametrization_options)
 from scaletune.shapes import Shape
+from scaletune.transfer import TransferPlan
 
 SPEC = DataSpec(task="classification", input_shape=(12,), num_outputs=5)
 LM_SPEC = DataSpec(task="lm", input_shape=(16,), num_outputs=64)
@@ -183,3 +189,11 @@ def test_billion_parameter_gpt_is_planned_in_under_a_second_without_allocating()
     assert sum(g.numel for g in plan.plan.groups) > 9e9
     assert elapsed < 1.0
     assert rss_growth_mib < 100  # the target's weights alone would be ~40 GB in fp32
+
+
+def test_the_clipping_rule_travels_with_the_plan():
+    assert plan_for("mup").grad_clip == {"rule": "off"}  # the default never confounds a transfer check
+    plan = plan_for("mup", options=ParamOptions(grad_clip="relative", grad_clip_factor=3.0))
+    assert plan.grad_clip == {"rule": "relative", "factor": 3.0}
+    loaded = TransferPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert loaded.to_param_plan().grad_clip == {"rule": "relative", "factor": 3.0}
