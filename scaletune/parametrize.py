@@ -154,6 +154,11 @@ class Classification:
     def m(self) -> float:
         return self.target.width / self.base.width
 
+    @property
+    def block_layers(self) -> int:
+        """Weight matrices in one residual block (1 is TP6's block depth 1; a transformer block has 4)."""
+        return len({_template(p.name) for p in self.params if p.in_block and len(p.shape) >= 2})
+
 
 @dataclass
 class GroupPlan:

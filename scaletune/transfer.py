@@ -18,7 +18,9 @@ from scaletune.data.base import DataSpec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
 from scaletune.models.size import family_factory
-from scaletune.parametrize import Classification, Factory, ParamOptions, Plan, apply_plan, classify, make_plan
+from scaletune.parametrize import (
+    Classification, Factory, ParamOptions, Plan, apply_plan, classify, depth_alpha, make_plan,
+)
 from scaletune.shapes import Shape
 
 BatchRule = Literal["sqrt", "linear"]
@@ -26,6 +28,7 @@ BATCH_RULE_EXPONENT: dict[str, float] = {"sqrt": 0.5, "linear": 1.0}
 BATCH_RULE_SOURCE = ("'Learning Rates as a Function of Batch Size: A Random Matrix Theory Approach' "
                      "(Granziol et al.): Adam LR ~ sqrt(batch), SGD LR ~ batch")
 DEPTH_TRANSFERRING = frozenset({"depth_mup", "completep"})
+MEASURED_DRIFTING_ALPHA = 0.5
 WIDTH_TRANSFERRING = frozenset({"mup", "depth_mup", "completep"})
 
 
@@ -108,6 +111,19 @@ def _shape_warnings(parametrization: str, base: Shape, target: Shape, has_branch
     return warnings
 
 
+def multilayer_depth_warning(classification: Classification, parametrization: str,
+                             options: ParamOptions | None) -> str | None:
+    """depth-muP's alpha = 1/2 on blocks of several layers: what our own measurement found, and what to use."""
+    alpha = depth_alpha(parametrization, options or ParamOptions())
+    layers = classification.block_layers
+    if alpha != MEASURED_DRIFTING_ALPHA or layers < 2:
+        return None
+    return (f"'{parametrization}' scales residual branches by depth^-1/2, but this model's blocks have {layers} "
+            "layers: with two-layer blocks the optimal LR drifted upward in every measurement (+0.56 octave on "
+            "mlp, +0.60 on gpt over depth 2 -> 16; docs/benchmarks.md, transfer landscape), where TP6 warns "
+            "alpha = 1/2 has no clean limit. Use 'completep' (alpha = 1), which held there (-0.25, +0.22)")
+
+
 def _batch_scaling(rule: BatchRule | None, tuned: int | None, target: int | None) -> dict[str, Any] | None:
     if rule is None:
         return None
@@ -165,6 +181,8 @@ def _assemble(family: str, classification: Classification, parametrization: str,
     scaling = _batch_scaling(batch_rule, tuned_batch_size, batch_size)
     warnings = _shape_warnings(parametrization, base, target,
                                has_branches=any(m.role == "branch" for m in classification.modules))
+    if target.depth != base.depth:
+        warnings.append(multilayer_depth_warning(classification, parametrization, options))
     if scaling is not None and tuned_batch_size != batch_size:
         warnings.append(f"batch size changes {tuned_batch_size} -> {batch_size}: every group's LR is scaled by "
                         f"{scaling['lr_factor']:.4g} ('{batch_rule}' rule), a heuristic not guaranteed by the "

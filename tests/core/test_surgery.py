@@ -165,7 +165,9 @@ def test_patch_size_change_keeps_parameters_and_state_and_moves_logits_by_a_meas
     assert fine.shape.patch_size == 2 and fine.model.patch_size == 2
     assert fine.optimizer is coarse.optimizer and all(torch.equal(p, params[n]) for n, p in fine.model.named_parameters())
     relative = ((after - before).norm() / before.norm()).item()
-    assert 0.0 < relative < 0.6  # not function-preserving (kernel down-sampled, 4x tokens), but no reset
+    # not function-preserving (kernel down-sampled, 4x tokens), but no reset: surgery/patch.py pins "about
+    # 0.2-0.3 of their RMS" (measured after 150 digit steps); this 20-step setup measures 0.23
+    assert 0.2 <= relative <= 0.3
     assert_groups_follow_the_plan(fine)
 
 

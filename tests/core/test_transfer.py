@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from scaletune import apply_transfer, transfer_plan
-from scaletune.transfer import TransferPlan
 from scaletune.data.base import DataSpec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
-<<<<<<< HEAD
 from scaletune.models.size import family_factory
-from scaletune.parametrize import build_model, classify, make_plan
-=======
-from scaletune.parametrize import ParamOptions, build_model, classify, make_plan
-from scaletune.runner import family_factory
->>>>>>> 24d57b0 (clipping is part of the parametrization: ParamOptions.grad_clip off (default) or relative (clip a step above factor x the running norm, scale-invariant); Budget.grad_clip (a fixed norm of 1.0 on every trial, which clipped some sizes and not others) removed; the rule travels in Plan/TransferPlan and the service's parametrization_options)
+from scaletune.parametrize import ParamOptions, build_model, classify
 from scaletune.shapes import Shape
 from scaletune.transfer import TransferPlan
 
@@ -69,11 +63,39 @@ def test_depth_mup_scales_block_lr_by_inverse_sqrt_depth():
 
 @pytest.mark.parametrize("parametrization", ["sp", "mup", "depth_mup", "completep"])
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_groups_are_the_parametrization_core_plan(parametrization, optimizer):
+def test_every_parameter_gets_the_lr_and_weight_decay_of_the_rule_table(parametrization, optimizer):
+    """An oracle written from research notes §6.2 by parameter name, independent of the classification code."""
+    m, r = 4.0, 4.0  # BASE -> TARGET
+    alpha = {"sp": None, "mup": None, "depth_mup": 0.5, "completep": 1.0}[parametrization]
     plan = transfer_plan("mlp", SPEC, {}, BASE, TARGET, parametrization, HP, optimizer)
-    factory = family_factory(get_family("mlp"), TARGET, SPEC, {})
-    core = make_plan(classify(factory, BASE, TARGET), parametrization, HP, optimizer)
-    assert plan.plan == core
+    for group in plan.to_dict()["groups"]:
+        for name in group["params"]:
+            in_block = name.startswith("blocks.")
+            role = BLOCK_ROLES[name.split(".", 2)[2]] if in_block else TOP_ROLES[name]
+            assert group["in_block"] == in_block, name
+            width = WIDTH_LR[optimizer][role](m)
+            depth = 1.0 if alpha is None or not in_block else (
+                r ** (alpha - 1) if optimizer == "adamw" else r ** (2 * alpha - 1))
+            lr = HP.lr if parametrization == "sp" else HP.lr * width * depth
+            assert group["lr"] == pytest.approx(lr), (name, group)
+            matrix = role in ("input", "hidden", "output")
+            wd = 0.0 if not matrix else HP.weight_decay if parametrization == "sp" else HP.weight_decay / width
+            assert group["weight_decay"] == pytest.approx(wd), (name, group)
+    expected_branch = 1.0 if alpha is None else r ** -alpha
+    assert plan.plan.branch_multiplier == pytest.approx(expected_branch)
+
+
+TOP_ROLES = {"embed.weight": "input", "embed.bias": "width_vector", "norm.weight": "width_vector",
+             "norm.bias": "width_vector", "head.weight": "output", "head.bias": "fixed_vector"}  # the mlp family
+BLOCK_ROLES = {"norm.weight": "width_vector", "norm.bias": "width_vector", "fc1.weight": "hidden",
+               "fc2.weight": "hidden", "fc1.bias": "width_vector", "fc2.bias": "width_vector"}
+WIDTH_LR = {  # research notes §6.2, muP: Adam LR eta (hidden eta/m_in); SGD LR eta*m_out for input, eta*m_out/m_in
+    # hidden, eta*m for width vectors, eta*m_in for the readout, eta for vectors of fixed size
+    "adamw": {"input": lambda m: 1.0, "hidden": lambda m: 1 / m, "output": lambda m: 1.0,
+              "width_vector": lambda m: 1.0, "fixed_vector": lambda m: 1.0},
+    "sgd": {"input": lambda m: m, "hidden": lambda m: 1.0, "output": lambda m: m,
+            "width_vector": lambda m: m, "fixed_vector": lambda m: 1.0},
+}
 
 
 @pytest.mark.parametrize("family,spec,args", [("mlp", SPEC, {}),
@@ -192,8 +214,25 @@ def test_billion_parameter_gpt_is_planned_in_under_a_second_without_allocating()
 
 
 def test_the_clipping_rule_travels_with_the_plan():
-    assert plan_for("mup").grad_clip == {"rule": "off"}  # the default never confounds a transfer check
+    assert plan_for("mup").to_dict()["grad_clip"] == {"rule": "off"}  # the default never confounds a check
     plan = plan_for("mup", options=ParamOptions(grad_clip="relative", grad_clip_factor=3.0))
-    assert plan.grad_clip == {"rule": "relative", "factor": 3.0}
+    assert plan.to_dict()["grad_clip"] == {"rule": "relative", "factor": 3.0}
     loaded = TransferPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
-    assert loaded.to_param_plan().grad_clip == {"rule": "relative", "factor": 3.0}
+    assert loaded.plan.grad_clip == {"rule": "relative", "factor": 3.0}
+
+
+def test_depth_mup_with_two_layer_blocks_warns_with_the_measurement_and_points_to_completep():
+    (warning,) = [w for w in plan_for("depth_mup").warnings if "depth^-1/2" in w]
+    assert "+0.56" in warning and "+0.60" in warning and "docs/benchmarks.md" in warning
+    assert "'completep'" in warning and "2 layers" in warning
+    assert not any("depth^-1/2" in w for w in plan_for("completep").warnings)
+    same_depth = transfer_plan("mlp", SPEC, {}, BASE, Shape(64, 2), "depth_mup", HP)
+    assert not any("depth^-1/2" in w for w in same_depth.warnings)  # no depth transfer, nothing to warn about
+    overridden = plan_for("completep", options=ParamOptions(alpha=0.5))
+    assert any("depth^-1/2" in w for w in overridden.warnings)
+
+
+def test_block_layers_counts_the_weight_matrices_of_one_residual_block():
+    mlp = classify(family_factory(get_family("mlp"), TARGET, SPEC, {}), BASE, TARGET)
+    gpt = classify(family_factory(get_family("gpt"), TARGET, LM_SPEC, {"head_dim": 8}), BASE, TARGET)
+    assert mlp.block_layers == 2 and gpt.block_layers == 4
