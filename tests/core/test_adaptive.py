@@ -67,7 +67,7 @@ def test_a_killed_run_resumes_in_the_right_shape_and_ends_where_an_uninterrupted
 
 
 def test_a_diverging_schedule_is_a_recorded_outcome_numbered_as_train_numbers_it(tmp_path: Path) -> None:
-    overflowing = replace(CFG, optimizer="sgd", hparams=HParams(lr=1e38), budget=replace(CFG.budget, grad_clip=None))
+    overflowing = replace(CFG, optimizer="sgd", hparams=HParams(lr=1e38))
     out = run_schedule(overflowing, PHASES, tmp_path)
     assert out.train.status == "diverged" and out.train.diverged_step == out.train.steps + 1
     assert out.train.steps < phase_ends(PHASES, per_step)[0] and not out.switches

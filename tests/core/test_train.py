@@ -168,7 +168,7 @@ class NaNWhenEvaluated(nn.Module):
 
 def test_a_divergence_names_the_step_whose_loss_was_non_finite() -> None:
     """A NaN train loss at step k stops before update k; a NaN eval after step k stops after it: both say k."""
-    in_training = run(Budget(steps=20, batch_size=8, eval_every=5, grad_clip=None, schedule="constant"),
+    in_training = run(Budget(steps=20, batch_size=8, eval_every=5, schedule="constant"),
                       lr=1e30, optimizer="sgd")
     assert in_training.diverged_step == in_training.steps + 1
     model = NaNWhenEvaluated()
