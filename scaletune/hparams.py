@@ -7,7 +7,7 @@ from typing import Any
 
 HPARAM_NAMES = (
     "lr", "init_std", "input_mult", "output_mult", "attn_mult", "weight_decay",
-    "eps", "beta1", "beta2", "momentum", "warmup_frac",
+    "eps", "beta1", "beta2", "momentum", "warmup_frac", "residual_mult",
 )
 
 
@@ -15,7 +15,9 @@ HPARAM_NAMES = (
 class HParams:
     """Base-unit values; the parametrization turns them into per-group settings at any shape.
 
-    ``init_std`` multiplies each parameter's base init std; the ``*_mult`` are forward multipliers.
+    ``init_std`` multiplies each parameter's base init std; the ``*_mult`` are forward multipliers;
+    ``residual_mult`` is the residual-branch constant (beta_0 of Bordelon et al.), multiplying every branch on top
+    of the parametrization's depth factor.
     """
 
     lr: float = 1e-3
@@ -29,6 +31,7 @@ class HParams:
     beta2: float = 0.999
     momentum: float = 0.9
     warmup_frac: float = 0.0
+    residual_mult: float = 1.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HParams:

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fnmatch import fnmatchcase
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, Literal
 
@@ -73,6 +73,7 @@ class ParamOptions:
     weight_decay_rule: Literal["lr_wd_product", "unscaled"] = "lr_wd_product"  # keep lr*wd constant (mup, CP)
     eps_rule: Literal["per_group", "global", "none"] = "per_group"  # CP table / CP code / mup package
     alpha: float | None = None  # override the depth exponent of depth_mup / completep
+    zero_init_block_readout: bool = False  # zero each residual branch's last layer (Bordelon et al.; SkipInit)
     grad_clip: ClipRule = "off"  # a fixed global norm is not scale-invariant, so it is not offered (clipping.py)
     grad_clip_factor: float = DEFAULT_FACTOR  # 'relative': clip at this multiple of the running gradient norm
 
@@ -105,6 +106,7 @@ class ParamInfo:
     owner_kind: OwnerKind
     is_bias: bool
     tied_readout: bool = False
+    block_readout: bool = False  # the weight of a layer that ends a residual branch (a block's branch_outputs)
 
     @property
     def numel(self) -> int:
@@ -403,6 +405,8 @@ def classify(factory: Factory, base: Shape, target: Shape, *, branch_outputs: Se
         ))
     modules = _module_infos(target_model, base_model, roles, layouts, decl)
     branches = [m.name for m in modules if m.role == "branch"]
+    readouts = _block_readouts(target_model, branches)
+    params = [replace(p, block_readout=p.name in readouts) for p in params]
     blocks = _repeated_blocks(base_model, deep_model, target_model)
     unscaled = tuple(b for b in blocks if not any(br == b or br.startswith(b + ".") for br in branches))
     return Classification(
@@ -411,6 +415,12 @@ def classify(factory: Factory, base: Shape, target: Shape, *, branch_outputs: Se
         unscalable_attention=_unscalable_attention(target_model, base_model, modules),
         branch_hint=_branch_hint(target_model, unscaled[0]) if unscaled else (),
     )
+
+
+def _block_readouts(model: nn.Module, branches: list[str]) -> set[str]:
+    """Weights of the layers that end residual branches, as each block names them in ``branch_outputs``."""
+    return {f"{name}.{output}.weight" if name else f"{output}.weight"
+            for name in branches for output in getattr(model.get_submodule(name), "branch_outputs", ())}
 
 
 def _trace_raw(factory: Factory, base: Shape, base_model: nn.Module, names: list[str],
@@ -638,6 +648,8 @@ def param_init(p: ParamInfo, parametrization: str, hp: HParams, options: ParamOp
         return "normal", hp.init_std * base_std
     fan_in = p.base_fan_in * p.m_in
     if p.cls is ParamClass.HIDDEN:
+        if p.block_readout and options.zero_init_block_readout:
+            return "zeros", 0.0
         return "normal", hp.init_std / math.sqrt(fan_in)
     zero = options.zero_init_readout if options.zero_init_readout is not None else mup
     if zero:
@@ -660,7 +672,7 @@ def _module_value(info: ModuleInfo, parametrization: str, hp: HParams, r: float,
         return hp.output_mult / (info.m_in if parametrization in MUP_FAMILY else 1.0)
     if info.role == "attention":
         return attention_scale(parametrization, hp.attn_mult, info.head_dim, info.base_head_dim)
-    return branch_multiplier(parametrization, r, options)
+    return hp.residual_mult * branch_multiplier(parametrization, r, options)
 
 
 def _listed(names: Sequence[str], limit: int = 4) -> str:
@@ -726,7 +738,7 @@ def make_plan(cls: Classification, parametrization: str, hp: HParams, optimizer:
     return Plan(
         parametrization=parametrization, optimizer=optimizer,
         base=cls.base.to_dict(), target=cls.target.to_dict(), hparams=hp.to_dict(),
-        branch_multiplier=branch_multiplier(parametrization, cls.r, options),
+        branch_multiplier=hp.residual_mult * branch_multiplier(parametrization, cls.r, options),
         attention_scale=(attention_scale(parametrization, hp.attn_mult, attention[0].head_dim,
                                          attention[0].base_head_dim) if attention else None),
         zero_init_query=zero_query,
@@ -745,6 +757,8 @@ def _group_name(p: ParamInfo, init: str, existing: Iterable[GroupPlan]) -> str:
         parts.append("tied")
     if p.cls is ParamClass.VECTOR:
         parts.append("bias" if p.is_bias else "gain" if init == "ones" else "other")
+    if p.block_readout and init == "zeros":
+        parts.append("readout")
     name = ".".join(parts)
     taken = {g.name for g in existing}
     suffix, candidate = 2, name

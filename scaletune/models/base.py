@@ -1,7 +1,9 @@
 """The contract between model families and the parametrization core.
 
 Built-in modules follow these conventions so the core can set multipliers as plain Python floats:
-- a residual block has ``branch_mult: float`` (1.0 by default) and computes ``x + branch_mult * f(x)``;
+- a residual block has ``branch_mult: float`` (1.0 by default) and computes ``x + branch_mult * f(x)``, and
+  ``branch_outputs: tuple[str, ...]``, the submodules whose outputs end its branches (the block's readouts,
+  which ``ParamOptions.zero_init_block_readout`` zeroes);
 - an attention module has ``head_dim: int``, ``attn_scale: float`` (logit scale, default
   1/sqrt(head_dim)) and ``zero_query_()`` that zeroes the query projection;
 - readouts are ``nn.Linear``; tied readouts share the embedding's weight tensor.

@@ -46,6 +46,8 @@ def mlp_config(shape: Shape, data: DataSpec, args: dict[str, Any]) -> MLPConfig:
 
 
 class ResidualMLPBlock(nn.Module):
+    branch_outputs = ("fc2",)
+
     def __init__(self, width: int, hidden: int, activation: str) -> None:
         super().__init__()
         self.branch_mult = 1.0

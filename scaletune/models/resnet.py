@@ -62,6 +62,8 @@ def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
 class PreActBlock(nn.Module):
     """``out = shortcut(x) + branch_mult * branch(x)``; the 1x1 shortcut lies outside the branch."""
 
+    branch_outputs = ("conv2",)
+
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.branch_mult = 1.0

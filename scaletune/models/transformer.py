@@ -62,6 +62,8 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Both residual branches (attention and MLP) share this block's ``branch_mult``."""
 
+    branch_outputs = ("attn.proj", "mlp.proj")
+
     def __init__(self, width: int, head_dim: int, mlp_ratio: int, causal: bool) -> None:
         super().__init__()
         self.branch_mult = 1.0

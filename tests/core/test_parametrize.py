@@ -6,10 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from scaletune.data.base import DataSpec
 from scaletune.hparams import HParams
+from scaletune.models.registry import get_family
 from scaletune.parametrize import (
     ParamClass, ParamOptions, Plan, apply_plan, build_model, classify, make_optimizer, make_plan,
 )
+from scaletune.runner import family_factory
 from scaletune.shapes import Shape
 
 
@@ -282,3 +285,38 @@ def test_plan_round_trips_through_json_and_optimizer_uses_group_settings() -> No
     assert by_name["hidden.block"]["lr"] == pytest.approx(0.01 / 4)
     assert by_name["hidden.block"]["eps"] == pytest.approx(1e-8 / 4 / 4)
     assert by_name["vector.bias"]["weight_decay"] == 0.0
+
+
+RESNET_SPEC = DataSpec("classification", (1, 8, 8), 10)
+
+
+def resnet_plan(parametrization: str, hp: HParams, optimizer: str = "adamw", **options):
+    factory = family_factory(get_family("resnet"), Shape(8, 8), RESNET_SPEC, {})
+    return make_plan(classify(factory, Shape(8, 2), Shape(8, 8)), parametrization, hp, optimizer,
+                     ParamOptions(**options))
+
+
+def test_bordelon_resnet_branches_are_beta0_over_sqrt_depth_and_sgd_lr_does_not_move():
+    """Bordelon et al.: branch = beta_0 / sqrt(L) (relative to the base depth); SGD keeps its LR across depth."""
+    plan = resnet_plan("depth_mup", HParams(lr=0.1, residual_mult=0.5), optimizer="sgd")
+    assert plan.branch_multiplier == pytest.approx(0.5 / 2)  # beta_0 x (8/2)^-1/2
+    assert [m.value for m in plan.modules if m.role == "branch"] == pytest.approx([0.25] * 24)  # 3 stages x 8
+    conv = [g for g in plan.groups if "stages.0.blocks.5.conv1.weight" in g.params][0]
+    assert conv.lr == pytest.approx(0.1)  # SGD, alpha = 1/2: depth factor r^(2 alpha - 1) = 1; width m = 1
+
+
+def test_zero_init_block_readout_zeroes_only_the_last_layer_of_each_branch():
+    hp = HParams(lr=0.01)
+    plan = resnet_plan("depth_mup", hp, zero_init_block_readout=True)
+    zeroed = {n for g in plan.groups if g.init == "zeros" and g.cls == "hidden" for n in g.params}
+    assert zeroed == {f"stages.{s}.blocks.{b}.conv2.weight" for s in range(3) for b in range(8)}
+    assert all(g.name.endswith("readout") for g in plan.groups if g.init == "zeros" and g.cls == "hidden")
+    assert not any(g.init == "zeros" and g.cls == "hidden" for g in resnet_plan("depth_mup", hp).groups)
+    factory = family_factory(get_family("resnet"), Shape(8, 8), RESNET_SPEC, {})
+    built = build_model(factory, Shape(8, 2), Shape(8, 8), "depth_mup", hp,
+                        options=ParamOptions(zero_init_block_readout=True))
+    block = built.model.stages[1].blocks[3]
+    assert torch.count_nonzero(block.conv2.weight) == 0 and torch.count_nonzero(block.conv1.weight) > 0
+    x = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(block(x), x)  # at init the branch adds exactly zero
