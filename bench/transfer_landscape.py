@@ -168,7 +168,7 @@ class AdaptiveSweep:
             key = (ladder.name, parametrization, ladder.label(shape))
             for x, outcomes in self.results[key].items():
                 for seed, o in zip(ladder.seeds, outcomes):
-                    rows.append({"size": ladder.label(shape), "shape": shape.to_dict(), "log2_lr": x, "seed": seed,
+                    rows.append({"size": ladder.label(shape), "shape": shape.to_dict(), "log2_value": x, "seed": seed,
                                  "loss": o.loss})
         return rows
 
@@ -200,11 +200,11 @@ def figure(ladder: Ladder, results: dict[str, TransferCheckResult], out: Path) -
 
 
 def fmt_optimum(s: SizeResult) -> str:
-    if s.optimum_log2_lr is None:
+    if s.optimum_log2 is None:
         return "all diverged"
     edge = " (edge)" if s.at_edge else ""
     interval = "" if s.interval is None else f" [{s.interval[0]:.2f}, {s.interval[1]:.2f}]"
-    return f"{s.size}: {s.optimum_log2_lr:.2f}{interval}{edge}"
+    return f"{s.size}: {s.optimum_log2:.2f}{interval}{edge}"
 
 
 def report(all_ladders: list[Ladder], sweep: AdaptiveSweep, img_dir: Path, runs: int, wall: float,

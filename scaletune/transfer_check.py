@@ -1,6 +1,7 @@
-"""Transfer check: does the optimal learning rate stay put as the model grows?
+"""Transfer check: does the optimal value of a hyperparameter (the LR, or another tuned value) stay put as the
+model grows?
 
-Pure analysis over raw trial results (one record per size x LR x seed). Per size, the optimum log2 LR
+Pure analysis over raw trial results (one record per size x value x seed). Per size, the optimum log2 value
 is the vertex of the parabola through the grid minimum of the seed-mean loss and its two neighbours;
 its uncertainty is a bootstrap over seeds. Drift is measured in octaves against the smallest size, and
 its interval comes from the same bootstrap (each size resampled on its own).
@@ -17,7 +18,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -28,39 +29,55 @@ BOOTSTRAP_RESAMPLES = 200
 MIN_SEEDS = 3  # 2 seeds give 3 distinct resamples (each single-seed one with chance 1/4): no 95% interval
 MAX_SEEDS_ADVISED = 32  # past this the tolerance, not the noise, is the problem
 Verdict = Literal["holds", "drifts", "not_monotone", "inconclusive"]
+CheckedHParam = Literal["lr", "output_mult", "init_std", "weight_decay", "warmup_frac", "attn_mult"]
+CHECKED_HPARAMS: tuple[str, ...] = get_args(CheckedHParam)
+BELOW_ONE = frozenset({"warmup_frac"})  # a fraction of the run
 
 
-def lr_grid(tuned_lr: float, octaves: float = 3.0, step: float = 0.5) -> list[float]:
-    """LRs at ``tuned_lr * 2**k`` for k from -octaves to +octaves in ``step`` (13 points by default)."""
-    if tuned_lr <= 0 or octaves < 0 or step <= 0:
-        raise ValueError(f"need tuned_lr > 0, octaves >= 0 and step > 0, got {tuned_lr}, {octaves}, {step}")
+def log2_grid(octaves: float = 3.0, step: float = 0.5) -> list[float]:
+    """log2 multipliers from -octaves to +octaves in ``step`` (13 points by default)."""
+    if octaves < 0 or step <= 0:
+        raise ValueError(f"need octaves >= 0 and step > 0, got {octaves}, {step}")
     n = round(octaves / step)
-    return [tuned_lr * 2.0 ** (k * step) for k in range(-n, n + 1)]
+    return [k * step for k in range(-n, n + 1)]
+
+
+def check_grid(hparam: str, tuned: float, log2_multipliers: Iterable[float]) -> list[float]:
+    """The values ``tuned * 2**k`` a check of ``hparam`` trains; ValueError a person can act on if any is invalid."""
+    if hparam not in CHECKED_HPARAMS:
+        raise ValueError(f"a transfer check varies one of {', '.join(CHECKED_HPARAMS)}; got {hparam!r}")
+    if not tuned > 0:
+        raise ValueError(f"a log2 grid around {hparam} = {tuned} is empty: give a positive tuned {hparam}")
+    values = [tuned * 2.0 ** k for k in log2_multipliers]
+    if hparam in BELOW_ONE and max(values) >= 1.0:
+        raise ValueError(f"{hparam} must stay below 1, but the grid around {tuned} reaches {max(values):.3g}: "
+                         "use fewer octaves or a smaller tuned value")
+    return values
 
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One finished trial; ``loss`` is None when the run diverged."""
+    """One finished trial at log2 of the checked hyperparameter's value; ``loss`` is None when it diverged."""
 
     size: str
     shape: Shape
-    log2_lr: float
+    log2_value: float
     seed: int
     loss: float | None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialRecord:
-        """Accepts ``log2_lr`` (a log2 LR or LR multiplier) or ``lr``; ``loss`` as a float, None or 'diverged'."""
-        if "log2_lr" in d:
-            log2_lr = float(d["log2_lr"])
-        elif "lr" in d:
-            log2_lr = math.log2(float(d["lr"]))
+        """Accepts ``log2_value`` or ``value``; ``loss`` as a float, None or 'diverged'."""
+        if "log2_value" in d:
+            log2_value = float(d["log2_value"])
+        elif "value" in d:
+            log2_value = math.log2(float(d["value"]))
         else:
-            raise ValueError(f"a transfer-check record needs 'log2_lr' or 'lr': {d}")
+            raise ValueError(f"a transfer-check record needs 'log2_value' or 'value': {d}")
         loss = d.get("loss")
         value = None if loss is None or loss == "diverged" else float(loss)
         shape = d["shape"] if isinstance(d["shape"], Shape) else Shape.from_dict(d["shape"])
-        return cls(size=str(d["size"]), shape=shape, log2_lr=log2_lr, seed=int(d["seed"]),
+        return cls(size=str(d["size"]), shape=shape, log2_value=log2_value, seed=int(d["seed"]),
                    loss=value if value is not None and math.isfinite(value) else None)
 
 
@@ -68,10 +85,10 @@ class TrialRecord:
 class SizeResult:
     size: str
     shape: dict[str, int]
-    log2_lrs: list[float]
+    log2_values: list[float]
     mean_loss: list[float | None]  # seed mean per grid point; None where any seed diverged
     diverged: list[int]  # diverged seeds per grid point
-    optimum_log2_lr: float | None  # None when every grid point diverged
+    optimum_log2: float | None  # log2 of the optimal value; None when every grid point diverged
     interval: tuple[float, float] | None  # bootstrap 95% interval over seeds
     at_edge: bool  # the grid minimum is the first or last grid point: widen the grid
     best_loss: float | None  # lowest seed-mean loss on the grid
@@ -87,6 +104,7 @@ class TransferCheckResult:
     max_drift: float | None
     verdict: Verdict
     direction: Literal["higher", "lower"] | None  # where the optimum moves with size, for 'drifts'
+    hparam: str = "lr"  # the hyperparameter whose optimum is checked
     reasons: list[str] = field(default_factory=list)
     tolerance: float = DRIFT_TOLERANCE_OCTAVES
     max_drift_interval: tuple[float, float] | None = None  # the interval of the size with the largest drift
@@ -102,13 +120,13 @@ def _size_key(shape: Shape) -> tuple[int, int]:
 
 
 def _loss_table(records: Sequence[TrialRecord]) -> tuple[list[float], list[int], np.ndarray]:
-    """(grid, seeds, losses[lr, seed]) with +inf for diverged runs and NaN where a trial is missing."""
-    grid = sorted({r.log2_lr for r in records})
+    """(grid, seeds, losses[value, seed]) with +inf for diverged runs and NaN where a trial is missing."""
+    grid = sorted({r.log2_value for r in records})
     seeds = sorted({r.seed for r in records})
     table = np.full((len(grid), len(seeds)), np.nan)
-    lr_index, seed_index = {x: i for i, x in enumerate(grid)}, {s: j for j, s in enumerate(seeds)}
+    value_index, seed_index = {x: i for i, x in enumerate(grid)}, {s: j for j, s in enumerate(seeds)}
     for r in records:
-        table[lr_index[r.log2_lr], seed_index[r.seed]] = math.inf if r.loss is None else r.loss
+        table[value_index[r.log2_value], seed_index[r.seed]] = math.inf if r.loss is None else r.loss
     return grid, seeds, table
 
 
@@ -171,10 +189,10 @@ def _analyse_size(size: str, records: list[TrialRecord], rng: np.random.Generato
     finite = [float(y) for y in mean if math.isfinite(y)]
     optima = _bootstrap_optima(grid, table, rng)
     return SizeResult(
-        size=size, shape=records[0].shape.to_dict(), log2_lrs=grid,
+        size=size, shape=records[0].shape.to_dict(), log2_values=grid,
         mean_loss=[float(y) if math.isfinite(y) else None for y in mean],
         diverged=[int(n) for n in np.isinf(table).sum(axis=1)],
-        optimum_log2_lr=None if optimum is None else float(optimum), interval=_interval(optima), at_edge=at_edge,
+        optimum_log2=None if optimum is None else float(optimum), interval=_interval(optima), at_edge=at_edge,
         best_loss=min(finite) if finite else None, seeds=len(seeds),
     ), optima
 
@@ -189,7 +207,7 @@ def _seeds_for(drift: float, interval: tuple[float, float], seeds: int, toleranc
 
 
 def analyse(records: Iterable[TrialRecord | dict[str, Any]], tolerance: float = DRIFT_TOLERANCE_OCTAVES,
-            seed: int = 0) -> TransferCheckResult:
+            seed: int = 0, hparam: str = "lr") -> TransferCheckResult:
     """Optimum per size, its drift vs the smallest size with a bootstrap interval, monotonicity, and a verdict."""
     parsed = [r if isinstance(r, TrialRecord) else TrialRecord.from_dict(r) for r in records]
     by_size: dict[str, list[TrialRecord]] = {}
@@ -201,10 +219,10 @@ def analyse(records: Iterable[TrialRecord | dict[str, Any]], tolerance: float = 
     ordered = sorted(by_size, key=lambda s: _size_key(by_size[s][0].shape))
     analysed = [_analyse_size(s, by_size[s], rng) for s in ordered]
     sizes = [size for size, _ in analysed]
-    reference, reference_optima = sizes[0].optimum_log2_lr, analysed[0][1]
+    reference, reference_optima = sizes[0].optimum_log2, analysed[0][1]
     for s, optima in analysed[1:]:
-        if reference is not None and s.optimum_log2_lr is not None:
-            s.drift = s.optimum_log2_lr - reference
+        if reference is not None and s.optimum_log2 is not None:
+            s.drift = s.optimum_log2 - reference
             s.drift_interval = _interval(optima - reference_optima)
     if reference is not None:
         sizes[0].drift = 0.0
@@ -215,7 +233,7 @@ def analyse(records: Iterable[TrialRecord | dict[str, Any]], tolerance: float = 
     widest = max(moved, key=lambda s: abs(s.drift or 0.0)) if moved else None
     result = TransferCheckResult(
         sizes=sizes, monotone=monotone, max_drift=None if widest is None else widest.drift,
-        verdict="inconclusive", direction=None, tolerance=tolerance,
+        verdict="inconclusive", direction=None, hparam=hparam, tolerance=tolerance,
         max_drift_interval=None if widest is None else widest.drift_interval)
     _judge(result)
     return result
@@ -224,9 +242,9 @@ def analyse(records: Iterable[TrialRecord | dict[str, Any]], tolerance: float = 
 def _judge(result: TransferCheckResult) -> None:
     """Set the verdict, direction, reasons and seeds needed; every blocker is reported, not just the first."""
     sizes, tolerance, reasons = result.sizes, result.tolerance, result.reasons
-    failed = [s.size for s in sizes if s.optimum_log2_lr is None]
+    failed = [s.size for s in sizes if s.optimum_log2 is None]
     if failed:
-        reasons.append(f"every run diverged at size(s) {failed}: lower the LR grid")
+        reasons.append(f"every run diverged at size(s) {failed}: move the {result.hparam} grid lower")
     edges = [s.size for s in sizes if s.at_edge]
     if edges:
         reasons.append(f"the optimum lies at the grid edge for {edges}, so it is only a bound: widen the grid")
@@ -241,14 +259,16 @@ def _judge(result: TransferCheckResult) -> None:
         return
     intervals = [(s, s.drift_interval) for s in sizes[1:]]
     if any(interval is None for _, interval in intervals):
-        reasons.append("a drift has no bootstrap interval (every resample diverged): lower the LR grid")
+        reasons.append(f"a drift has no bootstrap interval (every resample diverged): move the {result.hparam} "
+                       "grid lower")
         return
     outside = [(s, i) for s, i in intervals if i is not None and (i[0] > tolerance or i[1] < -tolerance)]
     if outside:
         moved, _ = max(outside, key=lambda pair: abs(pair[0].drift or 0.0))
         result.verdict = "drifts"
         result.direction = "higher" if (moved.drift or 0.0) > 0 else "lower"
-        reasons.append(f"the optimum moves {abs(moved.drift or 0.0):.2f} octaves to {result.direction} LR at "
+        reasons.append(f"the optimum moves {abs(moved.drift or 0.0):.2f} octaves to {result.direction} "
+                       f"{result.hparam} at "
                        f"{moved.size}, its 95% interval {_fmt(moved.drift_interval)} wholly beyond the tolerance "
                        f"{tolerance}")
         return
@@ -268,7 +288,7 @@ def _fmt(interval: tuple[float, float] | None) -> str:
 
 
 def draw(result: TransferCheckResult, ax: Any, title: str | None = None) -> None:
-    """Loss vs log2 LR on ``ax``, one curve per size; diverged points are drawn as crosses along the top edge."""
+    """Loss vs log2 of the checked value on ``ax``, one curve per size; diverged points are drawn as crosses along the top edge."""
     from matplotlib import colormaps
 
     finite = [y for s in result.sizes for y in s.mean_loss if y is not None]
@@ -278,22 +298,22 @@ def draw(result: TransferCheckResult, ax: Any, title: str | None = None) -> None
     ceiling = top + pad
     colors = colormaps["viridis"](np.linspace(0.0, 0.9, len(result.sizes)))
     for s, color in zip(result.sizes, colors):
-        xs = [x for x, y in zip(s.log2_lrs, s.mean_loss) if y is not None]
+        xs = [x for x, y in zip(s.log2_values, s.mean_loss) if y is not None]
         ys = [y for y in s.mean_loss if y is not None]
         ax.plot(xs, ys, "o-", color=color, ms=3, label=s.size)
-        bad = [x for x, n in zip(s.log2_lrs, s.diverged) if n > 0]
+        bad = [x for x, n in zip(s.log2_values, s.diverged) if n > 0]
         ax.plot(bad, [ceiling] * len(bad), "x", color=color, ms=7, mew=2)
-        if s.optimum_log2_lr is not None:
-            ax.axvline(s.optimum_log2_lr, color=color, ls=":", lw=1)
+        if s.optimum_log2 is not None:
+            ax.axvline(s.optimum_log2, color=color, ls=":", lw=1)
     ax.set_ylim(bottom - pad, ceiling + pad)
-    ax.set_xlabel("log2 learning rate (x = diverged)")
+    ax.set_xlabel(f"log2 {'learning rate' if result.hparam == 'lr' else result.hparam} (x = diverged)")
     ax.set_ylabel("final eval loss (mean over seeds)")
     ax.set_title(title or f"transfer check: {result.verdict}", fontsize=10)
     ax.legend(fontsize=7)
 
 
 def plot(result: TransferCheckResult, path: str | Path, title: str | None = None) -> Path:
-    """Write the loss-vs-LR figure of one transfer check as a PNG."""
+    """Write the loss-vs-value figure of one transfer check as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -389,7 +389,7 @@ def check(study_id: StudyId, json_: JsonOption = False) -> None:
         table.add_column(column)
     for size in result.get("sizes", []):
         interval = size.get("interval")
-        table.add_row(str(size.get("size")), Text(jsonlib.dumps(size.get("shape"))), _fmt(size.get("optimum_log2_lr")),
+        table.add_row(str(size.get("size")), Text(jsonlib.dumps(size.get("shape"))), _fmt(size.get("optimum_log2")),
                       "-" if not interval else f"[{interval[0]:.2f}, {interval[1]:.2f}]", _fmt(size.get("drift")),
                       _fmt(size.get("best_loss")), str(size.get("at_edge")))
     console.print(table)

@@ -42,7 +42,7 @@ def records(spec: TransferCheckSpec, attempts: Iterable[TrialAttempt]) -> list[T
             continue
         shape = Shape(**spec.sizes[int(attempt.params["size_index"])].model_dump())
         result.append(TrialRecord(size=size_label(shape), shape=shape,
-                                  log2_lr=base + float(attempt.params["log2_lr_mult"]),
+                                  log2_value=base + float(attempt.params["log2_lr_mult"]),
                                   seed=int(attempt.params["seed"]),
                                   loss=attempt.value if attempt.state == TrialState.complete else None))
     return result

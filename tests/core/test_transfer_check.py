@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scaletune.shapes import Shape
-from scaletune.transfer_check import TrialRecord, analyse, lr_grid, parabola_optimum, plot
+from scaletune.transfer_check import TrialRecord, analyse, check_grid, log2_grid, parabola_optimum, plot
 
 GRID = [k * 0.5 for k in range(-6, 7)]
 WIDTHS = [16, 64, 256]
@@ -22,15 +22,26 @@ def sweep(optima: list[float], floors: list[float], seeds: int = 3, noise: float
             for seed in range(seeds):
                 loss = floor + 0.1 * (x - optimum) ** 2 + noise * rng.standard_normal()
                 diverged = diverge_above is not None and x > diverge_above
-                rows.append({"size": f"w{width}", "shape": {"width": width, "depth": 2}, "log2_lr": x,
+                rows.append({"size": f"w{width}", "shape": {"width": width, "depth": 2}, "log2_value": x,
                              "seed": seed, "loss": "diverged" if diverged else loss})
     return rows
 
 
-def test_lr_grid_spans_three_octaves_each_way_in_half_octaves():
-    grid = lr_grid(1e-3)
+def test_the_default_grid_spans_three_octaves_each_way_in_half_octaves():
+    grid = check_grid("lr", 1e-3, log2_grid())
     assert len(grid) == 13
     assert [math.log2(g / 1e-3) for g in grid] == pytest.approx(GRID)
+
+
+@pytest.mark.parametrize(("hparam", "tuned", "says"), [
+    ("weight_decay", 0.0, "give a positive tuned weight_decay"),
+    ("warmup_frac", 0.2, "must stay below 1"),
+    ("eps", 1e-8, "varies one of lr, output_mult, init_std, weight_decay, warmup_frac, attn_mult"),
+])
+def test_grids_that_cannot_be_trained_are_refused_with_a_reason(hparam, tuned, says):
+    with pytest.raises(ValueError, match=says):
+        check_grid(hparam, tuned, log2_grid())
+    assert max(check_grid("warmup_frac", 0.05, log2_grid())) == pytest.approx(0.4)
 
 
 def test_parabola_recovers_an_off_grid_optimum_and_flags_edges():
@@ -43,7 +54,7 @@ def test_parabola_recovers_an_off_grid_optimum_and_flags_edges():
 def test_stable_optimum_with_improving_loss_holds():
     result = analyse(sweep(optima=[0.2, 0.2, 0.2], floors=[2.0, 1.8, 1.7]))
     assert [s.size for s in result.sizes] == ["w16", "w64", "w256"]
-    assert [s.optimum_log2_lr for s in result.sizes] == pytest.approx([0.2] * 3)
+    assert [s.optimum_log2 for s in result.sizes] == pytest.approx([0.2] * 3)
     assert result.verdict == "holds" and result.monotone and result.direction is None
     assert result.max_drift == pytest.approx(0.0, abs=1e-9)
 
@@ -65,13 +76,19 @@ def test_diverged_points_are_kept_and_never_chosen():
     small = result.sizes[0]
     assert small.diverged == [3 if x > 1.0 else 0 for x in GRID]
     assert [y is None for y in small.mean_loss] == [x > 1.0 for x in GRID]
-    assert small.optimum_log2_lr == 1.0  # the best finite point, next to the diverged one
+    assert small.optimum_log2 == 1.0  # the best finite point, next to the diverged one
 
 
-def test_records_accept_lr_instead_of_log2_lr():
-    record = TrialRecord.from_dict({"size": "s", "shape": {"width": 8, "depth": 1}, "lr": 0.25, "seed": 0,
+def test_records_accept_a_value_instead_of_its_log2():
+    record = TrialRecord.from_dict({"size": "s", "shape": {"width": 8, "depth": 1}, "value": 0.25, "seed": 0,
                                     "loss": float("nan")})
-    assert record.log2_lr == -2.0 and record.loss is None and record.shape == Shape(8, 1)
+    assert record.log2_value == -2.0 and record.loss is None and record.shape == Shape(8, 1)
+
+
+def test_any_checked_hyperparameter_gets_the_same_analysis_and_names_itself():
+    result = analyse(sweep(optima=[0.0, -1.0, -2.1], floors=[2.0, 1.8, 1.7]), hparam="init_std")
+    assert result.hparam == "init_std" and result.verdict == "drifts" and result.direction == "lower"
+    assert any("lower init_std" in r for r in result.reasons)
 
 
 def test_bootstrap_interval_over_seeds_contains_the_true_optimum():

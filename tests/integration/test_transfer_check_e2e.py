@@ -39,7 +39,7 @@ def test_a_tiny_transfer_check_runs_end_to_end(embedded_service: str, embedded_t
 
         check = client.get(f"/v1/studies/{study_id}/check").raise_for_status().json()
         assert check["final"] and len(check["sizes"]) == 3 and len(check["points"]) == 45
-        assert all(s["optimum_log2_lr"] is not None and s["seeds"] == 3 for s in check["sizes"])
+        assert all(s["optimum_log2"] is not None and s["seeds"] == 3 for s in check["sizes"])
         assert_verdict_follows_from_the_intervals(check)
         png = client.get(f"/v1/studies/{study_id}/check.png")
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG")

@@ -163,7 +163,7 @@ def test_landscape_shows_loss_vs_lr_per_size_with_diverged_points(client: TestCl
     assert [s["diverged"] for s in data["sizes"]] == [[0, 0, 0], [0, 0, 0], [0, 0, 1]]
     assert data["sizes"][2]["mean_loss"][2] is None and None not in data["sizes"][0]["mean_loss"]
     check = client.get(f"/v1/studies/{study.id}/check").json()
-    assert [s["optimum_log2_lr"] for s in data["sizes"]] == [s["optimum_log2_lr"] for s in check["sizes"]]
+    assert [s["optimum_log2"] for s in data["sizes"]] == [s["optimum_log2"] for s in check["sizes"]]
 
     png = client.get(f"/v1/studies/{study.id}/plots/landscape.png")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and len(png.content) > 0

@@ -94,8 +94,8 @@ def test_check_reports_an_optimum_per_size_and_a_verdict(client: TestClient, ctx
     assert [s["size"] for s in body["sizes"]] == ["w16xd1", "w32xd1", "w64xd1"]
     grid = [math.log2(0.01) + m for m in (-1.0, -0.5, 0.0, 0.5, 1.0)]
     for size in body["sizes"]:
-        assert size["log2_lrs"] == pytest.approx(grid)
-        assert grid[0] <= size["optimum_log2_lr"] <= grid[-1]
+        assert size["log2_values"] == pytest.approx(grid)
+        assert grid[0] <= size["optimum_log2"] <= grid[-1]
         low, high = size["interval"]
         assert low <= high
     assert body["verdict"] == "inconclusive" and body["seeds_needed"] == 3  # 2 seeds: no bootstrap interval
