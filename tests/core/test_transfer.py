@@ -112,8 +112,8 @@ def test_the_json_has_the_documented_keys_and_round_trips():
     plan = plan_for("completep", tuned_batch_size=32, batch_size=128, batch_rule="sqrt", provenance={"study_id": "s"})
     data = json.loads(json.dumps(plan.to_dict()))
     assert list(data) == ["family", "parametrization", "optimizer", "base", "target", "hparams", "branch_multiplier",
-                          "attention_scale", "zero_init_query", "groups", "module_multipliers", "batch_scaling",
-                          "warnings", "provenance"]
+                          "attention_scale", "zero_init_query", "groups", "module_multipliers", "grad_clip",
+                          "batch_scaling", "warnings", "provenance"]
     assert list(data["groups"][0]) == ["name", "class", "in_block", "params", "numel", "lr", "init", "init_std",
                                        "multiplier", "weight_decay", "eps"]
     assert list(data["module_multipliers"][0]) == ["name", "role", "value", "attribute", "hook", "query"]
