@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session, aliased
 
 from service.db import SessionFactory, write_session
-from service.kinds.registry import kind_of
+from service.kinds.registry import kind_of, spec_of
 from service.models import IN_FLIGHT, TERMINAL, EventType, Study, StudyStatus, TrialAttempt, TrialState, utcnow
 from service.queue import Enqueue
 from service.studies import add_event
@@ -38,6 +39,17 @@ def complete_study(session: Session, study: Study) -> None:
               {"status": study.status, "best_value": study.best_value, "best_params": study.best_params})
 
 
+def _grown(session: Session, study: Study) -> dict[str, Any] | None:
+    """The kind's spec update when every queued trial has finished and it wants more (a grid grown at an edge)."""
+    kind = kind_of(study)
+    try:
+        spec = spec_of(session, study)
+    except ValueError:
+        return None  # the source no longer resolves: finish with what ran
+    attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study.id)))
+    return kind.grow(spec, attempts)
+
+
 def send_all(enqueue: Enqueue, attempt_ids: list[str], queue: str) -> None:
     """Send tasks after commit; a failed send is only logged: the row stays queued and the reconciler re-sends it."""
     for attempt_id in attempt_ids:
@@ -60,8 +72,12 @@ def dispatch(session_factory: SessionFactory, study_id: str, enqueue: Enqueue) -
         in_flight = _count_in_flight(session, study_id)
         remaining = study.spec["n_trials"] - count_finished(session, study_id)
         if remaining <= 0 and in_flight == 0:
-            complete_study(session, study)
-            return []
+            grown = _grown(session, study)
+            if grown is None:
+                complete_study(session, study)
+                return []
+            study.spec = {**study.spec, **grown}
+            remaining = study.spec["n_trials"] - count_finished(session, study_id)
         if not kind_of(study).dispatches_trials:  # its trials are created by an HTTP ask, not queued here
             return []
         new = max(0, min(study.spec["parallelism"], remaining) - in_flight)

@@ -18,7 +18,7 @@ def transfer_result(data: dict[str, Any]) -> TransferCheckResult:
 def draw_landscape(ax: Any, data: dict[str, Any]) -> None:
     partial = "" if data["status"] == "completed" else f" (study {data['status']}, partial)"
     result = transfer_result(data)
-    draw(result, ax, title=f"loss vs LR per size: {result.verdict}{partial}")
+    draw(result, ax, title=f"loss vs {result.hparam} per size: {result.verdict}{partial}")
 
 
 def _shape_colors(labels: list[str]) -> dict[str, Any]:

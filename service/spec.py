@@ -20,6 +20,7 @@ from scaletune.models.size import count_params, family_factory
 from scaletune.parametrize import Optimizer, ParamOptions, Parametrization
 from scaletune.shapes import Shape
 from scaletune.train import Budget, Schedule
+from scaletune.transfer_check import CheckedHParam, log2_grid
 from service.settings import Settings
 
 HParamName = Literal[HPARAM_NAMES]  # type: ignore[valid-type]
@@ -213,6 +214,13 @@ class LossObjective(Strict):
 SETUP_FIELDS = ("model", "parametrization", "optimizer", "dataset", "budget")
 
 
+class GridExtension(Strict):
+    """One more multiplier for one size of a transfer check, added because its optimum sat at the grid edge."""
+
+    size_index: int = Field(ge=0)
+    log2_mult: float
+
+
 class GridSpec(Strict):
     """A fixed grid of trials around values tuned elsewhere: a ``source`` tune study, or the explicit setup."""
 
@@ -250,21 +258,26 @@ class GridSpec(Strict):
 
 
 class TransferCheckSpec(GridSpec):
-    """Train a ladder of sizes at LR multipliers around the tuned LR, to show the optimum stays put."""
+    """Train a ladder of sizes at multipliers of one tuned value (the LR by default), to show its optimum stays put."""
 
     kind: Literal["transfer_check"]
+    hparam: CheckedHParam = Field("lr", description="the tuned value whose optimum is checked (log2 grid around it)")
     seeds: int = Field(3, ge=2, le=32, description="independent runs per grid point; the verdict's bootstrap "
                                                    "interval needs at least 3")
     sizes: list[ShapeSpec] = Field(min_length=3, max_length=16, description="shapes to check, e.g. 1x, 4x, 16x width")
-    octaves: float = Field(3.0, gt=0, le=10, description="LR multipliers span 2^-octaves .. 2^+octaves")
-    step: float = Field(0.5, gt=0, le=10, description="octaves between neighbouring LR multipliers")
+    octaves: float = Field(3.0, gt=0, le=10, description="multipliers span 2^-octaves .. 2^+octaves")
+    step: float = Field(0.5, gt=0, le=10, description="octaves between neighbouring multipliers")
+    max_extensions: int = Field(3, ge=0, le=8, description="octaves the grid may grow beyond either end, per size, "
+                                                          "while that size's seed-mean minimum sits at an edge")
+    extensions: list[GridExtension] = Field(default_factory=list, description="filled in by the service as the "
+                                                                            "grid grows; leave out")
 
-    def lr_multipliers_log2(self) -> list[float]:
-        n = round(self.octaves / self.step)
-        return [k * self.step for k in range(-n, n + 1)]
+    def multipliers_log2(self) -> list[float]:
+        """The grid every size starts with."""
+        return log2_grid(self.octaves, self.step)
 
     def grid_size(self) -> int:
-        return len(self.sizes) * len(self.lr_multipliers_log2()) * self.seeds
+        return (len(self.sizes) * len(self.multipliers_log2()) + len(self.extensions)) * self.seeds
 
 
 class ShapeScheduleSpec(GridSpec):

@@ -42,15 +42,16 @@ def _loaded(state: ServiceState, principal: Principal, study_id: str) -> PlotInp
 def _point(spec: TransferCheckSpec, attempt: TrialAttempt) -> dict[str, Any]:
     params = attempt.params or {}
     shape = spec.sizes[int(params["size_index"])].model_dump(exclude_none=True) if params else None
-    log2_lr = (math.log2(transfer_check.tuned_lr(spec)) + float(params["log2_lr_mult"])) if params else None
+    log2_value = (math.log2(transfer_check.tuned_value(spec)) + float(params["log2_mult"])) if params else None
     return {"number": attempt.number, "attempt": attempt.attempt, "state": attempt.state, "shape": shape,
-            "seed": params.get("seed"), "log2_lr_mult": params.get("log2_lr_mult"), "log2_lr": log2_lr,
-            "lr": None if log2_lr is None else 2.0 ** log2_lr, "loss": attempt.value,
+            "seed": params.get("seed"), "log2_mult": params.get("log2_mult"), "log2_value": log2_value,
+            "value": None if log2_value is None else 2.0 ** log2_value, "loss": attempt.value,
             "diverged": attempt.state == "diverged"}
 
 
 @router.get("/{study_id}/check", responses=RESPONSES,
-            summary="Transfer check: optimum log2 LR per size with a seed bootstrap, drift, verdict, raw points")
+            summary="Transfer check: optimum log2 value (of spec.hparam, the LR by default) per size with a seed "
+                    "bootstrap, drift with its interval, verdict, raw points")
 def get_check(study_id: str, state: State, principal: CurrentPrincipal) -> dict[str, Any]:
     loaded = _loaded(state, principal, study_id)
     try:
@@ -58,12 +59,13 @@ def get_check(study_id: str, state: State, principal: CurrentPrincipal) -> dict[
     except ValueError as error:
         raise HTTPException(status.HTTP_409_CONFLICT, f"not enough finished trials yet: {error}") from None
     return {"study_id": study_id, "status": loaded.study.status, "final": loaded.study.status == "completed",
-            "tuned_lr": transfer_check.tuned_lr(loaded.spec), **result.to_dict(),
+            "tuned_value": transfer_check.tuned_value(loaded.spec),
+            "extensions": [e.model_dump() for e in loaded.spec.extensions], **result.to_dict(),
             "points": [_point(loaded.spec, a) for a in loaded.attempts]}
 
 
 @router.get("/{study_id}/check.png", responses={**RESPONSES, 200: {"content": {"image/png": {}}}},
-            response_class=Response, summary="Transfer check: loss vs LR per size (x = diverged)")
+            response_class=Response, summary="Transfer check: loss vs the checked value per size (x = diverged)")
 def get_check_png(study_id: str, state: State, principal: CurrentPrincipal) -> Response:
     try:
         body = transfer_check.LANDSCAPE.png(_loaded(state, principal, study_id))

@@ -56,11 +56,19 @@ class StudyPage(BaseModel):
 
 
 class CheckVerdict(BaseModel):
-    """A completed transfer_check: does the optimal LR stay put across sizes?"""
+    """A completed transfer_check: does the optimal value of the checked hyperparameter stay put across sizes?"""
 
     kind: Literal["transfer_check"]
-    verdict: str = Field(description="holds (drift <= tolerance and monotone), drifts, or not_monotone")
-    drift: float | None = Field(description="the largest move of the optimal log2 LR vs the smallest size, octaves")
+    hparam: str = Field(description="the hyperparameter checked (lr, output_mult, init_std, weight_decay, "
+                                    "warmup_frac or attn_mult)")
+    verdict: Literal["holds", "drifts", "not_monotone", "inconclusive"] = Field(
+        description="holds: every drift's 95% interval within the tolerance and the loss improves with size; "
+                    "drifts: one interval wholly beyond it; not_monotone: within it but the loss does not improve; "
+                    "inconclusive: an optimum at the grid edge, too few seeds, or an interval across the tolerance")
+    drift: float | None = Field(description="the largest move of the optimal log2 value vs the smallest size, octaves")
+    drift_interval: tuple[float, float] | None = Field(description="the bootstrap 95% interval of that drift")
+    seeds_needed: int | None = Field(description="about how many seeds per point would settle an inconclusive "
+                                                 "verdict (null when seeds are not what is missing)")
     direction: Literal["higher", "lower"] | None = Field(description="where the optimum moves with size")
     monotone: bool = Field(description="the loss at the optimum improves with every size step")
     reasons: list[str]

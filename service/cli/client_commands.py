@@ -372,7 +372,7 @@ def _own_model_plan(study_id: str, factory: str, target: Shape, optimizer: str |
 
 
 def check(study_id: StudyId, json_: JsonOption = False) -> None:
-    """Show a transfer_check study's verdict: optimum LR per size, drift in octaves, holds or drifts.
+    """Show a transfer_check study's verdict: the checked value's optimum per size, drift in octaves, verdict.
 
     Example: scaletune check 3f2c9a7e-...
     """
@@ -381,20 +381,28 @@ def check(study_id: StudyId, json_: JsonOption = False) -> None:
     if json_:
         _print_json(result)
         return
-    direction = f" (optimum moves to {result['direction']} LR)" if result.get("direction") else ""
-    console.print(f"verdict: {result.get('verdict')}{direction}  max drift: {_fmt(result.get('max_drift'))} octaves  "
-                  f"monotone: {result.get('monotone')}", markup=False)
+    hparam = result.get("hparam", "lr")
+    direction = f" (optimum moves to {result['direction']} {hparam})" if result.get("direction") else ""
+    needed = f"  seeds needed: {result['seeds_needed']}" if result.get("seeds_needed") else ""
+    console.print(f"{hparam}: verdict {result.get('verdict')}{direction}  max drift: {_fmt(result.get('max_drift'))} "
+                  f"{_fmt_interval(result.get('max_drift_interval'))} octaves (tolerance {result.get('tolerance')})  "
+                  f"monotone: {result.get('monotone')}{needed}", markup=False)
     table = Table()
-    for column in ("size", "shape", "optimum log2 LR", "interval", "drift (octaves)", "best loss", "at grid edge"):
+    for column in ("size", "shape", f"optimum log2 {hparam}", "interval", "drift (octaves)", "drift interval",
+                   "seeds", "best loss", "at grid edge"):
         table.add_column(column)
     for size in result.get("sizes", []):
-        interval = size.get("interval")
         table.add_row(str(size.get("size")), Text(jsonlib.dumps(size.get("shape"))), _fmt(size.get("optimum_log2")),
-                      "-" if not interval else f"[{interval[0]:.2f}, {interval[1]:.2f}]", _fmt(size.get("drift")),
-                      _fmt(size.get("best_loss")), str(size.get("at_edge")))
+                      _fmt_interval(size.get("interval")), _fmt(size.get("drift")),
+                      _fmt_interval(size.get("drift_interval")), str(size.get("seeds")), _fmt(size.get("best_loss")),
+                      str(size.get("at_edge")))
     console.print(table)
     for reason in result.get("reasons", []):
         console.print(f"- {reason}", markup=False, soft_wrap=True)
+
+
+def _fmt_interval(interval: list[float] | None) -> str:
+    return "-" if not interval else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def schedule(

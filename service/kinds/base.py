@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from scaletune.runner import TrialConfig
-from service.models import Study
+from service.models import Study, TrialAttempt
 from service.plots import Plot
 from service.settings import Settings
 from service.spec import SpecProblem
@@ -73,6 +73,10 @@ class StudyKind(ABC, Generic[SpecT]):
     @abstractmethod
     def trial_config(self, spec: SpecT, params: dict[str, Any]) -> TrialConfig:
         """What a worker trains for a trial with these params."""
+
+    def grow(self, spec: SpecT, attempts: list[TrialAttempt]) -> dict[str, Any] | None:
+        """Once every queued trial has finished: fields to update in the stored spec to run more (None: done)."""
+        return None
 
     def summary(self, session: Session, study: Study, spec: SpecT, data_root: Path | None) -> dict[str, Any] | None:
         """What GET /v1/studies/{id} says about the completed study beyond its best value; None by default."""

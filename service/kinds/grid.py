@@ -59,14 +59,21 @@ class GridKind(StudyKind[GridSpecT]):
     def enqueued(self, spec: GridSpecT) -> list[dict[str, Any]]:
         return self.grid_points(spec)
 
+    def extension_points(self, spec: GridSpecT) -> list[dict[str, Any]]:
+        """Points the grid grew by after its study was created (see ``StudyKind.grow``); none by default."""
+        return []
+
     def load_optuna_study(self, storage: BaseStorage, name: str, spec: GridSpecT,
                           retried_params: dict[str, Any] | None) -> optuna.Study:
         """The study with every grid point enqueued; ``ask()`` pops the next one atomically. Nothing is pruned.
 
         A retry puts the failed attempt's point back in the queue and runs the next waiting point: every point
-        still runs exactly once, whatever order attempts fail in.
+        still runs exactly once, whatever order attempts fail in. Points the grid grew by are queued here, by
+        the first trial that sees them (Optuna skips a point it already has).
         """
         study = optuna.load_study(study_name=name, storage=storage, pruner=optuna.pruners.NopPruner())
+        for point in self.extension_points(spec):
+            study.enqueue_trial(point, skip_if_exists=True)
         if retried_params:
             study.enqueue_trial(retried_params)
         return study

@@ -1,4 +1,8 @@
-"""transfer_check: sizes x LR multipliers x seeds around the tuned LR; per-size optimum, drift and verdict."""
+"""transfer_check: sizes x multipliers x seeds around one tuned value; per-size optimum, drift and verdict.
+
+The grid grows by octaves (up to ``max_extensions``) while a size's seed-mean minimum sits at an edge: the
+dispatcher asks :meth:`TransferCheckKind.extend` once every queued point has finished.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +18,22 @@ from sqlalchemy.orm import Session
 from scaletune.hparams import HParams
 from scaletune.runner import TrialConfig
 from scaletune.shapes import Shape
-from scaletune.transfer_check import TransferCheckResult, TrialRecord, analyse
+from scaletune.transfer_check import TransferCheckResult, TrialRecord, analyse, check_grid, parabola_optimum
 from service.kinds.grid import GridKind
 from service.kinds.setup import base_config
 from service.models import Study, TrialAttempt, TrialState
 from service.plot_drawing import draw_landscape
 from service.plots import DrawnPlot, NoPlotData, PlotInput
-from service.spec import Loc, ResolvedTransferCheck, TransferCheckSpec
+from service.settings import Settings
+from service.spec import GridExtension, Loc, ResolvedTransferCheck, SpecProblem, TransferCheckSpec
 
 FINISHED = (TrialState.complete, TrialState.diverged)
+OCTAVE = 1.0  # a grid grows by whole octaves
 
 
-def tuned_lr(spec: TransferCheckSpec) -> float:
-    return spec.hyperparameters.get("lr", HParams().lr)
+def tuned_value(spec: TransferCheckSpec) -> float:
+    """The checked value in base units: the spec's (or its source's best), else the library default."""
+    return spec.hyperparameters.get(spec.hparam, getattr(HParams(), spec.hparam))
 
 
 def size_label(shape: Shape) -> str:
@@ -34,15 +41,15 @@ def size_label(shape: Shape) -> str:
 
 
 def records(spec: TransferCheckSpec, attempts: Iterable[TrialAttempt]) -> list[TrialRecord]:
-    """Complete and diverged attempts as analysis records (log2 of the absolute LR; None loss = diverged)."""
-    base = math.log2(tuned_lr(spec))
+    """Complete and diverged attempts as analysis records (log2 of the absolute value; None loss = diverged)."""
+    base = math.log2(tuned_value(spec))
     result = []
     for attempt in attempts:
         if attempt.state not in FINISHED or not attempt.params:
             continue
         shape = Shape(**spec.sizes[int(attempt.params["size_index"])].model_dump())
         result.append(TrialRecord(size=size_label(shape), shape=shape,
-                                  log2_value=base + float(attempt.params["log2_lr_mult"]),
+                                  log2_value=base + float(attempt.params["log2_mult"]),
                                   seed=int(attempt.params["seed"]),
                                   loss=attempt.value if attempt.state == TrialState.complete else None))
     return result
@@ -50,16 +57,46 @@ def records(spec: TransferCheckSpec, attempts: Iterable[TrialAttempt]) -> list[T
 
 def check(spec: TransferCheckSpec, attempts: Iterable[TrialAttempt]) -> TransferCheckResult:
     """The analysis of the finished points so far; ValueError while fewer than two sizes have any."""
-    return analyse(records(spec, attempts))
+    return analyse(records(spec, attempts), hparam=spec.hparam)
+
+
+def edge_extensions(spec: TransferCheckSpec, attempts: Iterable[TrialAttempt]) -> list[GridExtension]:
+    """One octave beyond the edge for each size whose seed-mean minimum sits there, within ``max_extensions``.
+
+    A high edge next to a diverged point is no edge (the optimum is bounded there), and a value the grid
+    cannot train (a warmup fraction reaching 1) is not added.
+    """
+    losses: dict[int, dict[float, list[float]]] = {}
+    for attempt in attempts:
+        if attempt.state in FINISHED and attempt.params:
+            loss = attempt.value if attempt.state == TrialState.complete and attempt.value is not None else math.inf
+            losses.setdefault(int(attempt.params["size_index"]), {}).setdefault(
+                float(attempt.params["log2_mult"]), []).append(loss)
+    added = []
+    for index, by_mult in sorted(losses.items()):
+        xs = sorted(by_mult)
+        optimum, at_edge = parabola_optimum(xs, [sum(v) / len(v) for v in (by_mult[x] for x in xs)])
+        if optimum is None or not at_edge:
+            continue
+        new = optimum - OCTAVE if optimum == xs[0] else optimum + OCTAVE
+        if abs(new) > max(spec.multipliers_log2()) + spec.max_extensions * OCTAVE:
+            continue
+        try:
+            check_grid(spec.hparam, tuned_value(spec), [new])
+        except ValueError:
+            continue
+        added.append(GridExtension(size_index=index, log2_mult=new))
+    return added
 
 
 def landscape_data(given: PlotInput) -> dict[str, Any]:
-    """The analysis as a plot: seed-mean loss per LR and size, diverged counts, optima, verdict."""
+    """The analysis as a plot: seed-mean loss per value and size, diverged counts, optima, verdict."""
     try:
         result = check(given.spec, given.attempts)
     except ValueError as error:
-        raise NoPlotData(f"study {given.study.id} has no loss-vs-LR landscape yet: {error}.") from None
-    return {"kind": "landscape", "status": given.study.status, "tuned_lr": tuned_lr(given.spec), **result.to_dict()}
+        raise NoPlotData(f"study {given.study.id} has no loss-vs-{given.spec.hparam} landscape yet: {error}.") from None
+    return {"kind": "landscape", "status": given.study.status, "tuned_value": tuned_value(given.spec),
+            **result.to_dict()}
 
 
 LANDSCAPE = DrawnPlot(landscape_data, draw_landscape)
@@ -72,34 +109,60 @@ class TransferCheckKind(GridKind[ResolvedTransferCheck]):
     plots = {"landscape": LANDSCAPE}
 
     def grid_points(self, spec: ResolvedTransferCheck) -> list[dict[str, Any]]:
-        """Seed by seed, so a study cut short still has whole LR sweeps for every size."""
-        return [{"size_index": i, "log2_lr_mult": m, "seed": seed}
-                for seed in range(spec.seeds) for i in range(len(spec.sizes)) for m in spec.lr_multipliers_log2()]
+        """Seed by seed, so a study cut short still has whole sweeps for every size; then the extensions."""
+        grid = [{"size_index": i, "log2_mult": m, "seed": seed}
+                for seed in range(spec.seeds) for i in range(len(spec.sizes)) for m in spec.multipliers_log2()]
+        return grid + self.extension_points(spec)
+
+    def extension_points(self, spec: ResolvedTransferCheck) -> list[dict[str, Any]]:
+        return [{"size_index": e.size_index, "log2_mult": e.log2_mult, "seed": seed}
+                for e in spec.extensions for seed in range(spec.seeds)]
+
+    def grow(self, spec: ResolvedTransferCheck, attempts: list[TrialAttempt]) -> dict[str, Any] | None:
+        """The stored spec's new fields once the grid grows an octave where a size's optimum sits at an edge."""
+        added = edge_extensions(spec, attempts)
+        if not added:
+            return None
+        assert spec.n_trials is not None
+        return {"extensions": [e.model_dump() for e in [*spec.extensions, *added]],
+                "n_trials": spec.n_trials + len(added) * spec.seeds}
+
+    def check(self, spec: Any, settings: Settings) -> list[SpecProblem]:
+        """The grid's own rules (a positive tuned value, a warmup below 1), then what every grid kind checks."""
+        if spec.source is None or spec.model is not None:
+            mults = spec.multipliers_log2()
+            try:
+                check_grid(spec.hparam, tuned_value(spec), [mults[0], mults[-1]])
+            except ValueError as error:
+                return [SpecProblem(("hparam",), str(error))]
+        return super().check(spec, settings)
 
     def trained_shapes(self, spec: TransferCheckSpec, base: Shape) -> dict[Loc, Shape]:
         return {("sizes", i): Shape(**size.model_dump()) for i, size in enumerate(spec.sizes)}
 
     def distributions(self, spec: ResolvedTransferCheck) -> dict[str, BaseDistribution]:
-        mults = spec.lr_multipliers_log2()
+        """Wide enough for every multiplier the grid may grow to."""
+        reach = max(spec.multipliers_log2()) + spec.max_extensions * OCTAVE
         return {"size_index": IntDistribution(0, len(spec.sizes) - 1),
-                "log2_lr_mult": FloatDistribution(mults[0], mults[-1]),
+                "log2_mult": FloatDistribution(-reach, reach),
                 "seed": IntDistribution(0, spec.seeds - 1)}
 
     def trial_config(self, spec: ResolvedTransferCheck, params: dict[str, Any]) -> TrialConfig:
-        """One grid point: the size's shape, the tuned LR times 2^log2_lr_mult, everything else as tuned."""
-        lr = tuned_lr(spec) * 2.0 ** float(params["log2_lr_mult"])
+        """One grid point: the size's shape, the tuned value times 2^log2_mult, everything else as tuned."""
+        value = tuned_value(spec) * 2.0 ** float(params["log2_mult"])
         return base_config(spec, Shape(**spec.sizes[int(params["size_index"])].model_dump()), spec.budget.to_budget(),
-                           {**spec.hyperparameters, "lr": lr}, int(params["seed"]))
+                           {**spec.hyperparameters, spec.hparam: value}, int(params["seed"]))
 
     def summary(self, session: Session, study: Study, spec: ResolvedTransferCheck,
                 data_root: Path | None) -> dict[str, Any] | None:
-        """The verdict: does the optimal LR stay put across sizes?"""
+        """The verdict: does the optimal value stay put across sizes?"""
         attempts = session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study.id))
         try:
             result = check(spec, attempts)
         except ValueError:
             return None
-        return {"kind": "transfer_check", "verdict": result.verdict, "drift": result.max_drift,
+        return {"kind": "transfer_check", "hparam": result.hparam, "verdict": result.verdict, "drift": result.max_drift,
+                "drift_interval": result.max_drift_interval, "seeds_needed": result.seeds_needed,
                 "direction": result.direction, "monotone": result.monotone, "reasons": result.reasons}
 
 

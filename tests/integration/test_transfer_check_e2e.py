@@ -30,15 +30,18 @@ def test_a_tiny_transfer_check_runs_end_to_end(embedded_service: str, embedded_t
         study_id = created.json()["id"]
 
         study = wait_for_study(client, study_id)
-        assert study["status"] == "completed" and study["spec"]["n_trials"] == 45  # 3 sizes x 5 LRs x 3 seeds (default)
+        n_trials = study["spec"]["n_trials"]  # 3 sizes x 5 LRs x 3 seeds (default), plus octaves grown at edges
+        grown = study["spec"]["extensions"]
+        assert study["status"] == "completed" and n_trials == (45 + len(grown) * 3)
 
         trials = all_trials(client, study_id)
-        assert len(trials) == 45 and {t["state"] for t in trials} <= {"complete", "diverged"}
-        points = {(t["params"]["size_index"], t["params"]["log2_lr_mult"], t["params"]["seed"]) for t in trials}
-        assert len(points) == 45
+        assert len(trials) == n_trials and {t["state"] for t in trials} <= {"complete", "diverged"}
+        points = {(t["params"]["size_index"], t["params"]["log2_mult"], t["params"]["seed"]) for t in trials}
+        assert len(points) == n_trials
+        assert {(e["size_index"], e["log2_mult"]) for e in grown} <= {(p[0], p[1]) for p in points}
 
         check = client.get(f"/v1/studies/{study_id}/check").raise_for_status().json()
-        assert check["final"] and len(check["sizes"]) == 3 and len(check["points"]) == 45
+        assert check["final"] and len(check["sizes"]) == 3 and len(check["points"]) == n_trials
         assert all(s["optimum_log2"] is not None and s["seeds"] == 3 for s in check["sizes"])
         assert_verdict_follows_from_the_intervals(check)
         png = client.get(f"/v1/studies/{study_id}/check.png")

@@ -16,6 +16,7 @@ from service.models import Study
 from service.settings import Settings
 from service.kinds.registry import STUDY_SPEC, kind_of, parse_spec
 from service.spec import SpecError, TransferCheckSpec
+from service.kinds.transfer_check import KIND
 from service.studies import create_study
 from service.tokens import create_token
 from test_transfer_api import tune_spec, tuned_study  # noqa: F401  (fixtures shared with the transfer tests)
@@ -28,7 +29,7 @@ CHECK_SPEC: dict[str, Any] = {
     "budget": {"steps": 10, "batch_size": 32, "eval_every": 10, "schedule": "constant"},
     "hyperparameters": {"lr": 0.01},
     "sizes": [{"width": 16, "depth": 1}, {"width": 32, "depth": 1}, {"width": 64, "depth": 1}],
-    "octaves": 1.0, "step": 0.5, "seeds": 2,
+    "octaves": 1.0, "step": 0.5, "seeds": 2, "max_extensions": 0,
 }
 
 
@@ -55,7 +56,7 @@ def ctx(migrated: Settings, session_factory: Any, sent: Any) -> WorkerContext:
 def test_the_default_grid_is_13_lr_points_per_size_and_seed() -> None:
     spec = STUDY_SPEC.validate_python({**CHECK_SPEC, "octaves": 3.0, "step": 0.5})
     assert isinstance(spec, TransferCheckSpec)
-    assert spec.lr_multipliers_log2() == [k / 2 for k in range(-6, 7)]
+    assert spec.multipliers_log2() == [k / 2 for k in range(-6, 7)]
     assert spec.n_trials == 3 * 13 * 2
 
 
@@ -78,7 +79,7 @@ def test_every_grid_point_is_enqueued_once(session_factory: Any, storage: Any) -
     study = create_study(session_factory, storage, STUDY_SPEC.validate_python(CHECK_SPEC))
     trials = optuna.load_study(study_name=study.optuna_study_name, storage=storage).trials
     fixed = [t.system_attrs["fixed_params"] for t in trials]
-    points = {(p["size_index"], p["log2_lr_mult"], p["seed"]) for p in fixed}
+    points = {(p["size_index"], p["log2_mult"], p["seed"]) for p in fixed}
     assert all(t.state == OptunaState.WAITING for t in trials) and len(trials) == 30
     assert points == {(i, m, s) for i in range(3) for m in (-1.0, -0.5, 0.0, 0.5, 1.0) for s in range(2)}
     assert study.spec["n_trials"] == 30
@@ -90,7 +91,7 @@ def test_check_reports_an_optimum_per_size_and_a_verdict(client: TestClient, ctx
     assert run_all(ctx, study.id) == ["complete"] * 30
 
     body = client.get(f"/v1/studies/{study.id}/check").json()
-    assert body["status"] == "completed" and body["final"] and body["tuned_lr"] == 0.01
+    assert body["status"] == "completed" and body["final"] and body["tuned_value"] == 0.01
     assert [s["size"] for s in body["sizes"]] == ["w16xd1", "w32xd1", "w64xd1"]
     grid = [math.log2(0.01) + m for m in (-1.0, -0.5, 0.0, 0.5, 1.0)]
     for size in body["sizes"]:
@@ -105,7 +106,8 @@ def test_check_reports_an_optimum_per_size_and_a_verdict(client: TestClient, ctx
     assert sorted({p["seed"] for p in body["points"]}) == [0, 1]
 
     detail = client.get(f"/v1/studies/{study.id}").json()["result"]
-    assert detail == {"kind": "transfer_check", "verdict": body["verdict"], "drift": body["max_drift"],
+    assert detail == {"kind": "transfer_check", "hparam": "lr", "verdict": body["verdict"], "drift": body["max_drift"],
+                      "drift_interval": body["max_drift_interval"], "seeds_needed": 3,
                       "direction": body["direction"], "monotone": body["monotone"], "reasons": body["reasons"]}
     other = create_token(ctx.session_factory, "other-user", tenant="other")
     assert client.get(f"/v1/studies/{study.id}/check", headers={"Authorization": f"Bearer {other}"}).status_code == 404
@@ -134,7 +136,7 @@ def test_a_check_takes_setup_and_best_values_from_its_source_study(
         client: TestClient, ctx: WorkerContext, storage: Any, tuned_study: str) -> None:
     spec = {"name": "from-source", "kind": "transfer_check", "source": {"study_id": tuned_study},
             "sizes": [{"width": 16, "depth": 1}, {"width": 32, "depth": 1}, {"width": 32, "depth": 2}],
-            "octaves": 0.5, "seeds": 2}
+            "octaves": 0.5, "seeds": 2, "max_extensions": 0}
     submitted = STUDY_SPEC.validate_python(spec)
     with ctx.session_factory() as session:
         resolved = kind_of(submitted).resolve(session, submitted, "default")
@@ -143,7 +145,7 @@ def test_a_check_takes_setup_and_best_values_from_its_source_study(
 
     best = min(client.get(f"/v1/studies/{tuned_study}/trials").json()["items"], key=lambda t: t["value"])
     body = client.get(f"/v1/studies/{study.id}/check").json()
-    assert body["tuned_lr"] == pytest.approx(best["params"]["lr"])
+    assert body["tuned_value"] == pytest.approx(best["params"]["lr"])
     assert len(body["sizes"]) == 3 and len(body["points"]) == 18
 
 
@@ -184,3 +186,44 @@ def test_a_source_that_cannot_give_a_setup_is_refused_at_submit(client: TestClie
     assert stored["source"] == {"study_id": tuned_study}, "the submitted source is kept as provenance"
     assert stored["model"]["base"] == source["spec"]["model"]["base"] and stored["budget"] == source["spec"]["budget"]
     assert stored["hyperparameters"]["lr"] == pytest.approx(source["best_params"]["lr"])
+
+
+def test_a_grid_grows_by_octaves_while_an_optimum_sits_at_its_edge(client: TestClient, ctx: WorkerContext,
+                                                                    storage: Any, check_spec: dict[str, Any]) -> None:
+    """An LR far too small puts every size's optimum at the top edge: the grid grows there, up to the bound."""
+    check_spec.update(hyperparameters={"lr": 1e-5}, octaves=0.5, max_extensions=2)
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(check_spec))
+    states = run_all(ctx, study.id)
+
+    body = client.get(f"/v1/studies/{study.id}/check").json()
+    grown = {(e["size_index"], e["log2_mult"]) for e in body["extensions"]}
+    assert grown == {(i, m) for i in range(3) for m in (1.5, 2.5)}  # +1 octave twice above the 0.5 edge
+    assert len(states) == len(body["points"]) == (3 * 3 + 6) * 2
+    assert client.get(f"/v1/studies/{study.id}").json()["spec"]["n_trials"] == 30
+    assert all(s["log2_values"][-1] == pytest.approx(math.log2(1e-5) + 2.5) for s in body["sizes"])
+    assert body["verdict"] == "inconclusive" and all(s["at_edge"] for s in body["sizes"])  # the bound was reached
+
+
+def test_any_tuned_value_can_be_checked(client: TestClient, ctx: WorkerContext, storage: Any,
+                                        check_spec: dict[str, Any]) -> None:
+    check_spec.update(hparam="init_std", hyperparameters={"lr": 0.01, "init_std": 0.5}, octaves=0.5)
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(check_spec))
+    configs = [KIND.trial_config(STUDY_SPEC.validate_python(check_spec), p)
+               for p in KIND.grid_points(STUDY_SPEC.validate_python(check_spec))]
+    assert sorted({c.hparams.init_std for c in configs}) == pytest.approx([0.5 / 2 ** 0.5, 0.5, 0.5 * 2 ** 0.5])
+    assert {c.hparams.lr for c in configs} == {0.01}
+    assert set(run_all(ctx, study.id)) == {"complete"}
+    body = client.get(f"/v1/studies/{study.id}/check").json()
+    assert body["hparam"] == "init_std" and body["tuned_value"] == 0.5
+    assert sorted({round(p["value"], 9) for p in body["points"]}) == pytest.approx([0.5 / 2 ** 0.5, 0.5,
+                                                                                   0.5 * 2 ** 0.5])
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"hparam": "weight_decay"}, "give a positive tuned weight_decay"),
+    ({"hparam": "warmup_frac", "hyperparameters": {"lr": 0.01, "warmup_frac": 0.6}}, "must stay below 1"),
+])
+def test_a_grid_that_cannot_train_is_refused(migrated: Settings, change: dict[str, Any], says: str) -> None:
+    with pytest.raises(SpecError) as error:
+        parse_spec({**CHECK_SPEC, **change}, migrated)
+    assert any(p.loc == ("hparam",) and says in p.msg for p in error.value.problems), error.value.problems
