@@ -35,7 +35,7 @@ def ladders(quick: bool) -> list[Ladder]:
     depths = (2, 4) if quick else (2, 4, 8, 16)
     return [Ladder(family="resnet", args={"strides": [1, 2, 2]}, dataset="digits", dataset_args={}, axis="depth",
                    shapes=tuple(Shape(8, d) for d in depths), parametrizations=PARAMETRIZATIONS,
-                   budget=Budget(steps=20 if quick else 100, batch_size=32, eval_every=10_000),
+                   budget=Budget(steps=20 if quick else 80, batch_size=32, eval_every=10_000),
                    seeds=(0, 1, 2), start_log2=STARTS[optimizer], start_halfwidth=1, optimizer=optimizer)
             for optimizer in ("sgd", "adamw")]
 
@@ -48,6 +48,8 @@ def report(all_ladders: list[Ladder], sweep: AdaptiveSweep, img_dir: Path, timin
             losses = ", ".join(f"{s.best_loss:.3f}" if s.best_loss is not None else "-" for s in result.sizes)
             drift = "-" if result.max_drift is None else f"{result.max_drift:+.2f}{fmt_interval(result.max_drift_interval)}"
             met = "-" if result.max_drift is None else "met" if abs(result.max_drift) <= 0.5 else "NOT met"
+            if any(s.at_edge for s in result.sizes):
+                met += " (an optimum at the edge: a bound)"
             rows.append([ladder.optimizer, p, "<br>".join(fmt_optimum(s) for s in result.sizes), drift, losses,
                          result.verdict, met])
             panels.append((f"{ladder.optimizer} {p}", result))

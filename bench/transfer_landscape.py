@@ -148,11 +148,11 @@ def hparam_base_ladders(quick: bool) -> list[tuple[Ladder, float]]:
                 seeds=seeds, start_log2=-4.0, start_halfwidth=1), -4.0),
         (Ladder(family="mlp", args={}, dataset="teacher", dataset_args={"classes": 100, "teacher_width": 256},
                 axis="depth", shapes=tuple(Shape(32, d) for d in depths), parametrizations=("completep",),
-                budget=steps(200), seeds=seeds, start_log2=-5.0, start_halfwidth=1), -5.0),
+                budget=steps(150), seeds=seeds, start_log2=-5.0, start_halfwidth=1), -5.0),
         (Ladder(**GPT_DATA, axis="width", shapes=tuple(Shape(w, 2) for w in widths), parametrizations=("mup",),
                 budget=steps(80), seeds=seeds, start_log2=-4.5, start_halfwidth=1), -4.5),
         (Ladder(**GPT_DATA, axis="depth", shapes=tuple(Shape(32, d) for d in depths),
-                parametrizations=("completep",), budget=steps(100), seeds=seeds, start_log2=-6.0,
+                parametrizations=("completep",), budget=steps(60), seeds=seeds, start_log2=-6.0,
                 start_halfwidth=1), -6.0),
     ]
 
@@ -344,6 +344,8 @@ def result_cells(result: TransferCheckResult) -> list[str]:
     losses = ", ".join(f"{s.best_loss:.3f}" if s.best_loss is not None else "-" for s in result.sizes)
     drift = "-" if result.max_drift is None else f"{result.max_drift:+.2f}{fmt_interval(result.max_drift_interval)}"
     met = "-" if result.max_drift is None else "met" if abs(result.max_drift) <= result.tolerance else "NOT met"
+    if any(s.at_edge for s in result.sizes):
+        met += " (an optimum at the edge: a bound)"
     return ["<br>".join(fmt_optimum(s) for s in result.sizes), drift, losses, result.verdict, met]
 
 
