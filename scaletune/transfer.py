@@ -124,6 +124,16 @@ def multilayer_depth_warning(classification: Classification, parametrization: st
             "alpha = 1/2 has no clean limit. Use 'completep' (alpha = 1), which held there (-0.25, +0.22)")
 
 
+def parametrization_warnings(family: str, data_spec: DataSpec, args: dict[str, Any], base: Shape,
+                             parametrization: str, options: ParamOptions | None = None) -> list[str]:
+    """What a study tuning at ``base`` should know before its values are transferred across depth."""
+    model_family = get_family(family)
+    deeper = base.with_(depth=2 * base.depth)
+    classification = classify(family_factory(model_family, deeper, data_spec, args), base, deeper)
+    warning = multilayer_depth_warning(classification, parametrization, options)
+    return [] if warning is None else [warning]
+
+
 def _batch_scaling(rule: BatchRule | None, tuned: int | None, target: int | None) -> dict[str, Any] | None:
     if rule is None:
         return None

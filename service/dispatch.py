@@ -41,13 +41,8 @@ def complete_study(session: Session, study: Study) -> None:
 
 def _grown(session: Session, study: Study) -> dict[str, Any] | None:
     """The kind's spec update when every queued trial has finished and it wants more (a grid grown at an edge)."""
-    kind = kind_of(study)
-    try:
-        spec = spec_of(session, study)
-    except ValueError:
-        return None  # the source no longer resolves: finish with what ran
     attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study.id)))
-    return kind.grow(spec, attempts)
+    return kind_of(study).grow(spec_of(study), attempts)
 
 
 def send_all(enqueue: Enqueue, attempt_ids: list[str], queue: str) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from optuna.storages import BaseStorage
 from sqlalchemy import column, exists, func, select, table, update
 from sqlalchemy.orm import Session
 
+from scaletune.data.registry import dataset_spec
+from scaletune.shapes import Shape
+from scaletune.transfer import parametrization_warnings
 from service.db import SessionFactory, write_session
 from service.models import UNFINISHED_STUDY, Event, EventType, Study, StudyStatus, TrialAttempt, TrialState, new_id, utcnow
 from service.optuna_study import NAME_PREFIX, create_optuna_study, delete_optuna_study, optuna_study_name
@@ -141,3 +145,13 @@ def cancel_study(session_factory: SessionFactory, study_id: str, tenant: str | N
         study.finished_at = now
         add_event(session, study_id, EventType.study_finished, {"status": StudyStatus.cancelled})
     return study
+
+
+def spec_warnings(spec: Any, data_root: Path | None) -> list[str]:
+    """The core's warnings about a resolved spec's parametrization (depth_mup on multi-layer blocks)."""
+    model, dataset = getattr(spec, "model", None), getattr(spec, "dataset", None)
+    if model is None or dataset is None or getattr(spec, "parametrization", None) is None:
+        return []
+    return parametrization_warnings(model.family, dataset_spec(dataset.name, dataset.args, data_root), model.args,
+                                    Shape(**model.base.model_dump()), spec.parametrization,
+                                    spec.parametrization_options)

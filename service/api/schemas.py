@@ -26,6 +26,8 @@ class StudyCreated(BaseModel):
     id: str
     status: str
     links: StudyLinks
+    warnings: list[str] = Field(default_factory=list, description="what to know about this spec before it runs "
+                                                                  "(e.g. depth_mup with multi-layer blocks)")
 
 
 class StudySummary(BaseModel):
@@ -106,10 +108,13 @@ class StudyDetail(BaseModel):
         None, discriminator="kind",
         description="once a transfer_check or shape_schedule study has completed: its verdict or schedule summary")
     links: StudyLinks
+    warnings: list[str] = Field(default_factory=list, description="what to know about this spec "
+                                                                  "(e.g. depth_mup with multi-layer blocks)")
 
     @classmethod
-    def of(cls, study: Study, counts: dict[str, int], result: dict[str, Any] | None = None) -> StudyDetail:
-        return cls(id=study.id, name=study.name, kind=study.kind, status=study.status,
+    def of(cls, study: Study, counts: dict[str, int], result: dict[str, Any] | None = None,
+           warnings: list[str] | None = None) -> StudyDetail:
+        return cls(id=study.id, name=study.name, kind=study.kind, status=study.status, warnings=warnings or [],
                    spec=STUDY_SPEC.validate_python(study.spec), trial_counts=counts, best_value=study.best_value,
                    best_params=study.best_params, error=study.error, optuna_study_name=study.optuna_study_name,
                    created_at=study.created_at, updated_at=study.updated_at, finished_at=study.finished_at,

@@ -14,12 +14,12 @@ from service.api.state import ServiceState, service_state
 from service.dispatch import dispatch
 from service.models import Study, StudyStatus, TrialState
 from service.quotas import ConcurrencyQuotaExceeded, concurrent_studies_limit, spec_limits_for
-from service.kinds.registry import StudySpec, check_spec, kind_of
+from service.kinds.registry import StudySpec, check_spec, kind_of, spec_of
 from service.kinds.setup import SourceError
 from service.kinds.summary import finished_result
 from service.spec import SpecError, SpecProblem
 from service.studies import StudyAlreadyFinished, StudyNotFound, cancel_study, create_study, \
-    find_by_idempotency_key, get_study, list_studies, spec_fingerprint, trial_counts
+    find_by_idempotency_key, get_study, list_studies, spec_fingerprint, spec_warnings, trial_counts
 from service.study_ids import short_ids
 from service.trials import get_trial, list_trials
 
@@ -66,10 +66,11 @@ def post_study(spec: StudySpec, state: State, principal: CurrentPrincipal, respo
     settings = state.settings
     resolved = _resolved(state, spec, principal.tenant)
     check_spec(resolved, spec_limits_for(settings, principal.tenant))
+    warnings = spec_warnings(resolved, settings.DATA_ROOT)
     earlier = _replayed(state, principal.tenant, idempotency_key, spec) if idempotency_key else None
     if earlier is not None:
         response.status_code = status.HTTP_200_OK
-        return StudyCreated(id=earlier.id, status=earlier.status, links=study_links(earlier.id))
+        return StudyCreated(id=earlier.id, status=earlier.status, links=study_links(earlier.id), warnings=warnings)
     try:
         study = create_study(state.session_factory, state.storage, resolved, tenant=principal.tenant,
                              idempotency_key=idempotency_key,
@@ -83,9 +84,9 @@ def post_study(spec: StudySpec, state: State, principal: CurrentPrincipal, respo
         if earlier is None:
             raise
         response.status_code = status.HTTP_200_OK
-        return StudyCreated(id=earlier.id, status=earlier.status, links=study_links(earlier.id))
+        return StudyCreated(id=earlier.id, status=earlier.status, links=study_links(earlier.id), warnings=warnings)
     dispatch(state.session_factory, study.id, state.enqueue)
-    return StudyCreated(id=study.id, status=study.status, links=study_links(study.id))
+    return StudyCreated(id=study.id, status=study.status, links=study_links(study.id), warnings=warnings)
 
 
 @router.get("", response_model=StudyPage, summary="List studies, newest first")
@@ -108,7 +109,8 @@ def get_one_study(study_id: str, state: State, principal: CurrentPrincipal) -> S
         except StudyNotFound:
             raise _not_found(study_id) from None
         return StudyDetail.of(study, trial_counts(session, study_id),
-                              finished_result(session, study, state.settings.DATA_ROOT))
+                              finished_result(session, study, state.settings.DATA_ROOT),
+                              spec_warnings(spec_of(study), state.settings.DATA_ROOT))
 
 
 @router.get("/{study_id}/trials", response_model=TrialPage, responses=NOT_FOUND,

@@ -227,3 +227,12 @@ def test_a_grid_that_cannot_train_is_refused(migrated: Settings, change: dict[st
     with pytest.raises(SpecError) as error:
         parse_spec({**CHECK_SPEC, **change}, migrated)
     assert any(p.loc == ("hparam",) and says in p.msg for p in error.value.problems), error.value.problems
+
+
+def test_a_depth_mup_study_on_two_layer_blocks_carries_the_measured_warning(client: TestClient) -> None:
+    created = client.post("/v1/studies", json={**CHECK_SPEC, "parametrization": "depth_mup"})
+    assert created.status_code == 201, created.text
+    (warning,) = created.json()["warnings"]
+    assert "+0.56" in warning and "+0.60" in warning and "'completep'" in warning
+    assert client.get(f"/v1/studies/{created.json()['id']}").json()["warnings"] == [warning]
+    assert client.post("/v1/studies", json={**CHECK_SPEC, "name": "cp"}).json()["warnings"] == []
