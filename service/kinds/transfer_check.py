@@ -94,7 +94,8 @@ def landscape_data(given: PlotInput) -> dict[str, Any]:
     try:
         result = check(given.spec, given.attempts)
     except ValueError as error:
-        raise NoPlotData(f"study {given.study.id} has no loss-vs-{given.spec.hparam} landscape yet: {error}.") from None
+        name = "LR" if given.spec.hparam == "lr" else given.spec.hparam
+        raise NoPlotData(f"study {given.study.id} has no loss-vs-{name} landscape yet: {error}.") from None
     return {"kind": "landscape", "status": given.study.status, "tuned_value": tuned_value(given.spec),
             **result.to_dict()}
 
