@@ -138,7 +138,7 @@ def main() -> None:
                    for x, s, loss in swept[(pz, shape)]]
         result = analyse(records)
         draw(result, ax, f"HF GPT-2 {axis}, {pz}: {result.verdict}")
-        optima = "<br>".join(f"{s.size}: {s.optimum_log2_lr:+.2f}" if s.optimum_log2_lr is not None
+        optima = "<br>".join(f"{s.size}: {s.optimum_log2:+.2f}" if s.optimum_log2 is not None
                              else f"{s.size}: -" for s in result.sizes)
         rows.append([axis, pz, optima, f"{result.max_drift:+.2f}" if result.max_drift is not None else "-",
                      ", ".join(f"{s.best_loss:.3f}" for s in result.sizes if s.best_loss is not None),
