@@ -38,7 +38,7 @@ class EndpointMissing(ScaletuneError):
 
 
 class ValidationFailed(ScaletuneError):
-    """A 422: ``errors`` holds each problem as ``{"loc": [...], "msg": ...}``, paths as in the submitted document."""
+    """A 422 problem: ``errors`` holds each invalid field as ``{"loc", "msg", "type"}``, paths as submitted."""
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         self.errors = errors
