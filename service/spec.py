@@ -195,7 +195,8 @@ class TuneSpec(Strict):
 
 
 class SourceSpec(Strict):
-    study_id: str = Field(min_length=1, max_length=36, description="a completed tune study of the same tenant")
+    study_id: str = Field(min_length=1, max_length=36, description="a completed tune study of the same tenant: its "
+                                                                   "id or a unique prefix of it (stored as the full id)")
 
 
 class CheckedModelSpec(Strict):

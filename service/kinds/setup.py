@@ -13,7 +13,8 @@ from scaletune.shapes import Shape
 from scaletune.train import Budget
 from service.kinds.tuned import NoCompletedTrial, best_attempt, tuned_values
 from service.models import UNFINISHED_STUDY, Study, StudyStatus
-from service.spec import CheckedModelSpec, GridSetup, GridSpec, TuneSpec
+from service.spec import CheckedModelSpec, GridSetup, GridSpec, SourceSpec, TuneSpec
+from service.study_ids import AmbiguousStudyId, resolve_study_id
 
 GridSpecT = TypeVar("GridSpecT", bound=GridSpec)
 
@@ -25,11 +26,15 @@ class SourceError(ValueError):
 def resolve_source(session: Session, spec: GridSpecT, tenant: str) -> GridSpecT:
     """The spec with its setup taken from the source tune study where not given; idempotent.
 
-    Hyperparameters are the source's fixed values plus its best trial's, overridden by the spec's own.
+    Hyperparameters are the source's fixed values plus its best trial's, overridden by the spec's own. The
+    source may be named by a unique prefix of its id, as every id is; the spec keeps the full id it stands for.
     """
     if spec.source is None:
         return spec
-    study_id = spec.source.study_id
+    try:
+        study_id = resolve_study_id(session, spec.source.study_id, tenant)
+    except AmbiguousStudyId as error:
+        raise SourceError(str(error)) from None
     study = session.get(Study, study_id)
     if study is None or study.tenant != tenant:
         raise SourceError(f"you have no study with id {study_id}; give the id of one of your completed tune studies "
@@ -48,6 +53,7 @@ def resolve_source(session: Session, spec: GridSpecT, tenant: str) -> GridSpecT:
         raise SourceError(str(error)) from None
     model = CheckedModelSpec(family=source.model.family, base=source.model.base, args=source.model.args)
     return spec.model_copy(update={
+        "source": SourceSpec(study_id=study_id),
         "model": spec.model or model,
         "parametrization": spec.parametrization or source.parametrization,
         "parametrization_options": spec.parametrization_options or source.parametrization_options,

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from optuna.trial import TrialState as OptunaState
 
+import service.studies
 from service.dispatch import dispatch
 from service.models import Study
 from service.settings import Settings
@@ -186,6 +187,29 @@ def test_a_source_that_cannot_give_a_setup_is_refused_at_submit(client: TestClie
     assert stored["source"] == {"study_id": tuned_study}, "the submitted source is kept as provenance"
     assert stored["model"]["base"] == source["spec"]["model"]["base"] and stored["budget"] == source["spec"]["budget"]
     assert stored["hyperparameters"]["lr"] == pytest.approx(source["best_params"]["lr"])
+
+
+def test_a_source_may_be_named_by_a_unique_prefix_of_its_id(client: TestClient, session_factory: Any, storage: Any,
+                                                            tuned_study: str, tune_spec: dict[str, Any],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """As every id the service takes: the spec stores the full id the prefix stands for; an ambiguous one is a 422."""
+    spec = {"name": "from-prefix", "kind": "transfer_check", "sizes": CHECK_SPEC["sizes"], "octaves": 0.5,
+            "source": {"study_id": tuned_study[:8]}}
+    response = client.post("/v1/studies", json=spec)
+    assert response.status_code == 201, response.text
+    stored = client.get(f"/v1/studies/{response.json()['id']}").json()["spec"]
+    assert stored["source"] == {"study_id": tuned_study}
+    best = client.get(f"/v1/studies/{tuned_study}").json()["best_params"]
+    assert stored["hyperparameters"]["lr"] == pytest.approx(best["lr"])
+
+    twin_id = tuned_study[:12] + ("1" if tuned_study[12] != "1" else "2") + tuned_study[13:]
+    monkeypatch.setattr(service.studies, "new_id", lambda: twin_id)
+    create_study(session_factory, storage, STUDY_SPEC.validate_python(tune_spec))
+    response = client.post("/v1/studies", json=spec)
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["errors"]
+    assert problem["loc"] == ["body", "source", "study_id"] and "ambiguous" in problem["msg"], problem
+    assert tuned_study in problem["msg"] and twin_id in problem["msg"]
 
 
 def test_a_grid_grows_by_octaves_while_an_optimum_sits_at_its_edge(client: TestClient, ctx: WorkerContext,
