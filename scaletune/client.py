@@ -7,10 +7,12 @@
         print(event.type, event.payload)
     print(client.wait(study.id).best_params)
 
-Idempotent calls (every GET, and ``transfer``, which only computes) and ``submit`` (sent with a generated
-``Idempotency-Key``, so the server creates the study once however often it arrives) are retried on a
-transport error, a 5xx or a 429: up to ``retries`` times, waiting ``backoff * 2**n`` seconds with jitter,
-or what the server's ``Retry-After`` asks when that is longer, never more than ``max_backoff``.
+Idempotent calls (every GET, ``transfer``, which only computes, and an external trial's ``report``,
+``heartbeat`` and ``tell``, which the server records once however often they arrive) and ``submit`` and
+``ask`` (each sent with a generated ``Idempotency-Key``, so the server creates the study or hands out the
+trial once) are retried on a transport error, a 5xx or a 429: up to ``retries`` times, waiting
+``backoff * 2**n`` seconds with jitter, or what the server's ``Retry-After`` asks when that is longer, never
+more than ``max_backoff``. Code run by ``scaletune agent`` uses PATIENT_RETRIES, to ride out an API restart.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 FINISHED = ("completed", "failed", "cancelled")
 MAX_RECONNECTS = 5
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+PATIENT_RETRIES = 8  # about a minute and a half of backoff in all (max_backoff 30 s)
 
 log = logging.getLogger("scaletune.client")
 
@@ -244,7 +247,7 @@ class Client:
         return min(delay, self.max_backoff)
 
     def _request(self, method: str, path: str, route: str | None = None, retry: bool | None = None,
-                 **kwargs: Any) -> httpx.Response:
+                 retried_statuses: frozenset[int] = RETRIED_STATUSES, **kwargs: Any) -> httpx.Response:
         """``route`` names an optional feature's endpoint, so a server without it gives EndpointMissing;
         ``retry`` (default: GET only) says whether sending the request twice is harmless."""
         retry = method == "GET" if retry is None else retry
@@ -259,7 +262,7 @@ class Client:
                     raise ServiceUnavailable(self.url, f"{type(error).__name__}: {error}") from None
                 reason, retry_after = type(error).__name__, None
             else:
-                if last or response.status_code not in RETRIED_STATUSES:
+                if last or response.status_code not in retried_statuses:
                     self._raise_for(response, route)
                     return response
                 reason, retry_after = f"HTTP {response.status_code}", response.headers.get("Retry-After")
@@ -338,14 +341,17 @@ class Client:
     def ask(self, study_id: str, wait: bool = True, worker: str | None = None) -> Trial:
         """The next trial of an external study, under a lease (see ``scaletune.trial``).
 
-        With ``wait``, a 429 (every allowed trial is out) is retried after its Retry-After; Conflict means the
-        study has nothing left to ask (finished, cancelled, or not an external study).
+        With ``wait``, a 429 (every allowed trial is out) is asked again after its Retry-After, for as long as it
+        takes; Conflict means the study has nothing left to ask (finished, cancelled, or not an external study).
+        Transport errors and 5xx are retried with one ``Idempotency-Key``, so a lost answer hands out no second trial.
         """
         body = {"worker": worker or f"{socket.gethostname()}:{os.getpid()}"}
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
         while True:
             try:
                 asked = self._request("POST", f"/v1/studies/{study_id}/trials/ask", route="POST .../trials/ask",
-                                      json=body).json()
+                                      retry=True, retried_statuses=RETRIED_STATUSES - {429}, json=body,
+                                      headers=headers).json()
             except TooManyOut as error:
                 if not wait:
                     raise
@@ -355,20 +361,20 @@ class Client:
 
     def report(self, study_id: str, number: int, step: int, value: float | None) -> bool:
         """Record a trial's value at a step (None: not finite) and renew its lease; True: the trial should stop."""
-        answer = self._request("POST", f"/v1/studies/{study_id}/trials/{number}/report",
+        answer = self._request("POST", f"/v1/studies/{study_id}/trials/{number}/report", retry=True,
                                json={"step": step, "value": value}).json()
         return bool(answer["should_prune"])
 
     def heartbeat(self, study_id: str, number: int) -> None:
         """Renew a trial's lease; Conflict once it has ended or its lease ran out."""
-        self._request("POST", f"/v1/studies/{study_id}/trials/{number}/heartbeat")
+        self._request("POST", f"/v1/studies/{study_id}/trials/{number}/heartbeat", retry=True)
 
     def tell(self, study_id: str, number: int, state: str, value: float | None = None,
              reason: str | None = None) -> TrialRecord:
         """How a trial ended (complete, pruned, failed); telling again answers what the first tell recorded."""
         body = {"state": state, "value": value, "reason": reason}
         return TrialRecord.model_validate(self._request("POST", f"/v1/studies/{study_id}/trials/{number}/tell",
-                                                  json=body).json())
+                                                        retry=True, json=body).json())
 
     def events(self, study_id: str, last_event_id: int | None = None) -> Iterator[Event]:
         """Every event after ``last_event_id``, live, until the study finishes; reconnects without losing any."""
@@ -402,7 +408,7 @@ def current_trial() -> Trial | None:
     if not number:
         return None
     study_id = os.environ[ENV_STUDY]
-    client = Client(os.environ.get(ENV_URL), os.environ.get(ENV_TOKEN))
+    client = Client(os.environ.get(ENV_URL), os.environ.get(ENV_TOKEN), retries=PATIENT_RETRIES)
     spec = client.study(study_id).spec
     model = spec.get("model") or {}
     return Trial(client=client, study_id=study_id, number=int(number), params=json.loads(os.environ[ENV_PARAMS]),

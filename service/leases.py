@@ -144,11 +144,27 @@ def _retry_after(session: Session, study_id: str, now: datetime) -> int:
     return max(1, min(MAX_RETRY_AFTER_S, math.ceil((first - now).total_seconds())))
 
 
+def _asked_with(session: Session, study_id: str, key: str) -> TrialAttempt | None:
+    """The running attempt an earlier ask with this Idempotency-Key handed out; AllTrialsOut while it is mid-answer."""
+    earlier = session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study_id,
+                                                         TrialAttempt.task_id == key,
+                                                         TrialAttempt.state == TrialState.running)).first()
+    if earlier is not None and earlier.number is None:
+        raise AllTrialsOut(f"an earlier ask of study {study_id} with this Idempotency-Key is still being answered; "
+                           "ask again in a moment for the same trial", 1)
+    return earlier
+
+
 def _reserve(session_factory: SessionFactory, study_id: str, tenant: str | None, worker: str | None,
-             now: datetime) -> tuple[Study, ExternalSpec, TrialAttempt, int]:
-    """Under the study's lock: hand out a waiting retry or a new attempt (and how many came before), or say why not."""
+             key: str | None, now: datetime) -> tuple[Study, ExternalSpec, TrialAttempt, int | None]:
+    """Under the study's lock: hand out a waiting retry or a new attempt (and how many came before), or say why not.
+
+    The ordinal is None when ``key`` names an attempt already handed out (the answer to that ask was lost).
+    """
     with write_session(session_factory) as session:
         study, spec = _external(session, study_id, tenant, lock=True)
+        if key is not None and (earlier := _asked_with(session, study_id, key)) is not None:
+            return study, spec, earlier, None
         if study.status not in UNFINISHED_STUDY:
             raise StudyClosed(f"study {study_id} is {study.status}; it hands out no more trials")
         running = session.scalar(select(func.count()).where(TrialAttempt.study_id == study_id,
@@ -167,7 +183,7 @@ def _reserve(session_factory: SessionFactory, study_id: str, tenant: str | None,
                                 .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(1)).one_or_none()
         ordinal = session.scalar(select(func.count()).where(TrialAttempt.study_id == study_id)) or 0
         attempt = retry or TrialAttempt(study_id=study_id, intermediate=[], queued_at=now)
-        attempt.state, attempt.worker, attempt.started_at = TrialState.running, worker, now
+        attempt.state, attempt.worker, attempt.task_id, attempt.started_at = TrialState.running, worker, key, now
         attempt.heartbeat_at, attempt.lease_expires_at = now, now + timedelta(seconds=spec.lease_seconds)
         session.add(attempt)
         session.flush()
@@ -179,14 +195,17 @@ def _reserve(session_factory: SessionFactory, study_id: str, tenant: str | None,
 
 
 def ask(session_factory: SessionFactory, storage: BaseStorage, study_id: str, tenant: str | None,
-        worker: str | None, max_retries: int, now: datetime | None = None) -> Asked:
+        worker: str | None, max_retries: int, now: datetime | None = None, key: str | None = None) -> Asked:
     """The next trial to run: a retried one's params first, else Optuna's next sample.
 
-    Raises StudyNotFound, NotAskable, StudyClosed (finished or cancelled) or AllTrialsOut.
+    ``key`` (the request's Idempotency-Key) makes a repeated ask answer the trial the first one handed out, while
+    that trial runs. Raises StudyNotFound, NotAskable, StudyClosed (finished or cancelled) or AllTrialsOut.
     """
     now = now or utcnow()
     expire_leases(session_factory, storage, max_retries, now, study_id)
-    study, spec, attempt, ordinal = _reserve(session_factory, study_id, tenant, worker, now)
+    study, spec, attempt, ordinal = _reserve(session_factory, study_id, tenant, worker, key, now)
+    if ordinal is None:
+        return Asked(attempt, spec)
     try:
         optuna_study = KIND.asking_study(storage, study.optuna_study_name, spec,
                                          attempt.params if attempt.retry_of else None, ordinal)
@@ -251,20 +270,25 @@ def renew(session_factory: SessionFactory, storage: BaseStorage, study_id: str, 
 
 def report(session_factory: SessionFactory, storage: BaseStorage, study_id: str, number: int, tenant: str | None,
            step: int, value: float | None, max_retries: int, now: datetime | None = None) -> bool:
-    """Record an intermediate value (None: not finite), renew the lease; True when the trial should stop."""
+    """Record an intermediate value (None: not finite), renew the lease; True when the trial should stop.
+
+    A step already reported is only a renewal (a client retrying a report whose answer was lost), as in Optuna.
+    """
     now = now or utcnow()
     study, spec, attempt = _running(session_factory, storage, study_id, number, tenant, max_retries, now)
     point = {"step": step, "value": value}
     with write_session(session_factory) as session:
         held = _hold(session, attempt, spec, now)
-        held.intermediate = [*held.intermediate, point]
-        add_event(session, study_id, EventType.trial_reported, point, trial_id=attempt.id)
+        fresh = all(earlier.get("step") != step for earlier in held.intermediate)
+        if fresh:
+            held.intermediate = [*held.intermediate, point]
+            add_event(session, study_id, EventType.trial_reported, point, trial_id=attempt.id)
         cancelled = session.scalar(select(Study.status).where(Study.id == study_id)) == StudyStatus.cancelled
     optuna_study = optuna.load_study(study_name=study.optuna_study_name, storage=storage,
                                      sampler=optuna.samplers.RandomSampler(), pruner=KIND.pruner(spec))
     trial = optuna.trial.Trial(optuna_study, storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(study.optuna_study_name), number))
-    if value is not None:
+    if value is not None and fresh:
         trial.report(value, step)
     return cancelled or trial.should_prune()
 

@@ -113,7 +113,8 @@ class TrialAttempt(Base):
     intermediate: Mapped[list[Any]] = mapped_column(default=list)
     failure_reason: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))
-    task_id: Mapped[str | None] = mapped_column(String(200))
+    task_id: Mapped[str | None] = mapped_column(
+        String(200), doc="the request that started it: the Celery task's id, or an ask's Idempotency-Key")
     heartbeat_at: Mapped[datetime | None]
     lease_expires_at: Mapped[datetime | None] = mapped_column(
         doc="set for trials handed out over ask/tell: failed as lease_expired unless renewed by then")

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, status
 from pydantic import BaseModel, Field
 
 from service.api.auth import UNAUTHORIZED, CurrentPrincipal
@@ -28,6 +28,10 @@ router = APIRouter(prefix="/v1/studies", tags=["ask/tell"], responses=UNAUTHORIZ
 State = Annotated[ServiceState, Depends(service_state)]
 Number = Annotated[int, Path(ge=0, le=2**31 - 1, description="the trial number the ask answered")]
 FiniteOrNull = Annotated[float | None, Field(allow_inf_nan=False)]
+AskKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=200,
+    description="retrying an ask with the same key answers the trial the first one handed out (while it runs) "
+                "instead of a second one")]
 TRIAL_CONFLICT = {404: {"model": Problem, "description": "no such study or trial number"},
                   409: {"model": Problem, "description": "not an external study, or the trial has ended (its lease "
                                                          "ran out, or it was told)"}}
@@ -97,10 +101,10 @@ def _answers() -> Iterator[None]:
                                                                "Retry-After seconds"}},
              summary="Ask for the next trial of an external study (a retried trial's params first)")
 def post_ask(study_id: str, state: State, principal: CurrentPrincipal,
-             body: Annotated[AskRequest | None, Body()] = None) -> AskedTrial:
+             body: Annotated[AskRequest | None, Body()] = None, idempotency_key: AskKey = None) -> AskedTrial:
     with _answers():
         asked = ask(state.session_factory, state.storage, study_id, principal.tenant_scope,
-                    body.worker if body else None, state.settings.MAX_RETRIES)
+                    body.worker if body else None, state.settings.MAX_RETRIES, key=idempotency_key)
     spec, attempt = asked.spec, asked.attempt
     assert attempt.number is not None and attempt.params is not None and attempt.lease_expires_at is not None
     return AskedTrial(number=attempt.number, attempt_id=attempt.id, params=attempt.params,

@@ -3,7 +3,9 @@
 Each slot (one, or one per GPU) asks for a trial, runs the command with the trial in its environment while
 renewing the trial's lease, and tells ``failed`` (with the tail of the command's stderr) when the command exits
 non-zero or exits without telling. It stops when the study has nothing left to ask. Interrupted, it ends its
-commands without telling: their leases run out and their params are handed out again.
+commands without telling: their leases run out and their params are handed out again. Its client (and the
+command's, through ``current_trial()``) retries asks, reports, renewals and tells on transport errors, 5xx and
+429 with bounded backoff (PATIENT_RETRIES, honouring Retry-After), so a restarting API costs no trial.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def agent(
 
     Example: scaletune agent 3f2c0e9a-... --gpus 0,1 -- python train.py --data input.txt
     """
-    from scaletune.client import Client
+    from scaletune.client import PATIENT_RETRIES, Client
 
     slots: list[str | None] = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else [None]
     if not slots:
@@ -169,7 +171,7 @@ def agent(
     errors: list[str] = []
     host = f"{socket.gethostname()}:{os.getpid()}"
     with server_errors():
-        client = Client()
+        client = Client(retries=PATIENT_RETRIES)
         client.study(study_id)  # fail fast on a wrong id, URL or token
         threads = [threading.Thread(target=serve_slot, name=f"slot-{gpu}", daemon=True,
                                     args=(client, study_id, command, gpu, budget, stopping,

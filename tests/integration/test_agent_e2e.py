@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.embedded import ChildSpec, Supervisor
+from service.embedded import ChildSpec, Supervisor, answers
 from tests.integration.conftest import FAST_RECOVERY, SCALETUNE, free_port, issue_token, wait_for_api
 
 pytestmark = pytest.mark.integration
@@ -82,3 +82,31 @@ def test_an_agent_killed_mid_trial_has_its_params_handed_out_again_and_exactly_n
     assert handed_out.pop(tuple(sorted(lost["params"].items()))) == 2
     assert list(handed_out.values()) == [1] * (N_TRIALS - 1)
     assert client.post(f"/v1/studies/{study_id}/trials/ask").status_code == 409
+
+
+def test_an_agent_rides_out_an_api_that_is_briefly_down(api: tuple[httpx.Client, dict[str, str]],
+                                                        processes: Supervisor, tmp_path: Path) -> None:
+    """The API process is killed mid-trial and started again a few seconds later: the agent's heartbeats, the
+    command's reports and tell, and the agent's next ask are retried, so every trial completes at its first try."""
+    client, env = api
+    study_id = client.post("/v1/studies", json={**SPEC, "n_trials": 3, "parallelism": 1,
+                                                "lease_seconds": 120}).raise_for_status().json()["id"]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    agent = processes.start(ChildSpec("agent", [*SCALETUNE, "agent", study_id, "--", *TRAINER],
+                                      {**env, "TRAINER_MARK_DIR": str(marks), "TRAINER_STEP_S": "1"}))
+    wait_for("the first trial to start", lambda: any(marks.iterdir()))
+    [(api_spec, api_process)] = [(spec, process) for spec, process in processes.children if spec.name == "api"]
+    api_process.kill()
+    api_process.wait()
+    time.sleep(3)
+    processes.start(ChildSpec("api-again", api_spec.argv, api_spec.env))
+    wait_for("the API to answer again", lambda: answers(f"{env['SCALETUNE_URL']}/healthz"))
+    wait_for("the agent to finish", lambda: agent.poll() is not None, 240)
+
+    assert agent.returncode == 0
+    study = client.get(f"/v1/studies/{study_id}").raise_for_status().json()
+    trials = client.get(f"/v1/studies/{study_id}/trials", params={"limit": 100}).raise_for_status().json()["items"]
+    assert study["status"] == "completed" and study["trial_counts"]["complete"] == 3
+    assert [(t["state"], t["attempt"]) for t in trials] == [("complete", 1)] * 3
+    assert all([p["step"] for p in t["intermediate"]] == [1, 2, 3, 4, 5, 6] for t in trials)

@@ -91,6 +91,20 @@ def test_the_last_trials_out_leave_nothing_to_ask_until_they_end(client: TestCli
     assert finished.status_code == 409 and "completed" in finished.json()["detail"]
 
 
+def test_an_ask_repeated_with_its_idempotency_key_answers_the_trial_it_handed_out(client: TestClient) -> None:
+    study_id = submit(client, n_trials=3, parallelism=2)
+    ask_with = {"json": {"worker": "laptop:1"}, "headers": {"Idempotency-Key": "ask-1"}}
+    first = client.post(f"/v1/studies/{study_id}/trials/ask", **ask_with).json()
+    again = client.post(f"/v1/studies/{study_id}/trials/ask", **ask_with)
+    assert again.status_code == 201 and again.json() == first
+    other = ask_ok(client, study_id)
+    assert other["number"] != first["number"]
+    tell_ok(client, study_id, first["number"])
+    after_tell = client.post(f"/v1/studies/{study_id}/trials/ask", **ask_with)
+    assert after_tell.status_code == 201 and after_tell.json()["number"] not in (first["number"], other["number"])
+    assert client.get(f"/v1/studies/{study_id}/trials").json()["total"] == 3
+
+
 def test_telling_twice_is_harmless_and_gives_the_same_answer(client: TestClient) -> None:
     study_id = submit(client)
     trial = ask_ok(client, study_id)

@@ -28,6 +28,7 @@ from service.settings import Settings
 from service.studies import add_event
 from service.tokens import create_token
 from tests.service.conftest import free_port
+from tests.service.test_asktell import EXTERNAL
 
 runner = CliRunner()
 CLIENT_COMMANDS = ["submit", "studies", "status", "watch", "trials", "cancel", "transfer", "check", "schedule", "plot"]
@@ -360,6 +361,23 @@ def test_a_retried_submit_creates_one_study(live_url: str, token: str, api: Clie
         created = flaky.submit(spec_dict)
     assert len(seen) == 2 and seen[0]["idempotency_key"] == seen[1]["idempotency_key"] is not None
     assert [s.id for s in api.studies().items] == [created.id]
+
+
+def test_an_external_trials_calls_are_retried_and_each_counts_once(live_url: str, token: str, api: Client) -> None:
+    """The answer to the ask, a report and the tell is each lost once after the server acted; the retries (the ask
+    with the same Idempotency-Key) hand out one trial, record one point and one outcome."""
+    study_id = api.submit({**EXTERNAL, "n_trials": 2, "parallelism": 2}).id
+    with scripted_server(*[_forward(live_url, then_drop=True), _forward(live_url)] * 3) as (url, seen), \
+            Client(url, token=token, backoff=0.01) as flaky:
+        trial = flaky.ask(study_id)
+        assert trial.report(1, 0.5) is False
+        trial.tell(0.25)
+    assert [request["path"].rsplit("/", 1)[1] for request in seen] == ["ask", "ask", "report", "report", "tell",
+                                                                       "tell"]
+    assert seen[0]["idempotency_key"] == seen[1]["idempotency_key"] is not None
+    recorded, = api.trials(study_id).items
+    assert (recorded.number, recorded.state, recorded.value) == (trial.number, "complete", 0.25)
+    assert [(point.step, point.value) for point in recorded.intermediate] == [(1, 0.5)]
 
 
 def test_cli_submit_retries_and_creates_one_study(live_url: str, env: dict[str, str], api: Client,
