@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState as OptunaState
@@ -17,7 +18,6 @@ from scaletune.train import Checkpointing, EvalPoint, TrainResult
 from service.db import SessionFactory, create_db_engine, make_session_factory
 from service.dispatch import dispatch, send_all
 from service.kinds.registry import kind_of, spec_of
-from service.kinds.schedule_run import is_schedule_run
 from service.logging import log_context
 from service.models import Study, TrialAttempt, TrialState
 from service.optuna_study import failure_value, get_storage
@@ -26,7 +26,6 @@ from service.settings import Settings
 from service.studies import study_is_cancelled
 from service.trials import Outcome, claim_attempt, finish_attempt, first_attempt_id, heartbeat, record_asked, \
     record_point
-from workers.schedule_run import run_planned_schedule
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +71,26 @@ class Heartbeat:
 
 
 class _Progress:
-    """The training callback: record each eval, report it to Optuna, and say when to stop (and why)."""
+    """The training callback: record each eval, report it to Optuna (if asked of it), and say when to stop (and why)."""
 
-    def __init__(self, ctx: WorkerContext, attempt_id: str, study_id: str, trial: optuna.Trial,
-                 beat: Heartbeat) -> None:
-        self.ctx, self.attempt_id, self.study_id, self.trial, self.beat = ctx, attempt_id, study_id, trial, beat
+    def __init__(self, ctx: WorkerContext, attempt_id: str, study_id: str, beat: Heartbeat,
+                 trial: optuna.Trial | None = None) -> None:
+        self.ctx, self.attempt_id, self.study_id, self.beat, self.trial = ctx, attempt_id, study_id, beat, trial
         self.stop_reason: TrialState | None = None
 
-    def __call__(self, point: EvalPoint) -> bool:
-        record_point(self.ctx.session_factory, self.attempt_id, asdict(point))
-        if math.isfinite(point.eval_loss):
-            self.trial.report(point.eval_loss, point.step)
+    def record(self, point: dict[str, Any]) -> bool:
+        """Record an eval point (an ``EvalPoint`` as a dict, plus what the kind adds); True: stop now."""
+        record_point(self.ctx.session_factory, self.attempt_id, point)
+        if self.trial is not None and math.isfinite(point["eval_loss"]):
+            self.trial.report(point["eval_loss"], point["step"])
         if study_is_cancelled(self.ctx.session_factory, self.study_id) or self.beat.lost.is_set():
             self.stop_reason = TrialState.cancelled
-        elif self.trial.should_prune():
+        elif self.trial is not None and self.trial.should_prune():
             self.stop_reason = TrialState.pruned
         return self.stop_reason is not None
+
+    def __call__(self, point: EvalPoint) -> bool:
+        return self.record(asdict(point))
 
 
 def outcome_of(result: TrainResult, stop_reason: TrialState | None) -> Outcome:
@@ -158,19 +161,18 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
     saves: Checkpointing | None = None
     with Heartbeat(ctx.session_factory, attempt_id, ctx.settings.HEARTBEAT_INTERVAL) as beat:
         try:
-            if is_schedule_run(attempt.params):
-                outcome = outcome_of(*run_planned_schedule(ctx.settings, ctx.session_factory, attempt, study_row,
-                                                           beat.lost))
-            else:
+            progress = _Progress(ctx, attempt_id, attempt.study_id, beat)
+            result = kind.run_planned(spec, attempt, ctx.settings, progress.record)
+            if result is None:  # a trial: Optuna says what to train
                 study = kind.load_optuna_study(storage, study_row.optuna_study_name, spec, retried_params=fixed)
                 trial = study.ask(kind.distributions(spec))
                 record_asked(ctx.session_factory, attempt_id, trial.number, trial.params)
-                progress = _Progress(ctx, attempt_id, attempt.study_id, trial, beat)
+                progress = _Progress(ctx, attempt_id, attempt.study_id, beat, trial)
                 config = kind.trial_config(spec, trial.params)
                 saves = checkpointing(ctx, attempt, config)
                 result = run_trial(config, progress, data_root=ctx.settings.DATA_ROOT,
                                    max_params=ctx.settings.MAX_PROXY_PARAMS, checkpointing=saves)
-                outcome = outcome_of(result, progress.stop_reason)
+            outcome = outcome_of(result, progress.stop_reason)
         except Exception as error:
             log.exception("attempt %s failed", attempt_id)
             outcome = _failure(error)

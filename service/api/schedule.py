@@ -17,7 +17,7 @@ from service.api.schemas import Problem
 from service.api.state import ServiceState, service_state
 from service.db import write_session
 from service.dispatch import send_all
-from service.kinds import schedule_run, shape_schedule
+from service.kinds import schedule_run, schedule_training, shape_schedule
 from service.models import StudyStatus, TrialAttempt, TrialState, new_id
 from service.spec import ResolvedShapeSchedule
 from service.tokens import Principal
@@ -110,8 +110,8 @@ def post_schedule_run(study_id: str, body: ScheduleRunRequest, state: State,
     params = schedule_run.run_params(loaded.spec, _plan(state, loaded, query, where="body"), query, body.seed,
                                      run_id)
     data = dataset_spec(loaded.spec.dataset.name, loaded.spec.dataset.args, state.settings.DATA_ROOT)
-    steps = schedule_run.step_ends(schedule_run.run_config(loaded.spec, params), schedule_run.phases_of(params),
-                                   data)[-1]
+    steps = schedule_training.step_ends(schedule_training.run_config(loaded.spec, params),
+                                        schedule_training.phases_of(params), data)[-1]
     if steps > state.settings.MAX_STEPS:
         raise _unprocessable(f"the planned schedule needs {steps} training steps, above this server's limit of "
                              f"{state.settings.MAX_STEPS}; ask for a higher target loss or a smaller budget",

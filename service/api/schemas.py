@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from service.models import Study, TrialAttempt
-from service.kinds.registry import STUDY_SPEC, StudySpec
+from service.kinds.registry import STUDY_SPEC, SUMMARY_KINDS, StudyResult, StudySpec
 
 
 class StudyLinks(BaseModel):
@@ -57,39 +57,6 @@ class StudyPage(BaseModel):
     offset: int
 
 
-class CheckVerdict(BaseModel):
-    """A completed transfer_check: does the optimal value of the checked hyperparameter stay put across sizes?"""
-
-    kind: Literal["transfer_check"]
-    hparam: str = Field(description="the hyperparameter checked (lr, output_mult, init_std, weight_decay, "
-                                    "warmup_frac or attn_mult)")
-    verdict: Literal["holds", "drifts", "not_monotone", "inconclusive"] = Field(
-        description="holds: every drift's 95% interval within the tolerance and the loss improves with size; "
-                    "drifts: one interval wholly beyond it; not_monotone: within it but the loss does not improve; "
-                    "inconclusive: an optimum at the grid edge, too few seeds, or an interval across the tolerance")
-    drift: float | None = Field(description="the largest move of the optimal log2 value vs the smallest size, octaves")
-    drift_interval: tuple[float, float] | None = Field(description="the bootstrap 95% interval of that drift")
-    seeds_needed: int | None = Field(description="about how many seeds per point would settle an inconclusive "
-                                                 "verdict (null when seeds are not what is missing)")
-    direction: Literal["higher", "lower"] | None = Field(description="where the optimum moves with size")
-    monotone: bool = Field(description="the loss at the optimum improves with every size step")
-    reasons: list[str]
-
-
-class ScheduleSummary(BaseModel):
-    """A completed shape_schedule: the planned schedule to the lowest loss its first proxy size reached."""
-
-    kind: Literal["shape_schedule"]
-    target_loss: float
-    shapes: list[str] = Field(description="the shapes the schedule trains in, in order")
-    adaptive_flops: float
-    static_shape: str
-    static_flops: float
-    saving: float = Field(description="predicted fraction of compute saved vs the best static shape")
-    saving_interval: dict[str, Any]
-    low_confidence: bool
-
-
 class StudyDetail(BaseModel):
     id: str
     name: str
@@ -104,9 +71,8 @@ class StudyDetail(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
-    result: CheckVerdict | ScheduleSummary | None = Field(
-        None, discriminator="kind",
-        description="once a transfer_check or shape_schedule study has completed: its verdict or schedule summary")
+    result: StudyResult | None = Field(
+        None, description=f"once a {' or '.join(SUMMARY_KINDS)} study has completed: its kind's summary")
     links: StudyLinks
     warnings: list[str] = Field(default_factory=list, description="what to know about this spec "
                                                                   "(e.g. depth_mup with multi-layer blocks)")

@@ -8,7 +8,7 @@ A new kind is a module exporting ``KIND`` plus one line in the registry.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from scaletune.runner import TrialConfig
+from scaletune.train import TrainResult
 from service.models import Study, TrialAttempt
 from service.plots import Plot
 from service.settings import Settings
@@ -41,6 +42,8 @@ class StudyKind(ABC, Generic[SpecT]):
     """True: the service queues each trial for a worker; False: trials are created by an HTTP ask."""
     plots: Mapping[str, Plot] = {}
     """The plots this kind serves under /plots/{name}, in the order they are listed."""
+    summary_type: type[BaseModel] | None = None
+    """What ``summary`` returns, as GET /v1/studies/{id} documents its ``result`` (None: no summary)."""
 
     def parse(self, stored: dict[str, Any]) -> SpecT:
         """The spec from its stored JSON (resolved and checked at submission)."""
@@ -74,10 +77,17 @@ class StudyKind(ABC, Generic[SpecT]):
     def trial_config(self, spec: SpecT, params: dict[str, Any]) -> TrialConfig:
         """What a worker trains for a trial with these params."""
 
+    def run_planned(self, spec: SpecT, attempt: TrialAttempt, settings: Settings,
+                    record: Callable[[dict[str, Any]], bool]) -> TrainResult | None:
+        """Train an attempt whose work was fixed when it was queued rather than asked of Optuna, passing each eval
+        point to ``record`` (True: stop now); None for a trial the worker asks Optuna for (every one, by default)."""
+        return None
+
     def grow(self, spec: SpecT, attempts: list[TrialAttempt]) -> dict[str, Any] | None:
         """Once every queued trial has finished: fields to update in the stored spec to run more (None: done)."""
         return None
 
     def summary(self, session: Session, study: Study, spec: SpecT, data_root: Path | None) -> dict[str, Any] | None:
-        """What GET /v1/studies/{id} says about the completed study beyond its best value; None by default."""
+        """What GET /v1/studies/{id} says about the completed study beyond its best value (a ``summary_type``
+        as JSON); None by default."""
         return None

@@ -1,4 +1,4 @@
-"""Every study kind by name, the spec union they define, and parsing a spec into its kind's type.
+"""Every study kind by name, the spec and summary unions they define, and parsing a spec into its kind's type.
 
 A new kind is a module exporting ``KIND`` (a ``service.kinds.base.StudyKind``) and one line in ``KINDS``.
 """
@@ -28,6 +28,10 @@ KINDS: dict[str, StudyKind[Any]] = {kind.name: kind for kind in (
 StudySpec = Annotated[Union[tuple(kind.spec_type for kind in KINDS.values())],  # type: ignore[valid-type]  # noqa: UP007
                       Field(discriminator="kind")]
 STUDY_SPEC: TypeAdapter[Any] = TypeAdapter(StudySpec)
+SUMMARY_KINDS = [name for name, kind in KINDS.items() if kind.summary_type is not None]
+StudyResult = Annotated[Union[tuple(KINDS[name].summary_type for name in SUMMARY_KINDS)],  # type: ignore[valid-type]  # noqa: UP007
+                        Field(discriminator="kind")]
+"""A completed study's summary (``StudyKind.summary``), told apart by its ``kind``."""
 
 
 class HasKind(Protocol):

@@ -1,30 +1,21 @@
 """Schedule runs of a shape_schedule study: one trial that executes the planned schedule, measured against it.
 
 A run is an attempt whose params hold the planned phases (fixed when it is queued, so a retry resumes the very
-same schedule from its checkpoint), the prediction, and ``RUN_KEY`` = the run's id, which names its checkpoint
-directory: every attempt of one run shares it. Each eval point records the phase and shape it was taken in.
+same schedule from its checkpoint), the prediction, and the run's id (``schedule_training.RUN_KEY``). Each eval
+point records the phase and shape it was taken in (``schedule_training`` trains it).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-from scaletune.adaptive import Phase, phase_ends, phases_from_schedule
-from scaletune.data.base import DataSpec
-from scaletune.models.registry import get_family
-from scaletune.runner import TrialConfig
+from scaletune.adaptive import Phase, phases_from_schedule
 from scaletune.shapes import Shape
-from service.kinds.setup import base_config
-from service.kinds.shape_schedule import RUN_KEY, Plan, ScheduleQuery, base_shape, shape_label
+from service.kinds.schedule_training import RUN_KEY, is_schedule_run
+from service.kinds.shape_schedule import Plan, ScheduleQuery, base_shape, shape_label
 from service.models import TrialAttempt
 from service.spec import ResolvedShapeSchedule
-
-
-def is_schedule_run(params: dict[str, Any] | None) -> bool:
-    return params is not None and RUN_KEY in params
 
 
 def proxy_shapes(spec: ResolvedShapeSchedule) -> dict[str, Shape]:
@@ -50,35 +41,6 @@ def _trainable(phases: list[Phase]) -> list[Phase]:
         if phase.until_flops > (kept[-1].until_flops if kept else 0.0):
             kept.append(phase)
     return kept
-
-
-def phases_of(params: dict[str, Any]) -> list[Phase]:
-    return [Phase(Shape.from_dict(p["shape"]), float(p["until_flops"])) for p in params["phases"]]
-
-
-def run_config(spec: ResolvedShapeSchedule, params: dict[str, Any]) -> TrialConfig:
-    """The first phase's shape with the study's setup; run_schedule sets the steps from the phases."""
-    return base_config(spec, phases_of(params)[0].shape, spec.budget.to_budget(schedule="wsd"),
-                       dict(spec.hyperparameters), int(params["seed"]))
-
-
-def step_ends(config: TrialConfig, phases: list[Phase], data: DataSpec) -> list[int]:
-    """The step at which each phase ends, as the adaptive run counts them."""
-    family = get_family(config.family)
-
-    def flops_per_step(shape: Shape) -> float:
-        return config.budget.batch_size * family.train_flops_per_sample(shape, data, config.args)
-
-    return phase_ends(phases, flops_per_step)
-
-
-def phase_at(ends: list[int]) -> Callable[[int], int]:
-    """The phase an eval after ``step`` steps is taken in (the eval at a phase's last step precedes its surgery)."""
-    return lambda step: min(bisect_left(ends, step), len(ends) - 1)
-
-
-def checkpoint_dir(artifacts: Path, study_id: str, params: dict[str, Any]) -> Path:
-    return artifacts / study_id / str(params[RUN_KEY])
 
 
 def _curve(attempts: list[TrialAttempt]) -> list[dict[str, Any]]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from optuna.distributions import BaseDistribution, IntDistribution
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -21,18 +22,20 @@ from scaletune.scaling.fit import FitResult, Run, fit_shapes
 from scaletune.scaling.project import MIN_SIZES, Projection, project_tier_a, project_tier_b
 from scaletune.scaling.schedule import ScheduleConstraints, ScheduleReport, schedule_from_fits
 from scaletune.shapes import Shape
+from scaletune.train import TrainResult
 from service.kinds.grid import GridKind
+from service.kinds.schedule_training import is_schedule_run, run_planned_schedule
 from service.kinds.setup import base_config
 from service.models import Study, TrialAttempt, TrialState
 from service.plot_drawing import draw_scaling, draw_schedule
 from service.plots import DrawnPlot, NoPlotData, PlotInput
+from service.settings import Settings
 from service.spec import Loc, ResolvedShapeSchedule, ShapeScheduleSpec
 
 N_BOOTSTRAP = 30  # refits per shape: a coarse 90% interval, but a GET must answer in seconds on a CPU
 GRID_AXES = ("value_index", "size_index", "seed", "budget_index")
 CURVE_POINTS = 60  # samples along a fitted curve
 PATH_POINTS = 24  # samples along one schedule segment
-RUN_KEY = "schedule_run"  # in an attempt's params: the id of the schedule run it executes (not a grid point)
 
 
 def base_shape(spec: ResolvedShapeSchedule) -> Shape:
@@ -52,7 +55,7 @@ def runs_by_shape(spec: ResolvedShapeSchedule, attempts: Iterable[TrialAttempt])
     """Completed attempts as learning curves: one Run per (shape, size, seed), one point per budget."""
     points: dict[tuple[int, int, int], list[tuple[float, float]]] = {}
     for a in attempts:
-        if (a.state == TrialState.complete and a.params and RUN_KEY not in a.params and a.flops
+        if (a.state == TrialState.complete and a.params and not is_schedule_run(a.params) and a.flops
                 and a.value is not None):
             key = (int(a.params["value_index"]), int(a.params["size_index"]), int(a.params["seed"]))
             points.setdefault(key, []).append((float(a.flops), float(a.value)))
@@ -244,10 +247,25 @@ def schedule_data(given: PlotInput) -> dict[str, Any]:
             "segments": paths}
 
 
+class ScheduleSummary(BaseModel):
+    """A completed shape_schedule: the planned schedule to the lowest loss its first proxy size reached."""
+
+    kind: Literal["shape_schedule"]
+    target_loss: float
+    shapes: list[str] = Field(description="the shapes the schedule trains in, in order")
+    adaptive_flops: float
+    static_shape: str
+    static_flops: float
+    saving: float = Field(description="predicted fraction of compute saved vs the best static shape")
+    saving_interval: dict[str, Any]
+    low_confidence: bool
+
+
 class ShapeScheduleKind(GridKind[ResolvedShapeSchedule]):
     name = "shape_schedule"
     spec_type = ShapeScheduleSpec
     stored_type = ResolvedShapeSchedule
+    summary_type = ScheduleSummary
     plots = {"scaling": DrawnPlot(scaling_data, draw_scaling), "schedule": DrawnPlot(schedule_data, draw_schedule)}
 
     def grid_points(self, spec: ResolvedShapeSchedule) -> list[dict[str, Any]]:
@@ -275,12 +293,17 @@ class ShapeScheduleKind(GridKind[ResolvedShapeSchedule]):
                                                                                   schedule="wsd"),
                            dict(spec.hyperparameters), int(params["seed"]))
 
+    def run_planned(self, spec: ResolvedShapeSchedule, attempt: TrialAttempt, settings: Settings,
+                    record: Callable[[dict[str, Any]], bool]) -> TrainResult | None:
+        """A schedule run (queued by POST /schedule/run) trains its planned phases; a grid point is a trial."""
+        return run_planned_schedule(spec, attempt, settings, record) if is_schedule_run(attempt.params) else None
+
     def summary(self, session: Session, study: Study, spec: ResolvedShapeSchedule,
                 data_root: Path | None) -> dict[str, Any] | None:
         """The schedule to the lowest loss the first proxy size reached (GET /schedule plans to any other target)."""
         attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study.id)))
         losses = [a.value for a in attempts if a.state == TrialState.complete and a.value is not None and a.params
-                  and RUN_KEY not in a.params and int(a.params["size_index"]) == 0]
+                  and not is_schedule_run(a.params) and int(a.params["size_index"]) == 0]
         if not losses:
             return None
         try:

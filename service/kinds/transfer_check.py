@@ -1,7 +1,7 @@
 """transfer_check: sizes x multipliers x seeds around one tuned value; per-size optimum, drift and verdict.
 
 The grid grows by octaves (up to ``max_extensions``) while a size's seed-mean minimum sits at an edge: the
-dispatcher asks :meth:`TransferCheckKind.extend` once every queued point has finished.
+dispatcher asks :meth:`TransferCheckKind.grow` once every queued point has finished.
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -103,10 +104,30 @@ def landscape_data(given: PlotInput) -> dict[str, Any]:
 LANDSCAPE = DrawnPlot(landscape_data, draw_landscape)
 
 
+class CheckVerdict(BaseModel):
+    """A completed transfer_check: does the optimal value of the checked hyperparameter stay put across sizes?"""
+
+    kind: Literal["transfer_check"]
+    hparam: str = Field(description="the hyperparameter checked (lr, output_mult, init_std, weight_decay, "
+                                    "warmup_frac or attn_mult)")
+    verdict: Literal["holds", "drifts", "not_monotone", "inconclusive"] = Field(
+        description="holds: every drift's 95% interval within the tolerance and the loss improves with size; "
+                    "drifts: one interval wholly beyond it; not_monotone: within it but the loss does not improve; "
+                    "inconclusive: an optimum at the grid edge, too few seeds, or an interval across the tolerance")
+    drift: float | None = Field(description="the largest move of the optimal log2 value vs the smallest size, octaves")
+    drift_interval: tuple[float, float] | None = Field(description="the bootstrap 95% interval of that drift")
+    seeds_needed: int | None = Field(description="about how many seeds per point would settle an inconclusive "
+                                                 "verdict (null when seeds are not what is missing)")
+    direction: Literal["higher", "lower"] | None = Field(description="where the optimum moves with size")
+    monotone: bool = Field(description="the loss at the optimum improves with every size step")
+    reasons: list[str]
+
+
 class TransferCheckKind(GridKind[ResolvedTransferCheck]):
     name = "transfer_check"
     spec_type = TransferCheckSpec
     stored_type = ResolvedTransferCheck
+    summary_type = CheckVerdict
     plots = {"landscape": LANDSCAPE}
 
     def grid_points(self, spec: ResolvedTransferCheck) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_transfer_check_study import run_all
 
-import workers.schedule_run
+import workers.trial_task
 from scaletune.adaptive import CHECKPOINT
 from service.kinds.shape_schedule import KIND as SCHEDULE
 from service.models import utcnow
@@ -145,14 +145,14 @@ def test_a_schedule_run_resumes_from_its_checkpoint_in_the_shape_it_reached(
     run = response.json()["run"]
     assert [p["shape"]["width"] for p in run["phases"]] == [2, 16] and run["status"] == "queued"
 
-    recorded = workers.schedule_run.record_point
+    recorded = workers.trial_task.record_point
 
     def killed_after_the_switch(session_factory: Any, attempt_id: str, point: dict[str, Any]) -> None:
         recorded(session_factory, attempt_id, point)
         if point["phase"] == 1:
             raise RuntimeError("worker killed")
 
-    monkeypatch.setattr(workers.schedule_run, "record_point", killed_after_the_switch)
+    monkeypatch.setattr(workers.trial_task, "record_point", killed_after_the_switch)
     assert run_attempt(ctx, run["id"]) == "failed"
     monkeypatch.undo()
     [retry] = ctx.enqueue.ids()
