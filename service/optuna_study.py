@@ -9,7 +9,9 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
+from optuna.trial import TrialState as OptunaState
 
+from service.models import TrialState
 from service.settings import SQLITE_BUSY_TIMEOUT_S, is_sqlite, normalise_database_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -62,3 +64,17 @@ def delete_optuna_study(storage: BaseStorage, name: str) -> None:
 def failure_value(direction: str) -> float:
     """What a diverged trial tells Optuna: the worst possible value, so samplers learn to avoid the region."""
     return math.inf if direction == "minimize" else -math.inf
+
+
+def tell_outcome(study: optuna.Study, trial: optuna.Trial | int, direction: str, state: TrialState,
+                 value: float | None) -> None:
+    """Tell Optuna how an attempt ended (its value, PRUNED, the worst value for a diverged one, else FAIL)."""
+    match state:
+        case TrialState.complete:
+            study.tell(trial, value, skip_if_finished=True)
+        case TrialState.diverged:
+            study.tell(trial, failure_value(direction), skip_if_finished=True)
+        case TrialState.pruned:
+            study.tell(trial, state=OptunaState.PRUNED, skip_if_finished=True)
+        case _:
+            study.tell(trial, state=OptunaState.FAIL, skip_if_finished=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import optuna
 from optuna.trial import TrialState as OptunaState
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 
 from service.db import SessionFactory, create_db_engine, make_session_factory, write_session
 from service.dispatch import dispatch, send_all
@@ -17,21 +17,22 @@ from service.kinds.registry import dispatching_kinds
 from service.leases import expire_leases
 from service.logging import log_context
 from service.metrics import RECONCILER_ACTIONS
-from service.models import Study, TrialAttempt, TrialState, utcnow
-from service.optuna_study import NAME_PREFIX, created_at, delete_optuna_study, get_storage, stamp_created_at
+from service.models import IN_FLIGHT, Study, TrialAttempt, TrialState, utcnow
+from service.optuna_study import NAME_PREFIX, created_at, delete_optuna_study, get_storage, stamp_created_at, \
+    tell_outcome
 from service.queue import Enqueue, make_celery, trial_sender
 from service.settings import Settings
-from service.studies import orphan_optuna_study_names, unfinished_study_ids
-from service.trials import WORKER_LOST, Outcome, finish_attempt, stale_attempt_ids
+from service.studies import orphan_optuna_study_names, running_optuna_trials, unfinished_study_ids
+from service.trials import WORKER_LOST, Outcome, finish_attempt, stale_attempt_ids, trial_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Action:
-    """One thing the reconciler did: ``failed_stale``, ``retried``, ``lease_expired``, ``resent``, ``dispatched`` or
-    ``removed_orphan`` (then ``study_id`` is the id the orphan Optuna study was made for, which has no row, and there
-    is no attempt)."""
+    """One thing the reconciler did: ``failed_stale``, ``retried``, ``lease_expired``, ``resent``, ``dispatched``,
+    ``told_optuna`` (no attempt: an Optuna trial asked for but never recorded) or ``removed_orphan`` (then
+    ``study_id`` is the id the orphan Optuna study was made for, which has no row, and there is no attempt)."""
 
     kind: str
     study_id: str
@@ -92,6 +93,40 @@ def resend_lost_tasks(session_factory: SessionFactory, enqueue: Enqueue, setting
     return [Action("resent", study_id, attempt_id) for attempt_id, study_id, _queue in rows]
 
 
+def close_optuna_trials(session_factory: SessionFactory, settings: Settings, now: datetime) -> list[Action]:
+    """Tell Optuna how trials ended that it still counts as running, and remove their checkpoints.
+
+    A worker that dies after recording how its attempt ended but before telling Optuna leaves the Optuna trial
+    running (and the trial's checkpoint on disk); one that dies between Optuna's ask and recording it leaves a
+    trial no attempt names, failed here once it is older than STALE_AFTER. Either would stay running forever.
+    """
+    stale = now - timedelta(seconds=settings.STALE_AFTER)
+    actions = []
+    with session_factory() as session:
+        for study, number, started in running_optuna_trials(session):
+            attempt = session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study.id,
+                                                                 TrialAttempt.number == number)).one_or_none()
+            if attempt is None and (started is None or started.astimezone(UTC) > stale):
+                continue  # the worker that asked may be recording it right now
+            if attempt is not None and attempt.state in IN_FLIGHT:
+                continue
+            try:
+                optuna_study = optuna.load_study(study_name=study.optuna_study_name,
+                                                 storage=get_storage(settings.DATABASE_URL))
+                tell_outcome(optuna_study, number, study.spec["objective"]["direction"],
+                             TrialState.failed if attempt is None else TrialState(attempt.state),
+                             None if attempt is None else attempt.value)
+            except Exception:  # as in _tell_optuna_failed: the next pass tries again
+                log.exception("could not tell Optuna how trial %s of study %s ended", number, study.id)
+                continue
+            actions.append(Action("told_optuna", study.id, None if attempt is None else attempt.id))
+            retried = attempt is not None and session.scalar(select(exists().where(
+                TrialAttempt.retry_of == attempt.id)))
+            if attempt is not None and not retried and settings.ARTIFACTS_DIR is not None:
+                trial_checkpoint(settings.ARTIFACTS_DIR, session_factory, attempt).unlink(missing_ok=True)
+    return actions
+
+
 def remove_orphan_optuna_studies(session_factory: SessionFactory, settings: Settings, now: datetime) -> list[Action]:
     """Delete Optuna studies without a study row once ORPHAN_STUDY_GRACE has passed since they were stamped.
 
@@ -115,14 +150,15 @@ def remove_orphan_optuna_studies(session_factory: SessionFactory, settings: Sett
 
 def reconcile_once(session_factory: SessionFactory, enqueue: Enqueue, settings: Settings | None = None,
                    now: datetime | None = None) -> list[Action]:
-    """One pass: fail stale attempts (and retry), end run-out leases, re-send lost tasks, top up every unfinished
-    study, remove orphan Optuna studies."""
+    """One pass: fail stale attempts (and retry), end run-out leases, re-send lost tasks, tell Optuna how trials it
+    still counts as running ended, top up every unfinished study, remove orphan Optuna studies."""
     settings = settings or Settings()
     now = now or utcnow()
     actions = fail_stale_attempts(session_factory, enqueue, settings, now)
     actions += [Action("lease_expired", study_id, attempt_id) for study_id, attempt_id in
                 expire_leases(session_factory, get_storage(settings.DATABASE_URL), settings.MAX_RETRIES, now)]
     actions += resend_lost_tasks(session_factory, enqueue, settings, now)
+    actions += close_optuna_trials(session_factory, settings, now)
     with session_factory() as session:
         study_ids = unfinished_study_ids(session)
     for study_id in study_ids:

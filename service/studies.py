@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from optuna.storages import BaseStorage
-from sqlalchemy import column, exists, func, select, table, update
+from optuna.trial import TrialState as OptunaState
+from sqlalchemy import DateTime, String, cast, column, exists, func, select, table, update
 from sqlalchemy.orm import Session
 
 from scaletune.data.registry import dataset_spec
@@ -21,7 +23,10 @@ from service.quotas import check_concurrent_studies
 from service.kinds.registry import StudySpec, kind_of
 
 DEFAULT_TENANT = "default"
-OPTUNA_STUDIES = table("studies", column("study_name"))  # Optuna's own table, in our database
+# Optuna's own tables, in our database
+OPTUNA_STUDIES = table("studies", column("study_id"), column("study_name"))
+OPTUNA_TRIALS = table("trials", column("study_id"), column("number"), column("state"),
+                      column("datetime_start", DateTime))
 
 
 class StudyNotFound(LookupError):
@@ -121,6 +126,16 @@ def orphan_optuna_study_names(session: Session) -> list[str]:
     name = OPTUNA_STUDIES.c.study_name
     return list(session.scalars(select(name).where(name.startswith(NAME_PREFIX, autoescape=True),
                                                    ~exists().where(Study.optuna_study_name == name))))
+
+
+def running_optuna_trials(session: Session) -> list[tuple[Study, int, datetime | None]]:
+    """The trials of our studies that Optuna counts as running: (study, trial number, when Optuna started it)."""
+    trials, studies = OPTUNA_TRIALS.c, OPTUNA_STUDIES.c
+    rows = session.execute(select(Study, trials.number, trials.datetime_start)
+                           .join(OPTUNA_STUDIES, studies.study_name == Study.optuna_study_name)
+                           .join(OPTUNA_TRIALS, trials.study_id == studies.study_id)
+                           .where(cast(trials.state, String) == OptunaState.RUNNING.name)).all()
+    return [(study, int(number), started) for study, number, started in rows]
 
 
 def study_is_cancelled(session_factory: SessionFactory, study_id: str) -> bool:

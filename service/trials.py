@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -62,6 +63,11 @@ def first_attempt_id(session_factory: SessionFactory, attempt: TrialAttempt) -> 
         while attempt.retry_of is not None:
             attempt = session.get_one(TrialAttempt, attempt.retry_of)
     return attempt.id
+
+
+def trial_checkpoint(artifacts: Path, session_factory: SessionFactory, attempt: TrialAttempt) -> Path:
+    """The file every attempt of one trial saves to and resumes from, named after the trial's first attempt."""
+    return artifacts / attempt.study_id / "trials" / f"{first_attempt_id(session_factory, attempt)}.pt"
 
 
 def heartbeat(session_factory: SessionFactory, attempt_id: str) -> bool:

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState as OptunaState
 
 from scaletune.runner import TrialConfig, run_trial
 from scaletune.train import Checkpointing, EvalPoint, TrainResult
@@ -20,12 +19,12 @@ from service.dispatch import dispatch, send_all
 from service.kinds.registry import kind_of, spec_of
 from service.logging import log_context
 from service.models import Study, TrialAttempt, TrialState
-from service.optuna_study import failure_value, get_storage
+from service.optuna_study import get_storage, tell_outcome
 from service.queue import Enqueue
 from service.settings import Settings
 from service.studies import study_is_cancelled
-from service.trials import Outcome, claim_attempt, finish_attempt, first_attempt_id, heartbeat, record_asked, \
-    record_point
+from service.trials import Outcome, claim_attempt, finish_attempt, heartbeat, record_asked, record_point, \
+    trial_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +101,6 @@ def outcome_of(result: TrainResult, stop_reason: TrialState | None) -> Outcome:
     return Outcome(TrialState.complete, value=result.final_eval_loss, **common)
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, direction: str, outcome: Outcome) -> None:
-    match outcome.state:
-        case TrialState.complete:
-            study.tell(trial, outcome.value, skip_if_finished=True)
-        case TrialState.diverged:
-            study.tell(trial, failure_value(direction), skip_if_finished=True)
-        case TrialState.pruned:
-            study.tell(trial, state=OptunaState.PRUNED, skip_if_finished=True)
-        case _:
-            study.tell(trial, state=OptunaState.FAIL, skip_if_finished=True)
-
-
 def _failure(error: Exception) -> Outcome:
     """ValueError means the config cannot work (never retried); anything else may be transient."""
     kind = "invalid" if isinstance(error, ValueError) else "error"
@@ -127,8 +114,7 @@ def checkpointing(ctx: WorkerContext, attempt: TrialAttempt, config: TrialConfig
     if every == 0 or config.budget.steps // config.budget.eval_every <= every:
         return None
     assert ctx.settings.ARTIFACTS_DIR is not None
-    first = first_attempt_id(ctx.session_factory, attempt)
-    return Checkpointing(ctx.settings.ARTIFACTS_DIR / attempt.study_id / "trials" / f"{first}.pt", every)
+    return Checkpointing(trial_checkpoint(ctx.settings.ARTIFACTS_DIR, ctx.session_factory, attempt), every)
 
 
 def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None) -> TrialState | None:
@@ -180,7 +166,7 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
     if finished is not None:
         if study is not None and trial is not None:
             try:
-                _tell(study, trial, spec.objective.direction, outcome)
+                tell_outcome(study, trial, spec.objective.direction, outcome.state, outcome.value)
             except Exception:
                 log.exception("could not tell Optuna how trial %s ended", trial.number)
         if finished.retry is not None:

@@ -22,7 +22,7 @@ from service.reconcile import reconcile_forever, reconcile_once
 from service.settings import Settings, normalise_database_url
 from service.kinds.registry import STUDY_SPEC
 from service.studies import create_study
-from service.trials import Outcome, claim_attempt, finish_attempt, record_asked
+from service.trials import Outcome, claim_attempt, finish_attempt, record_asked, trial_checkpoint
 
 if TYPE_CHECKING:
     from tests.service.conftest import SentTasks
@@ -225,3 +225,39 @@ def test_reconciler_removes_optuna_studies_left_without_a_study_row_after_the_gr
     reconcile_once(session_factory, sent, settings, now=later + grace + timedelta(seconds=1))
     assert names() == {study.optuna_study_name, "someone-elses-study"}
     assert len(dispatch(session_factory, study.id, sent)) == 0 and len(_attempts(session_factory, study.id)) == 1
+
+
+def test_reconciler_tells_optuna_how_trials_ended_that_it_still_counts_as_running(
+        database: tuple[Settings, SessionFactory], spec_dict: dict[str, Any], sent: SentTasks) -> None:
+    """A worker killed after recording its attempt's end but before telling Optuna, and one killed between Optuna's
+    ask and recording it: Optuna learns the first's value (its checkpoint goes) at once, fails the second once stale."""
+    settings, session_factory = database
+    storage = get_storage(settings.DATABASE_URL)
+    study = _study(session_factory, storage, spec_dict, n_trials=3, parallelism=2)
+    finished, asked = dispatch(session_factory, study.id, sent)
+    number = _start(session_factory, storage, study, finished)
+    finish_attempt(session_factory, finished, Outcome(TrialState.complete, value=0.25), settings.MAX_RETRIES)
+    [attempt] = [a for a in _attempts(session_factory, study.id) if a.id == finished]
+    assert settings.ARTIFACTS_DIR is not None
+    checkpoint = trial_checkpoint(settings.ARTIFACTS_DIR, session_factory, attempt)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"saved")
+    assert claim_attempt(session_factory, asked, "test-worker", None) is not None
+    unrecorded = optuna.load_study(study_name=study.optuna_study_name, storage=storage).ask().number
+
+    def optuna_states() -> dict[int, OptunaState]:
+        return {t.number: t.state for t in optuna.load_study(study_name=study.optuna_study_name,
+                                                              storage=storage).get_trials(deepcopy=False)}
+
+    actions = reconcile_once(session_factory, sent, settings)
+    assert [(a.kind, a.attempt_id) for a in actions if a.kind == "told_optuna"] == [("told_optuna", finished)]
+    told = optuna.load_study(study_name=study.optuna_study_name, storage=storage).trials[number]
+    assert (told.state, told.value) == (OptunaState.COMPLETE, 0.25)
+    assert not checkpoint.exists()
+    assert optuna_states()[unrecorded] == OptunaState.RUNNING, "young: its worker may be recording it right now"
+
+    later = utcnow() + timedelta(seconds=settings.STALE_AFTER + 1)
+    actions = reconcile_once(session_factory, sent, settings, now=later)
+    assert ("told_optuna", None) in [(a.kind, a.attempt_id) for a in actions]
+    assert optuna_states()[unrecorded] == OptunaState.FAIL
+    assert [a.kind for a in reconcile_once(session_factory, sent, settings, now=later) if a.kind == "told_optuna"] == []
