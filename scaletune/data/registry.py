@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from scaletune.data import digits, files, pytext, teacher
+from scaletune.data import digits, files, pytext, scales, teacher
 from scaletune.data.base import DataError, Dataset, DatasetArgs, DatasetKind, DataSpec
 
 ENTRY_POINT_GROUP = "scaletune.datasets"
 BUILTIN_KINDS: dict[str, DatasetKind[Any]] = {
-    kind.name: kind for kind in (digits.KIND, teacher.KIND, pytext.KIND, files.NPZ, files.TEXT, files.CIFAR10)}
+    kind.name: kind for kind in (digits.KIND, teacher.KIND, scales.KIND, pytext.KIND, files.NPZ, files.TEXT, files.CIFAR10)}
 A = TypeVar("A", bound=DatasetArgs)
 
 

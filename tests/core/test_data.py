@@ -15,7 +15,7 @@ from scaletune.data.pytext import is_eval_file, load_corpus
 
 SMALL_PYTEXT = {"max_bytes": 100_000, "seq_len": 16, "eval_windows": 32}
 BUILTINS = [("digits", {}), ("digits", {"flatten": True}), ("teacher", {"features": 8, "classes": 4}),
-            ("pytext", SMALL_PYTEXT)]
+            ("pytext", SMALL_PYTEXT), ("scales", {"eval_size": 64})]
 
 
 def take(batches, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -33,7 +33,7 @@ def rows(x: torch.Tensor) -> set[bytes]:
 
 
 def test_all_builtins_are_listed() -> None:
-    assert {"digits", "teacher", "pytext", "npz", "text", "cifar10"} <= set(dataset_names())
+    assert {"digits", "teacher", "scales", "pytext", "npz", "text", "cifar10"} <= set(dataset_names())
 
 
 @pytest.mark.parametrize(("name", "args"), BUILTINS)
@@ -94,6 +94,24 @@ def test_teacher_labels_are_a_function_of_the_inputs() -> None:
     sampled = get_dataset("teacher", {"features": 4, "classes": 3, "temperature": 5.0})
     x_hot, y_hot = next(sampled.train_batches(256, seed=0))
     assert torch.equal(x, x_hot) and not torch.equal(y, y_hot)
+
+
+def test_scales_labels_name_the_blob_quadrant_and_the_glyph() -> None:
+    """Without noise the blob's quadrant holds the most light and the glyph is the only sharp structure."""
+    from scaletune.data.scales import GLYPHS, ScalesArgs, scales_images
+    from scaletune.data.teacher import derived_generator
+
+    x, y = scales_images(ScalesArgs(noise=0.0), 64, derived_generator(5))
+    quadrants = x[:, 0].reshape(64, 2, 16, 2, 16).sum(dim=(2, 4)).reshape(64, 4)
+    assert torch.equal(quadrants.argmax(dim=1), y // 4)
+    smooth = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    sharp = (x - smooth)[:, 0]
+    kinds = torch.nn.functional.conv2d((x - smooth), (GLYPHS - GLYPHS.mean(dim=(1, 2), keepdim=True))[:, None])
+    assert sharp.abs().amax(dim=(1, 2)).min() > 0.5
+    assert torch.equal(kinds.amax(dim=(2, 3)).argmax(dim=1), y % 4)
+    assert len(torch.unique(y)) == 16
+    with pytest.raises(DataError, match="size: Input should be greater than or equal to 32"):
+        dataset_spec("scales", {"size": 16})
 
 
 def test_pytext_eval_is_whole_files_held_out_by_path() -> None:
