@@ -28,7 +28,7 @@ from scaletune.parametrize import ParamOptions
 from scaletune.runner import TrialConfig
 from scaletune.scaling.schedule import Schedule
 from scaletune.shapes import Shape
-from scaletune.surgery import Recipe, Trainee, reshape
+from scaletune.surgery import Growth, Recipe, Trainee, reshape
 from scaletune.train import Callback, EvalPoint, Loop, Progress, Status, TrainResult, resolve_device, save_atomically
 
 CHECKPOINT = "schedule.pt"
@@ -95,7 +95,7 @@ def phase_ends(phases: Sequence[Phase], flops_per_step: Callable[[Shape], float]
 
 def run_schedule(cfg: TrialConfig, phases: Sequence[Phase], checkpoint_dir: str | Path,
                  callback: Callback | None = None, data_root: str | Path | None = None,
-                 noise: float = 0.5) -> ScheduleResult:
+                 noise: float = 0.5, growth: Growth = "duplicate") -> ScheduleResult:
     """Train through ``phases`` (the first at ``cfg.shape``), resuming from ``checkpoint_dir`` if it holds one.
 
     ``cfg.budget`` gives batch size, eval cadence and decay fraction; its ``steps`` are replaced by the steps
@@ -103,6 +103,8 @@ def run_schedule(cfg: TrialConfig, phases: Sequence[Phase], checkpoint_dir: str 
     units of the new width's init std) breaks symmetry after width
     growth (see ``surgery.width``): with 0, a grown muP + Adam model follows the narrow one's trajectory exactly
     and the growth can never pay; 0.5 left the narrow model's plateau in bench/adaptive_schedule.py.
+    ``growth="random"`` is the seed paper's rule instead (new units freshly initialised, ``noise`` unused).
+    A phase may change several axes at once (``surgery.reshape``).
     """
     if not phases or phases[0].shape != cfg.shape:
         raise ValueError(f"the first phase must train cfg.shape {cfg.shape}")
@@ -132,7 +134,7 @@ def run_schedule(cfg: TrialConfig, phases: Sequence[Phase], checkpoint_dir: str 
             _save(path, progress, trainee, phases, clip)
             before, old = loop.eval_loss(trainee.model), trainee.shape
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + progress.phase)
-            trainee = reshape(recipe, trainee, phases[progress.phase + 1].shape, example, noise, generator)
+            trainee = reshape(recipe, trainee, phases[progress.phase + 1].shape, example, noise, generator, growth)
             clip = make_clipper(**recipe.options.clip_rule())
             progress.phase += 1
             progress.switches.append(Switch(progress.step, progress.flops, old.to_dict(), trainee.shape.to_dict(),

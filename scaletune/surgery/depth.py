@@ -26,8 +26,12 @@ from scaletune.parametrize import Plan
 from scaletune.surgery.recipe import OptimizerState, Recipe, Trainee
 
 
-def grow_depth(recipe: Recipe, trainee: Trainee, depth: int, example: torch.Tensor) -> Trainee:
-    """The same function at ``depth`` blocks per container; ``example`` is one model input batch."""
+def grow_depth(recipe: Recipe, trainee: Trainee, depth: int, example: torch.Tensor, zero_new: bool = True) -> Trainee:
+    """The same function at ``depth`` blocks per container; ``example`` is one model input batch.
+
+    ``zero_new=False`` is the seed paper's rule instead: new blocks keep their fresh initialisation, old
+    blocks and hyperparameters are untouched and the optimizer state starts afresh (not function-preserving).
+    """
     old = trainee.shape
     if depth <= old.depth:
         raise ValueError(f"depth growth needs more blocks than the current {old.depth}; got {depth}")
@@ -37,8 +41,10 @@ def grow_depth(recipe: Recipe, trainee: Trainee, depth: int, example: torch.Tens
     rename = {name: _renamed(name, placement) for name, _ in trainee.model.named_parameters()}
     params = {rename[n]: p.detach() for n, p in trainee.model.named_parameters()}
     buffers = {_renamed(n, placement): b for n, b in trainee.model.named_buffers()}
-    state = {rename[n]: s for n, s in trainee.named_state().items()}
+    state = {rename[n]: s for n, s in trainee.named_state().items()} if zero_new else {}
     grown = recipe.transplant(shape, params, buffers, state, trainee.device)
+    if not zero_new:
+        return grown
 
     inserted = sorted(set(_blocks(new_plan)) - set(placement.values()))
     projections = output_projections(grown.model, inserted[0], example)

@@ -16,6 +16,11 @@ square, the step count kept. Under muP + Adam this makes the grown model follow 
 trajectory exactly when no symmetry-breaking noise is added (the muP LR of hidden layers falls by k,
 exactly as the duplicated update needs; Ma et al. 2026, "muP-scaling"); ``noise`` adds
 noise * init_std(n') of the new plan to every normally-initialised tensor to let duplicates diverge.
+
+``grow_width_random`` is the seed paper's rule instead (Anagnostidis et al.): the old units keep their
+stored weights in the first n slots of each width chunk, the new units are freshly initialised by the new
+plan, the hyperparameters are unchanged and the optimizer state starts afresh. Not function-preserving:
+the new units' random contributions act as a regulariser and the loss rises briefly at the switch.
 """
 
 from __future__ import annotations
@@ -67,6 +72,37 @@ def grow_width(recipe: Recipe, trainee: Trainee, width: int, noise: float = 0.0,
     buffers = {name: _tile(b, _width_dims(b, new_shapes[name], k, old.width, name), k, old.width)
                for name, b in trainee.model.named_buffers() if b.ndim}
     return recipe.transplant(shape, params, buffers, new_state, trainee.device)
+
+
+def grow_width_random(recipe: Recipe, trainee: Trainee, width: int) -> Trainee:
+    """The old units at ``width`` (a multiple of the current width) beside new randomly initialised ones."""
+    old = trainee.shape
+    if width % old.width or width <= old.width:
+        raise ValueError(f"width growth keeps each width chunk's units, so the new width must be a multiple "
+                         f"(>= 2x) of {old.width}; got {width}")
+    k = width // old.width
+    shape = old.with_(width=width)
+    fresh = recipe.start(shape, trainee.device)
+    new = {n: t.detach() for n, t in (*fresh.model.named_parameters(), *fresh.model.named_buffers())}
+
+    def embed(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        dims = _width_dims(tensor, tuple(new[name].shape), k, old.width, name)
+        if not dims:
+            return tensor.detach()
+        target = new[name].clone()
+        index = [_kept_slots(n, k, old.width) if d in dims else torch.arange(n) for d, n in enumerate(tensor.shape)]
+        target[torch.meshgrid(*[i.to(target.device) for i in index], indexing="ij")] = tensor.detach()
+        return target
+
+    params = {n: embed(n, p) for n, p in trainee.model.named_parameters()}
+    buffers = {n: embed(n, b) for n, b in trainee.model.named_buffers() if b.ndim}
+    return recipe.transplant(shape, params, buffers, {}, trainee.device)
+
+
+def _kept_slots(size: int, k: int, width: int) -> torch.Tensor:
+    """Positions of a dim of ``size`` (c chunks of width) inside the grown dim (c chunks of k*width)."""
+    chunks = size // width
+    return (torch.arange(chunks)[:, None] * k * width + torch.arange(width)[None, :]).flatten()
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:

@@ -10,6 +10,7 @@ import pytest
 
 from scaletune.scaling.fit import FitResult, Run, fit_law, fit_shape
 from scaletune.scaling.laws import M4Law, SaturatingPowerLaw, law_from_dict
+from scaletune.scaling.moves import product_shapes, surgery_moves
 from scaletune.scaling.project import (
     ChinchillaLaw,
     estimate_compute_factor,
@@ -23,6 +24,7 @@ from scaletune.scaling.schedule import (
     plan_schedule,
     schedule_from_fits,
 )
+from scaletune.shapes import Shape
 
 E0 = math.log(10)  # loss at initialisation of a 10-class problem
 
@@ -317,3 +319,33 @@ def test_compute_factor_is_estimated_from_a_target_curve_prefix():
     target = FINE.with_compute_factor(37.0)
     prefix = synthetic_runs(target, seed=9, n_seeds=1, lo=1e7, hi=1e9, noise=0.002)
     assert estimate_compute_factor(FINE, prefix) == pytest.approx(37.0, rel=0.05)
+
+
+def test_joint_schedule_takes_a_two_axis_move_that_single_axis_moves_cannot_make():
+    """Over patch x width, the DP may go from the coarse-narrow shape straight to the fine-wide one."""
+    shapes = product_shapes(Shape(32, 2), {"patch_size": [8, 4], "width": [32, 64]})
+    assert list(shapes) == ["patch_size=8,width=32", "patch_size=8,width=64", "patch_size=4,width=32",
+                            "patch_size=4,width=64"]
+    poor = SaturatingPowerLaw(e_inf=1.5, a=20.0, b=0.2)  # the one-axis neighbours never reach the target
+    laws = dict(zip(shapes, (COARSE, poor, poor, FINE)))
+    joint = plan_schedule(laws, 1.05, 3.0, ScheduleConstraints(allowed=surgery_moves(shapes)))
+    assert [s.shape for s in joint.segments] == ["patch_size=8,width=32", "patch_size=4,width=64"]
+    assert joint.transitions[0].loss == pytest.approx(E_CROSS, abs=0.005)
+    one_axis = plan_schedule(laws, 1.05, 3.0, ScheduleConstraints(allowed=surgery_moves(shapes, max_axes=1),
+                                                                  min_segment_flops=1e6))
+    assert ("patch_size=8,width=32", "patch_size=4,width=64") not in [
+        (t.from_shape, t.to_shape) for t in one_axis.transitions]
+    assert one_axis.adaptive_flops > joint.adaptive_flops
+
+
+def test_surgery_moves_follow_what_surgery_can_do():
+    shapes = product_shapes(Shape(16, 2), {"width": [16, 32, 48, 64], "depth": [2, 4]})
+    allowed = surgery_moves(shapes, max_width_factor=2)
+    assert allowed("width=16,depth=2", "width=32,depth=4")  # two axes at once
+    assert not allowed("width=16,depth=2", "width=64,depth=2")  # 4x > max factor
+    assert not allowed("width=32,depth=2", "width=48,depth=2")  # not a whole factor
+    assert not allowed("width=32,depth=4", "width=32,depth=2")  # depth never shrinks
+    assert not allowed("width=16,depth=2", "width=16,depth=2")
+    assert not surgery_moves(shapes, max_axes=1)("width=16,depth=2", "width=32,depth=4")
+    with pytest.raises(ValueError, match="axes must be some of"):
+        product_shapes(Shape(16, 2), {"heads": [1, 2]})

@@ -11,7 +11,7 @@ from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
 from scaletune.parametrize import ParamOptions
 from scaletune.shapes import Shape
-from scaletune.surgery import Recipe, Trainee, change_patch_size, grow_depth, grow_width, reshape
+from scaletune.surgery import Recipe, Trainee, change_patch_size, grow_depth, grow_width, grow_width_random, reshape
 
 SPECS = {
     "mlp": DataSpec("classification", (12,), 5),
@@ -171,12 +171,57 @@ def test_patch_size_change_keeps_parameters_and_state_and_moves_logits_by_a_meas
     assert_groups_follow_the_plan(fine)
 
 
-def test_reshape_moves_along_one_axis_only() -> None:
-    r = recipe("mlp", "mup")
-    t = r.start(Shape(16, 2))
-    with pytest.raises(ValueError, match="exactly one"):
-        reshape(r, t, Shape(32, 4), batch("mlp", 0)[0])
-    assert reshape(r, t, Shape(16, 3), batch("mlp", 0)[0]).shape == Shape(16, 3)
+def test_reshape_moves_along_several_axes_at_one_transition() -> None:
+    """A joint step (patch size and width) equals the two single-axis surgeries one after the other."""
+    r = recipe("vit", "mup")
+    t = trained(r, "vit", Shape(16, 2, patch_size=4), steps=3)
+    with pytest.raises(ValueError, match="changes none"):
+        reshape(r, t, t.shape, batch("vit", 0)[0])
+    joint = reshape(r, t, Shape(32, 2, patch_size=2), batch("vit", 0)[0])
+    stepwise = grow_width(r, change_patch_size(r, trained(r, "vit", Shape(16, 2, patch_size=4), steps=3), 2), 32)
+    assert joint.shape == stepwise.shape == Shape(32, 2, patch_size=2) and joint.model.patch_size == 2
+    torch.testing.assert_close(logits(joint, "vit"), logits(stepwise, "vit"))
+    assert_groups_follow_the_plan(joint)
+    mlp = recipe("mlp", "mup")
+    assert reshape(mlp, mlp.start(Shape(16, 2)), Shape(32, 4), batch("mlp", 0)[0]).shape == Shape(32, 4)
+
+
+@pytest.mark.parametrize("family", ["mlp", "gpt", "vit"])
+def test_random_growth_keeps_old_units_and_initialises_new_ones_afresh(family: str) -> None:
+    """The seed paper's rule: old weights in the first slots of each width chunk, fresh new units, no state."""
+    r = recipe(family, "mup")
+    small = trained(r, family, SHAPES[family])
+    torch.manual_seed(3)
+    wide = grow_width_random(r, small, 2 * SHAPES[family].width)
+    w = SHAPES[family].width
+    old, new = dict(small.model.named_parameters()), dict(wide.model.named_parameters())
+    for name, p in old.items():
+        grown = new[name]
+        if grown.shape == p.shape:
+            assert torch.equal(grown, p), name
+            continue
+        dims = [d for d in range(p.ndim) if grown.shape[d] != p.shape[d]]
+        kept = grown
+        for d in dims:  # the first w of every 2w-chunk is the old unit
+            chunks = p.shape[d] // w
+            kept = kept.index_select(d, (torch.arange(chunks)[:, None] * 2 * w + torch.arange(w)).flatten())
+        assert torch.equal(kept, p), name
+    assert not wide.optimizer.state and wide.shape.width == 2 * w
+    assert_groups_follow_the_plan(wide)
+    assert not torch.allclose(logits(wide, family), logits(small, family), atol=1e-3)
+    losses = [step(wide, family, 7) for _ in range(8)]
+    assert losses[-1] < losses[0]
+
+
+def test_random_depth_growth_keeps_fresh_blocks_and_resets_state() -> None:
+    r = recipe("gpt", "completep")
+    small = trained(r, "gpt", Shape(32, 2))
+    deep = reshape(r, small, Shape(32, 4), batch("gpt", 0)[0], growth="random")
+    exact = grow_depth(r, trained(r, "gpt", Shape(32, 2)), 4, batch("gpt", 0)[0])
+    assert not deep.optimizer.state and exact.optimizer.state
+    assert not torch.allclose(logits(deep, "gpt"), logits(exact, "gpt"), atol=1e-3)
+    with pytest.raises(ValueError, match="unknown growth rule"):
+        reshape(r, small, Shape(32, 4), batch("gpt", 0)[0], growth="copy")
 
 
 def test_width_must_grow_by_an_integer_factor() -> None:
