@@ -158,6 +158,13 @@ class CategoricalParam(Strict):
 SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
 
 
+PackSize = Annotated[
+    Annotated[int, Field(ge=1, le=4096)] | Literal["auto"],
+    Field(description="trials one worker trains as one batched computation (scaletune.packs), taken from the "
+                      "study's queued trials (at most parallelism); auto: sized from the proxy's parameter count "
+                      "and the worker's device; 1: one trial at a time")]
+
+
 class ObjectiveSpec(Strict):
     metric: Literal["eval_loss"] = "eval_loss"
     direction: Literal["minimize", "maximize"] = "minimize"
@@ -192,6 +199,7 @@ class TuneSpec(Strict):
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     enqueue: list[dict[HParamName, float]] = Field(default_factory=list, description="points to try first")
     queue: Literal["cpu", "gpu"] = Field("cpu", description="which worker queue runs the trials")
+    pack: PackSize = "auto"
 
 
 class SourceSpec(Strict):

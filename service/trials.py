@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import SessionFactory, write_session
@@ -42,19 +44,41 @@ class Outcome:
 def claim_attempt(session_factory: SessionFactory, attempt_id: str, worker: str,
                   task_id: str | None) -> TrialAttempt | None:
     """Atomically move queued -> running; None means someone else has it (a duplicate delivery) or it was cancelled."""
+    claimed = claim_pack(session_factory, attempt_id, worker, task_id, 1)
+    return claimed[0] if claimed else None
+
+
+def claim_pack(session_factory: SessionFactory, attempt_id: str, worker: str, task_id: str | None,
+               size: int) -> list[TrialAttempt]:
+    """Claim ``attempt_id`` and up to ``size - 1`` more queued attempts of its study in one transaction.
+
+    Empty when ``attempt_id`` is not queued any more. The others are locked with FOR UPDATE SKIP LOCKED on
+    PostgreSQL, so concurrent workers take disjoint packs (SQLite serialises writers at BEGIN IMMEDIATE);
+    their own tasks, delivered later, find them running and skip them like any duplicate delivery.
+    """
     now = utcnow()
+    running = {"state": TrialState.running, "worker": worker, "task_id": task_id, "started_at": now,
+               "heartbeat_at": now}
     with write_session(session_factory) as session:
         claimed = session.execute(
             update(TrialAttempt).where(TrialAttempt.id == attempt_id, TrialAttempt.state == TrialState.queued)
-            .values(state=TrialState.running, worker=worker, task_id=task_id, started_at=now, heartbeat_at=now))
+            .values(**running))
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
-            return None
-        attempt = session.get_one(TrialAttempt, attempt_id)
-        session.execute(update(Study).where(Study.id == attempt.study_id, Study.status == StudyStatus.queued)
+            return []
+        first = session.get_one(TrialAttempt, attempt_id)
+        others = [] if size <= 1 else list(session.scalars(
+            select(TrialAttempt.id).where(TrialAttempt.study_id == first.study_id,
+                                          TrialAttempt.state == TrialState.queued)
+            .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(size - 1).with_for_update(skip_locked=True)))
+        if others:
+            session.execute(update(TrialAttempt).where(TrialAttempt.id.in_(others)).values(**running))
+        attempts = [first, *(session.get_one(TrialAttempt, other) for other in others)]
+        session.execute(update(Study).where(Study.id == first.study_id, Study.status == StudyStatus.queued)
                         .values(status=StudyStatus.running, updated_at=now))
-        add_event(session, attempt.study_id, EventType.trial_started,
-                  {"attempt": attempt.attempt, "worker": worker}, trial_id=attempt_id)
-    return attempt
+        for attempt in attempts:
+            add_event(session, attempt.study_id, EventType.trial_started,
+                      {"attempt": attempt.attempt, "worker": worker, "pack": len(attempts)}, trial_id=attempt.id)
+    return attempts
 
 
 def first_attempt_id(session_factory: SessionFactory, attempt: TrialAttempt) -> str:
@@ -70,28 +94,39 @@ def trial_checkpoint(artifacts: Path, session_factory: SessionFactory, attempt: 
     return artifacts / attempt.study_id / "trials" / f"{first_attempt_id(session_factory, attempt)}.pt"
 
 
-def heartbeat(session_factory: SessionFactory, attempt_id: str) -> bool:
-    """Refresh the lease; False when the attempt is no longer ours (the reconciler declared it lost)."""
+def heartbeat(session_factory: SessionFactory, attempt_ids: list[str]) -> set[str]:
+    """Refresh the leases; returns the attempts still ours (the others the reconciler declared lost)."""
     with write_session(session_factory) as session:
-        result = session.execute(update(TrialAttempt)
-                                 .where(TrialAttempt.id == attempt_id, TrialAttempt.state == TrialState.running)
-                                 .values(heartbeat_at=utcnow()))
-        return result.rowcount == 1  # type: ignore[attr-defined]
+        return set(session.scalars(update(TrialAttempt)
+                                   .where(TrialAttempt.id.in_(attempt_ids), TrialAttempt.state == TrialState.running)
+                                   .values(heartbeat_at=utcnow()).returning(TrialAttempt.id)))
 
 
 def record_asked(session_factory: SessionFactory, attempt_id: str, number: int, params: dict[str, Any]) -> None:
+    record_all_asked(session_factory, [(attempt_id, number, params)])
+
+
+def record_all_asked(session_factory: SessionFactory, asked: list[tuple[str, int, dict[str, Any]]]) -> None:
+    """Each attempt's Optuna trial number and params, in one transaction: (attempt id, number, params)."""
     with write_session(session_factory) as session:
-        session.execute(update(TrialAttempt).where(TrialAttempt.id == attempt_id)
-                        .values(number=number, params=params))
+        for attempt_id, number, params in asked:
+            session.execute(update(TrialAttempt).where(TrialAttempt.id == attempt_id)
+                            .values(number=number, params=params))
 
 
 def record_point(session_factory: SessionFactory, attempt_id: str, point: dict[str, Any]) -> None:
     """Append one eval point to the curve and write a ``trial_reported`` event."""
-    clean = {key: finite_or_none(value) if isinstance(value, float) else value for key, value in point.items()}
+    record_points(session_factory, [(attempt_id, point)])
+
+
+def record_points(session_factory: SessionFactory, points: list[tuple[str, dict[str, Any]]]) -> None:
+    """``record_point`` for several attempts (a pack's eval) in one transaction."""
     with write_session(session_factory) as session:
-        attempt = session.get_one(TrialAttempt, attempt_id)
-        attempt.intermediate = [*attempt.intermediate, clean]
-        add_event(session, attempt.study_id, EventType.trial_reported, clean, trial_id=attempt_id)
+        for attempt_id, point in points:
+            clean = {key: finite_or_none(value) if isinstance(value, float) else value for key, value in point.items()}
+            attempt = session.get_one(TrialAttempt, attempt_id)
+            attempt.intermediate = [*attempt.intermediate, clean]
+            add_event(session, attempt.study_id, EventType.trial_reported, clean, trial_id=attempt_id)
 
 
 def _insert_retry(session: Session, attempt: TrialAttempt, max_retries: int) -> TrialAttempt | None:
@@ -157,15 +192,39 @@ def stale_attempt_ids(session: Session, older_than: datetime) -> list[str]:
                                                               TrialAttempt.heartbeat_at < older_than)))
 
 
+class BadCursor(ValueError):
+    """A ``cursor`` that no listing handed out."""
+
+
+def encode_cursor(attempt: TrialAttempt) -> str:
+    """Where a page ended: the last attempt's place in the listing's order (queued_at, id), opaque to clients."""
+    return base64.urlsafe_b64encode(json.dumps([attempt.queued_at.isoformat(), attempt.id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        queued_at, attempt_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(queued_at), str(attempt_id)
+    except (ValueError, TypeError) as error:
+        raise BadCursor(f"not a cursor this listing handed out ({error}); pass next_cursor from the last page "
+                        "as it was, or leave cursor out to start at the first page") from None
+
+
 def list_trials(session: Session, study_id: str, limit: int = 100, offset: int = 0,
-                state: TrialState | None = None) -> tuple[list[TrialAttempt], int]:
-    """In the order they were queued (a retry follows the attempt it replaces)."""
+                state: TrialState | None = None, cursor: str | None = None) -> tuple[list[TrialAttempt], int, str | None]:
+    """In the order they were queued (a retry follows the attempt it replaces), from ``offset`` or after
+    ``cursor`` (keyset: a deep page costs what the first does); also the cursor of the page after, None at the end."""
     query = select(TrialAttempt).where(TrialAttempt.study_id == study_id)
     if state is not None:
         query = query.where(TrialAttempt.state == state)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(limit).offset(offset))
-    return list(rows), total
+    if cursor is not None:
+        queued_at, attempt_id = decode_cursor(cursor)
+        query = query.where(or_(TrialAttempt.queued_at > queued_at,
+                                and_(TrialAttempt.queued_at == queued_at, TrialAttempt.id > attempt_id)))
+    rows = list(session.scalars(query.order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(limit + 1)
+                                .offset(offset)))
+    return rows[:limit], total, encode_cursor(rows[limit - 1]) if len(rows) > limit else None
 
 
 def get_trial(session: Session, study_id: str, number: int) -> TrialAttempt | None:

@@ -6,67 +6,27 @@ import logging
 import math
 import os
 import socket
-import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import optuna
+from sqlalchemy import select
 
 from scaletune.runner import TrialConfig, run_trial
-from scaletune.train import Checkpointing, EvalPoint, TrainResult
-from service.db import SessionFactory, create_db_engine, make_session_factory
+from scaletune.train import Checkpointing, EvalPoint
 from service.dispatch import dispatch, send_all
 from service.kinds.registry import kind_of, spec_of
 from service.logging import log_context
 from service.models import Study, TrialAttempt, TrialState
-from service.optuna_study import get_storage, tell_outcome
-from service.queue import Enqueue
-from service.settings import Settings
+from service.optuna_study import get_storage
 from service.studies import study_is_cancelled
-from service.trials import Outcome, claim_attempt, finish_attempt, heartbeat, record_asked, record_point, \
-    trial_checkpoint
+from service.trials import claim_pack, finish_attempt, record_asked, record_point, trial_checkpoint
+from workers.pack_task import run_pack_attempts
+from workers.running import Heartbeat, WorkerContext, failure, outcome_of, tell
+
+__all__ = ["WorkerContext", "checkpointing", "run_attempt"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerContext:
-    """What a task needs from its process: settings, database sessions and a way to send follow-up tasks."""
-
-    settings: Settings
-    session_factory: SessionFactory
-    enqueue: Enqueue
-
-    @classmethod
-    def from_settings(cls, settings: Settings, enqueue: Enqueue) -> WorkerContext:
-        return cls(settings, make_session_factory(create_db_engine(settings.DATABASE_URL)), enqueue)
-
-
-class Heartbeat:
-    """Refreshes the attempt's lease in a thread; notices when the reconciler has taken the attempt away."""
-
-    def __init__(self, session_factory: SessionFactory, attempt_id: str, interval_s: float) -> None:
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(session_factory, attempt_id, interval_s),
-                                        name=f"heartbeat-{attempt_id}", daemon=True)
-
-    def _run(self, session_factory: SessionFactory, attempt_id: str, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            try:
-                if not heartbeat(session_factory, attempt_id):
-                    self.lost.set()
-                    return
-            except Exception:
-                log.exception("heartbeat for attempt %s failed; will try again", attempt_id)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class _Progress:
@@ -92,21 +52,6 @@ class _Progress:
         return self.record(asdict(point))
 
 
-def outcome_of(result: TrainResult, stop_reason: TrialState | None) -> Outcome:
-    common = {"flops": result.flops, "seconds": result.seconds}
-    if result.status == "diverged" or (result.status == "completed" and result.final_eval_loss is None):
-        return Outcome(TrialState.diverged, **common)
-    if result.status == "stopped":
-        return Outcome(stop_reason or TrialState.cancelled, **common)
-    return Outcome(TrialState.complete, value=result.final_eval_loss, **common)
-
-
-def _failure(error: Exception) -> Outcome:
-    """ValueError means the config cannot work (never retried); anything else may be transient."""
-    kind = "invalid" if isinstance(error, ValueError) else "error"
-    return Outcome(TrialState.failed, failure_reason=f"{kind}: {type(error).__name__}: {error}")
-
-
 def checkpointing(ctx: WorkerContext, attempt: TrialAttempt, config: TrialConfig) -> Checkpointing | None:
     """Long trials (more than CHECKPOINT_EVERY_EVALS evals) save every CHECKPOINT_EVERY_EVALS evals, in a file
     every attempt of the trial shares, so a retry after a lost worker resumes where the last save left it."""
@@ -125,14 +70,27 @@ def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None)
 
 def _run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> TrialState | None:
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    attempt = claim_attempt(ctx.session_factory, attempt_id, worker, task_id)
-    if attempt is None:
+    with ctx.session_factory() as session:
+        study_row = session.scalars(select(Study).join(TrialAttempt, TrialAttempt.study_id == Study.id)
+                                    .where(TrialAttempt.id == attempt_id)).one_or_none()
+    claimed = [] if study_row is None else claim_pack(ctx.session_factory, attempt_id, worker, task_id,
+                                                      _pack_size(ctx, study_row))
+    if not claimed:
         log.info("attempt %s is not queued any more (duplicate delivery or cancelled); skipping", attempt_id)
         return None
-    with ctx.session_factory() as session:
-        study_row = session.get_one(Study, attempt.study_id)
-    with log_context(study_id=attempt.study_id):
-        return _train_and_record(ctx, attempt_id, attempt, study_row)
+    with log_context(study_id=study_row.id):
+        if len(claimed) > 1:
+            return run_pack_attempts(ctx, claimed, study_row)[0]
+        return _train_and_record(ctx, attempt_id, claimed[0], study_row)
+
+
+def _pack_size(ctx: WorkerContext, study_row: Study) -> int:
+    """The study's pack size on this worker; 1 when it cannot be worked out (the attempt then fails on its own)."""
+    try:
+        return kind_of(study_row).pack_size(spec_of(study_row), ctx.settings.DATA_ROOT)
+    except Exception:
+        log.exception("could not size a pack for study %s; running one trial", study_row.id)
+        return 1
 
 
 def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt,
@@ -145,7 +103,7 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
     study: optuna.Study | None = None
     trial: optuna.Trial | None = None
     saves: Checkpointing | None = None
-    with Heartbeat(ctx.session_factory, attempt_id, ctx.settings.HEARTBEAT_INTERVAL) as beat:
+    with Heartbeat(ctx.session_factory, [attempt_id], ctx.settings.HEARTBEAT_INTERVAL) as beat:
         try:
             progress = _Progress(ctx, attempt_id, attempt.study_id, beat)
             result = kind.run_planned(spec, attempt, ctx.settings, progress.record)
@@ -161,14 +119,11 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
             outcome = outcome_of(result, progress.stop_reason)
         except Exception as error:
             log.exception("attempt %s failed", attempt_id)
-            outcome = _failure(error)
+            outcome = failure(error)
         finished = finish_attempt(ctx.session_factory, attempt_id, outcome, ctx.settings.MAX_RETRIES)
     if finished is not None:
         if study is not None and trial is not None:
-            try:
-                tell_outcome(study, trial, spec.objective.direction, outcome.state, outcome.value)
-            except Exception:
-                log.exception("could not tell Optuna how trial %s ended", trial.number)
+            tell(study, trial, spec.objective.direction, outcome)
         if finished.retry is not None:
             send_all(ctx.enqueue, [finished.retry.id], spec.queue)
         elif saves is not None:  # the trial is over: nothing will resume it

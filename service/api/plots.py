@@ -53,7 +53,7 @@ def _load(state: ServiceState, principal: Principal, study_id: str, name: str) -
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.id} is a {study.kind} study; the {name} "
                                                            f"plot is for {OWNER[name]} studies only (a {study.kind} "
                                                            f"study has: {', '.join(plots)}).")
-        attempts, _ = list_trials(session, study_id, limit=MAX_PLOTTED_TRIALS)
+        attempts, _, _ = list_trials(session, study_id, limit=MAX_PLOTTED_TRIALS)
     return plots[name], PlotInput(study, spec_of(study), attempts, state.storage, state.settings)
 
 

@@ -130,6 +130,7 @@ class TrialPage(BaseModel):
     total: int
     limit: int
     offset: int
+    next_cursor: str | None = Field(None, description="pass as cursor for the next page; null on the last page")
 
 
 class FieldError(BaseModel):

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Resp
 from sqlalchemy.exc import IntegrityError
 
 from service.api.auth import UNAUTHORIZED, CurrentPrincipal
+from service.api.problems import InvalidField
 from service.api.schemas import (Problem, StudyCreated, StudyDetail, StudyPage, StudySummary, TrialOut,
                                  TrialPage, study_links)
 from service.api.state import ServiceState, service_state
@@ -21,7 +22,7 @@ from service.spec import SpecError, SpecProblem
 from service.studies import StudyAlreadyFinished, StudyNotFound, cancel_study, create_study, \
     find_by_idempotency_key, get_study, list_studies, spec_fingerprint, spec_warnings, trial_counts
 from service.study_ids import short_ids
-from service.trials import get_trial, list_trials
+from service.trials import BadCursor, get_trial, list_trials
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]
@@ -117,14 +118,25 @@ def get_one_study(study_id: str, state: State, principal: CurrentPrincipal) -> S
             summary="A study's trial attempts in the order they were queued")
 def get_trials(study_id: str, state: State, principal: CurrentPrincipal, state_: Annotated[TrialState | None, Query(alias="state")] = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-               offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> TrialPage:
+               offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+               cursor: Annotated[str | None, Query(min_length=1, max_length=200, description=(
+                   "the previous page's next_cursor: the page after it, found by key (as fast deep as at the "
+                   "start); give offset or cursor, not both"))] = None) -> TrialPage:
+    if cursor is not None and offset:
+        raise InvalidField(("query", "cursor"), "give offset or cursor, not both (a cursor already says where "
+                                                "the page starts)")
     with state.session_factory() as session:
         try:
             get_study(session, study_id, principal.tenant_scope)
         except StudyNotFound:
             raise _not_found(study_id) from None
-        rows, total = list_trials(session, study_id, limit=limit, offset=offset, state=state_)
-        return TrialPage(items=[TrialOut.of(t) for t in rows], total=total, limit=limit, offset=offset)
+        try:
+            rows, total, next_cursor = list_trials(session, study_id, limit=limit, offset=offset, state=state_,
+                                                   cursor=cursor)
+        except BadCursor as error:
+            raise InvalidField(("query", "cursor"), str(error)) from None
+        return TrialPage(items=[TrialOut.of(t) for t in rows], total=total, limit=limit, offset=offset,
+                         next_cursor=next_cursor)
 
 
 @router.get("/{study_id}/trials/{number}", response_model=TrialOut,

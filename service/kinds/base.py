@@ -83,6 +83,10 @@ class StudyKind(ABC, Generic[SpecT]):
         point to ``record`` (True: stop now); None for a trial the worker asks Optuna for (every one, by default)."""
         return None
 
+    def pack_size(self, spec: SpecT, data_root: Path | None) -> int:
+        """How many of the study's queued trials one worker may train as one pack; 1 (one at a time) by default."""
+        return 1
+
     def grow(self, spec: SpecT, attempts: list[TrialAttempt]) -> dict[str, Any] | None:
         """Once every queued trial has finished: fields to update in the stored spec to run more (None: done)."""
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
@@ -12,6 +13,7 @@ from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 
 from scaletune.hparams import HParams
+from scaletune.packs import pack_size_for
 from scaletune.runner import TrialConfig
 from scaletune.shapes import Shape
 from service.coord_plot import COORD_CHECK
@@ -155,6 +157,12 @@ class TuneKind(StudyKind[TuneSpec]):
 
     def distributions(self, spec: TuneSpec) -> dict[str, BaseDistribution]:
         return distributions(spec)
+
+    def pack_size(self, spec: TuneSpec, data_root: Path | None) -> int:
+        """The spec's ``pack``; auto sizes it for the proxy on this worker's device (every trial has the proxy shape)."""
+        if spec.pack == "auto":
+            return pack_size_for(self.trial_config(spec, {}), None if data_root is None else str(data_root))
+        return spec.pack
 
     def trial_config(self, spec: TuneSpec, params: dict[str, Any]) -> TrialConfig:
         """Fixed hyperparameters plus the sampled ones, at the proxy shape; device None means CUDA when available."""

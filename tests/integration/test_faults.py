@@ -29,6 +29,7 @@ SPEC: dict[str, Any] = {
     "budget": {"steps": 600, "batch_size": 32, "eval_every": 50, "schedule": "cosine"},  # a few seconds a trial
     "search_space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
     "n_trials": 4, "parallelism": 2, "sampler": {"name": "random", "seed": 0},
+    "pack": 1,  # one trial per worker task (the pack test below sets its own)
 }
 
 
@@ -72,6 +73,33 @@ def test_a_killed_worker_is_found_stale_and_its_trial_retried_once(service: Depl
     eval_every = SPEC["budget"]["eval_every"]
     assert retry["intermediate"][0]["step"] > eval_every, "the retry resumed from the checkpoint, not from step 0"
     assert [p["step"] for p in retry["intermediate"]][-1] == SPEC["budget"]["steps"]
+
+
+def packed_members(listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials of a worker running two or more members at once, each past its first eval (else none)."""
+    by_worker: dict[str, list[dict[str, Any]]] = {}
+    for trial in filter(running_with_progress, listed):
+        by_worker.setdefault(trial["worker"], []).append(trial)
+    return max(by_worker.values(), key=len) if by_worker and max(map(len, by_worker.values())) >= 2 else []
+
+
+def test_a_worker_killed_mid_pack_has_every_member_retried_once_with_its_params(service: Deployment) -> None:
+    study_id = service.submit({**SPEC, "pack": 4, "parallelism": 4})
+    packed = packed_members(service.wait_for_trials(study_id, lambda listed: bool(packed_members(listed))))
+    os.kill(int(packed[0]["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    service.start_worker("worker-c")
+
+    study = service.wait_until_finished(study_id)
+
+    assert study["status"] == "completed"
+    trials = assert_exactly_n_trials_finished(service, study_id, SPEC["n_trials"])
+    for member in packed:
+        lost = next(t for t in trials if t["id"] == member["id"])
+        assert lost["state"] == "failed" and lost["failure_reason"] == "worker_lost"
+        [retry] = [t for t in trials if t["retry_of"] == member["id"]]
+        assert (retry["state"], retry["attempt"], retry["params"]) == ("complete", 2, member["params"])
+        assert [p["step"] for p in retry["intermediate"]][-1] == SPEC["budget"]["steps"]
+    assert len(trials) == SPEC["n_trials"] + len(packed), "each member retried once, nothing else queued"
 
 
 def test_a_flushed_broker_is_repaired_by_the_reconciler(service: Deployment, redis_url: str) -> None:

@@ -58,6 +58,16 @@ def spec_dict() -> dict[str, Any]:
 
 
 @pytest.fixture
+def tiny_spec(spec_dict: dict[str, Any]) -> dict[str, Any]:
+    """One trial of a 1k-parameter MLP, 20 steps, evaluated twice: a worker runs it in a second or so."""
+    spec_dict["model"] = {"family": "mlp", "base": {"width": 16, "depth": 1}, "proxy": {"width": 32, "depth": 1}}
+    spec_dict["budget"] = {"steps": 20, "batch_size": 32, "eval_every": 10, "schedule": "cosine"}
+    spec_dict["search_space"] = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    spec_dict.update(n_trials=1, parallelism=1)
+    return spec_dict
+
+
+@pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     result = Settings(HOME=tmp_path / "home", DATABASE_URL=f"sqlite:///{tmp_path / 'st.db'}",
                       DATA_ROOT=tmp_path / "data", HEARTBEAT_INTERVAL=0.2, STALE_AFTER=60, REQUEUE_AFTER=300,

@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select, update
 
 from service.api.app import DatabaseNotMigrated, create_app
+from service.models import TrialAttempt
 from service.settings import Settings
 
 
@@ -107,3 +109,45 @@ def test_api_refuses_to_start_on_an_unmigrated_database(settings: Settings) -> N
     with pytest.raises(DatabaseNotMigrated, match="run `scaletune migrate`"):
         with TestClient(create_app(settings)):
             pass
+
+
+def _page_by_cursor(client: TestClient, study_id: str, limit: int, **params: Any) -> list[str]:
+    """Every trial id, following next_cursor from the first page to the one that has none."""
+    ids: list[str] = []
+    page = client.get(f"/v1/studies/{study_id}/trials", params={"limit": limit, **params}).json()
+    while True:
+        ids += [t["id"] for t in page["items"]]
+        assert len(page["items"]) <= limit
+        if page["next_cursor"] is None:
+            return ids
+        page = client.get(f"/v1/studies/{study_id}/trials",
+                          params={"limit": limit, "cursor": page["next_cursor"], **params}).json()
+
+
+def test_trials_page_by_cursor_in_the_same_order_as_by_offset(client: TestClient, session_factory: Any,
+                                                              spec_dict: dict[str, Any]) -> None:
+    study_id = client.post("/v1/studies", json={**spec_dict, "n_trials": 7, "parallelism": 7}).json()["id"]
+    with session_factory.begin() as session:  # four queued in the same instant: the id breaks the tie
+        same = list(session.scalars(select(TrialAttempt.id).where(TrialAttempt.study_id == study_id).limit(4)))
+        first = session.scalar(select(TrialAttempt.queued_at).where(TrialAttempt.id == same[0]))
+        session.execute(update(TrialAttempt).where(TrialAttempt.id.in_(same)).values(queued_at=first))
+    by_offset = [t["id"] for t in client.get(f"/v1/studies/{study_id}/trials", params={"limit": 1000}).json()["items"]]
+
+    for limit in (1, 3, 7, 100):
+        assert _page_by_cursor(client, study_id, limit) == by_offset
+    assert client.get(f"/v1/studies/{study_id}/trials", params={"limit": 7}).json()["next_cursor"] is None
+    assert _page_by_cursor(client, study_id, 2, state="queued") == by_offset
+    assert _page_by_cursor(client, study_id, 2, state="running") == []
+    second = client.get(f"/v1/studies/{study_id}/trials", params={"limit": 3, "offset": 3}).json()
+    assert [t["id"] for t in second["items"]] == by_offset[3:6], "offset paging works as before"
+    assert second["next_cursor"] is not None and second["offset"] == 3
+
+
+@pytest.mark.parametrize("params", [{"cursor": "not-a-cursor"}, {"cursor": "WyJ4IiwgMV0="},
+                                    {"cursor": "WyIyMDI2LTAxLTAxVDAwOjAwOjAwKzAwOjAwIiwgIngiXQ==", "offset": 2}])
+def test_a_bad_cursor_is_a_422_at_query_cursor(client: TestClient, spec_dict: dict[str, Any],
+                                               params: dict[str, Any]) -> None:
+    study_id = client.post("/v1/studies", json=spec_dict).json()["id"]
+    response = client.get(f"/v1/studies/{study_id}/trials", params=params)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["loc"] == ["query", "cursor"]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 TINY = {"model": {"family": "mlp", "base": {"width": 16, "depth": 1}, "proxy": {"width": 32, "depth": 1}},
         "budget": {"steps": 20, "batch_size": 32, "eval_every": 10, "schedule": "cosine"},
         "search_space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
-        "n_trials": 3, "parallelism": 2}
+        "n_trials": 3, "parallelism": 2, "pack": 1}  # one trial a task: the metrics count them one by one
 
 
 def samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -30,15 +30,6 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture
-def tiny_spec(spec_dict: dict[str, Any]) -> dict[str, Any]:
-    spec_dict["model"] = {"family": "mlp", "base": {"width": 16, "depth": 1}, "proxy": {"width": 32, "depth": 1}}
-    spec_dict["budget"] = {"steps": 20, "batch_size": 32, "eval_every": 10, "schedule": "cosine"}
-    spec_dict["search_space"] = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
-    spec_dict.update(n_trials=1, parallelism=1)
-    return spec_dict
-
-
-@pytest.fixture
 def ctx(migrated: Settings, session_factory: SessionFactory, sent: SentTasks) -> WorkerContext:
     return WorkerContext(migrated, session_factory, sent)
 

@@ -1,0 +1,120 @@
+"""A pack of attempts end to end: one Optuna load, K asks, one batched training, each member recorded as its own trial.
+
+Members share one computation (``scaletune.packs``), so an exception fails every member; each is then retried on
+its own, with its own params, like any failed attempt. Packs do not checkpoint: ``train_pack`` keeps no resumable
+state per member, and a pack's retries need not meet again in one pack, so a lost pack's members start over
+(a study whose trials must resume sets ``pack: 1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from functools import partial
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+
+from scaletune.packs import run_pack
+from scaletune.train import Callback, EvalPoint
+from service.dispatch import dispatch, send_all
+from service.kinds.base import StudyKind
+from service.kinds.registry import kind_of, spec_of
+from service.models import Study, TrialAttempt, TrialState
+from service.optuna_study import get_storage
+from service.studies import study_is_cancelled
+from service.trials import finish_attempt, record_all_asked, record_points
+from workers.running import Heartbeat, WorkerContext, failure, outcome_of, tell
+
+log = logging.getLogger(__name__)
+
+
+class PackProgress:
+    """The members' training callbacks: each reports to its own Optuna trial and is pruned on its own; the eval
+    points of one eval are written in one transaction, and the study's cancellation is read once per eval."""
+
+    def __init__(self, ctx: WorkerContext, study_id: str, beat: Heartbeat,
+                 members: list[tuple[str, optuna.Trial]]) -> None:
+        self.ctx, self.study_id, self.beat, self.members = ctx, study_id, beat, members
+        self.stop_reasons: list[TrialState | None] = [None] * len(members)
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+        self._pending_step: int | None = None
+        self._cancelled: tuple[int, bool] | None = None  # (step, cancelled then)
+
+    def callbacks(self) -> list[Callback | None]:
+        return [partial(self._on_eval, i) for i in range(len(self.members))]
+
+    def flush(self) -> None:
+        """Write the buffered eval points (members call in stack order, so after the last one of an eval)."""
+        if self._pending:
+            record_points(self.ctx.session_factory, self._pending)
+        self._pending, self._pending_step = [], None
+
+    def _cancelled_at(self, step: int) -> bool:
+        if self._cancelled is None or self._cancelled[0] != step:
+            self._cancelled = (step, study_is_cancelled(self.ctx.session_factory, self.study_id))
+        return self._cancelled[1]
+
+    def _on_eval(self, i: int, point: EvalPoint) -> bool:
+        if self._pending_step is not None and point.step != self._pending_step:
+            self.flush()
+        attempt_id, trial = self.members[i]
+        self._pending.append((attempt_id, asdict(point)))
+        self._pending_step = point.step
+        if math.isfinite(point.eval_loss):
+            trial.report(point.eval_loss, point.step)
+        if self._cancelled_at(point.step) or attempt_id in self.beat.lost_ids:
+            self.stop_reasons[i] = TrialState.cancelled
+        elif trial.should_prune():
+            self.stop_reasons[i] = TrialState.pruned
+        if all(reason is not None for reason in self.stop_reasons[i + 1:]):  # no later member reports this eval
+            self.flush()
+        return self.stop_reasons[i] is not None
+
+
+def _ask(kind: StudyKind[Any], spec: Any, storage: BaseStorage, study: optuna.Study, study_row: Study,
+         attempt: TrialAttempt) -> tuple[optuna.Study, optuna.Trial]:
+    """The member's Optuna trial from the pack's study; a retry re-runs its params through a study of its own."""
+    if attempt.retry_of and attempt.params:
+        study = kind.load_optuna_study(storage, study_row.optuna_study_name, spec, retried_params=attempt.params)
+    return study, study.ask(kind.distributions(spec))
+
+
+def run_pack_attempts(ctx: WorkerContext, attempts: list[TrialAttempt], study_row: Study) -> list[TrialState | None]:
+    """Train claimed attempts as one pack; each one's final state, None where it was not ours to finish."""
+    log.info("pack of %d attempts started: %s", len(attempts), [a.id for a in attempts])
+    kind, spec = kind_of(study_row), spec_of(study_row)
+    asked: list[tuple[optuna.Study, optuna.Trial]] = []
+    with Heartbeat(ctx.session_factory, [a.id for a in attempts], ctx.settings.HEARTBEAT_INTERVAL) as beat:
+        try:
+            storage = get_storage(ctx.settings.DATABASE_URL)
+            study = kind.load_optuna_study(storage, study_row.optuna_study_name, spec, retried_params=None)
+            for attempt in attempts:  # asked together (TPE's constant liar spreads them), told one by one
+                asked.append(_ask(kind, spec, storage, study, study_row, attempt))
+            record_all_asked(ctx.session_factory, [(a.id, trial.number, trial.params)
+                                                   for a, (_, trial) in zip(attempts, asked)])
+            progress = PackProgress(ctx, study_row.id, beat, [(a.id, trial) for a, (_, trial) in zip(attempts, asked)])
+            results = run_pack([kind.trial_config(spec, trial.params) for _, trial in asked], progress.callbacks(),
+                               data_root=ctx.settings.DATA_ROOT, max_params=ctx.settings.MAX_PROXY_PARAMS)
+            progress.flush()
+            outcomes = [outcome_of(result, reason) for result, reason in zip(results, progress.stop_reasons)]
+        except Exception as error:
+            log.exception("pack of attempts %s failed", [a.id for a in attempts])
+            outcomes = [failure(error)] * len(attempts)
+        finished = [finish_attempt(ctx.session_factory, a.id, outcome, ctx.settings.MAX_RETRIES)
+                    for a, outcome in zip(attempts, outcomes)]
+    retries = []
+    for i, (outcome, done) in enumerate(zip(outcomes, finished)):
+        if done is None:
+            continue
+        if i < len(asked):
+            tell(*asked[i], spec.objective.direction, outcome)
+        if done.retry is not None:
+            retries.append(done.retry.id)
+    send_all(ctx.enqueue, retries, spec.queue)
+    dispatch(ctx.session_factory, study_row.id, ctx.enqueue)
+    states = [None if done is None else outcome.state for outcome, done in zip(outcomes, finished)]
+    log.info("pack of %d attempts ended: %s", len(attempts), states)
+    return states

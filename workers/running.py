@@ -1,0 +1,88 @@
+"""What running one attempt and running a pack share: the worker's context, the heartbeat, outcomes, telling Optuna."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import optuna
+
+from scaletune.train import TrainResult
+from service.db import SessionFactory, create_db_engine, make_session_factory
+from service.models import TrialState
+from service.optuna_study import tell_outcome
+from service.queue import Enqueue
+from service.settings import Settings
+from service.trials import Outcome, heartbeat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a task needs from its process: settings, database sessions and a way to send follow-up tasks."""
+
+    settings: Settings
+    session_factory: SessionFactory
+    enqueue: Enqueue
+
+    @classmethod
+    def from_settings(cls, settings: Settings, enqueue: Enqueue) -> WorkerContext:
+        return cls(settings, make_session_factory(create_db_engine(settings.DATABASE_URL)), enqueue)
+
+
+class Heartbeat:
+    """Refreshes the attempts' leases in a thread (one UPDATE for a whole pack); notices attempts the reconciler
+    has taken away: ``lost_ids`` names them, ``lost`` is set once any is lost."""
+
+    def __init__(self, session_factory: SessionFactory, attempt_ids: list[str], interval_s: float) -> None:
+        self.lost = threading.Event()
+        self.lost_ids: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(session_factory, attempt_ids, interval_s),
+                                        name=f"heartbeat-{attempt_ids[0]}", daemon=True)
+
+    def _run(self, session_factory: SessionFactory, attempt_ids: list[str], interval_s: float) -> None:
+        ours = list(attempt_ids)
+        while ours and not self._stop.wait(interval_s):
+            try:
+                kept = heartbeat(session_factory, ours)
+            except Exception:
+                log.exception("heartbeat for attempts %s failed; will try again", ours)
+                continue
+            self.lost_ids.update(set(ours) - kept)
+            ours = [attempt_id for attempt_id in ours if attempt_id in kept]
+            if self.lost_ids:
+                self.lost.set()
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def outcome_of(result: TrainResult, stop_reason: TrialState | None) -> Outcome:
+    common = {"flops": result.flops, "seconds": result.seconds}
+    if result.status == "diverged" or (result.status == "completed" and result.final_eval_loss is None):
+        return Outcome(TrialState.diverged, **common)
+    if result.status == "stopped":
+        return Outcome(stop_reason or TrialState.cancelled, **common)
+    return Outcome(TrialState.complete, value=result.final_eval_loss, **common)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, direction: str, outcome: Outcome) -> None:
+    """Tell Optuna how the trial ended; a failure here is only logged (our row is the truth, the reconciler retells)."""
+    try:
+        tell_outcome(study, trial, direction, outcome.state, outcome.value)
+    except Exception:
+        log.exception("could not tell Optuna how trial %s ended", trial.number)
+
+
+def failure(error: Exception) -> Outcome:
+    """ValueError means the config cannot work (never retried); anything else may be transient."""
+    kind = "invalid" if isinstance(error, ValueError) else "error"
+    return Outcome(TrialState.failed, failure_reason=f"{kind}: {type(error).__name__}: {error}")
