@@ -98,7 +98,8 @@ def close_optuna_trials(session_factory: SessionFactory, settings: Settings, now
 
     A worker that dies after recording how its attempt ended but before telling Optuna leaves the Optuna trial
     running (and the trial's checkpoint on disk); one that dies between Optuna's ask and recording it leaves a
-    trial no attempt names, failed here once it is older than STALE_AFTER. Either would stay running forever.
+    trial no attempt names. Either would stay running forever. Both are closed here once STALE_AFTER has passed
+    (since the attempt ended, or since the ask): a live worker tells Optuna itself, well within that.
     """
     stale = now - timedelta(seconds=settings.STALE_AFTER)
     actions = []
@@ -108,8 +109,9 @@ def close_optuna_trials(session_factory: SessionFactory, settings: Settings, now
                                                                  TrialAttempt.number == number)).one_or_none()
             if attempt is None and (started is None or started.astimezone(UTC) > stale):
                 continue  # the worker that asked may be recording it right now
-            if attempt is not None and attempt.state in IN_FLIGHT:
-                continue
+            if attempt is not None and (attempt.state in IN_FLIGHT or attempt.finished_at is None
+                                        or attempt.finished_at > stale):
+                continue  # still running, or its worker may be telling Optuna right now
             try:
                 optuna_study = optuna.load_study(study_name=study.optuna_study_name,
                                                  storage=get_storage(settings.DATABASE_URL))
