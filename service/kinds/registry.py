@@ -29,8 +29,8 @@ StudySpec = Annotated[Union[tuple(kind.spec_type for kind in KINDS.values())],  
                       Field(discriminator="kind")]
 STUDY_SPEC: TypeAdapter[Any] = TypeAdapter(StudySpec)
 SUMMARY_KINDS = [name for name, kind in KINDS.items() if kind.summary_type is not None]
-StudyResult = Annotated[Union[tuple(KINDS[name].summary_type for name in SUMMARY_KINDS)],  # type: ignore[valid-type]  # noqa: UP007
-                        Field(discriminator="kind")]
+StudyResult = Annotated[Union[tuple(KINDS[name].summary_type  # type: ignore[valid-type]  # noqa: UP007
+                                     for name in SUMMARY_KINDS)], Field(discriminator="kind")]
 """A completed study's summary (``StudyKind.summary``), told apart by its ``kind``."""
 
 

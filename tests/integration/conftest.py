@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,23 @@ def processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Superv
     supervisor.stop()
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database of its own (dropped afterwards): its SQLAlchemy URL."""
     name = f"scaletune_it_{secrets.token_hex(4)}"
     with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    with scratch_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -106,8 +116,12 @@ def issue_token(env: dict[str, str], name: str) -> str:
 @pytest.fixture
 def production_env(postgres_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
     """The environment of every production-mode process, with the database already migrated."""
-    env = child_env(SCALETUNE_DATABASE_URL=postgres_url, SCALETUNE_BROKER_URL=redis_url,
-                    SCALETUNE_HOME=str(tmp_path / "home"))
+    return migrated_env(postgres_url, redis_url, tmp_path / "home")
+
+
+def migrated_env(database_url: str, broker_url: str, home: Path) -> dict[str, str]:
+    """A production-mode child environment on this database and broker, after `scaletune migrate` ran on it."""
+    env = child_env(SCALETUNE_DATABASE_URL=database_url, SCALETUNE_BROKER_URL=broker_url, SCALETUNE_HOME=str(home))
     migrated = subprocess.run([*SCALETUNE, "migrate"], env={**os.environ, **env}, capture_output=True, text=True,
                               timeout=180)
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
@@ -216,19 +230,25 @@ class Deployment:
         pytest.fail(f"study {study_id} did not finish in {STUDY_TIMEOUT_S:.0f} s: {self.trials(study_id)}")
 
 
-@pytest.fixture
-def service(processes: Supervisor, production_env: dict[str, str]) -> Iterator[Deployment]:
-    """API, reconciler and two workers; the test starts nothing else unless it needs to."""
-    env = {**production_env, **FAST_RECOVERY}
+@contextmanager
+def deployment(processes: Supervisor, env: dict[str, str], workers: int) -> Iterator[Deployment]:
+    """Reconciler, ``workers`` Celery workers (worker-a, worker-b, ...) and the API, with an admin client."""
     token = issue_token(env, "faults")
     port = free_port()
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0,
                       headers={"Authorization": f"Bearer {token}"}) as client:
         result = Deployment(processes, env, port, client)
         processes.start(ChildSpec("reconciler", [*SCALETUNE, "reconciler"], env))
-        result.start_worker("worker-a")
-        result.start_worker("worker-b")
+        for index in range(workers):
+            result.start_worker(f"worker-{chr(ord('a') + index)}")
         result.start_api()
+        yield result
+
+
+@pytest.fixture
+def service(processes: Supervisor, production_env: dict[str, str]) -> Iterator[Deployment]:
+    """API, reconciler and two workers; the test starts nothing else unless it needs to."""
+    with deployment(processes, {**production_env, **FAST_RECOVERY}, workers=2) as result:
         yield result
 
 
