@@ -280,6 +280,7 @@ class TransferCheckSpec(GridSpec):
                                                           "while that size's seed-mean minimum sits at an edge")
     extensions: list[GridExtension] = Field(default_factory=list, description="filled in by the service as the "
                                                                             "grid grows; leave out")
+    pack: PackSize = "auto"
 
     def multipliers_log2(self) -> list[float]:
         """The grid every size starts with."""

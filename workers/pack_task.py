@@ -1,9 +1,10 @@
 """A pack of attempts end to end: one Optuna load, K asks, one batched training, each member recorded as its own trial.
 
-Members share one computation (``scaletune.packs``), so an exception fails every member; each is then retried on
-its own, with its own params, like any failed attempt. Packs do not checkpoint: ``train_pack`` keeps no resumable
-state per member, and a pack's retries need not meet again in one pack, so a lost pack's members start over
-(a study whose trials must resume sets ``pack: 1``).
+Members whose configs differ only in values and seed (every trial of a tune study; a transfer check's values and
+seeds at one size) share one computation (``scaletune.packs``); the others form groups trained one after another.
+An exception fails every member; each is then retried on its own, with its own params, like any failed attempt.
+Packs do not checkpoint: ``train_pack`` keeps no resumable state per member, and a pack's retries need not meet
+again in one pack, so a lost pack's members start over (a study whose trials must resume sets ``pack: 1``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
-from scaletune.packs import run_pack
+from scaletune.packs import pack_key, run_pack
+from scaletune.runner import TrialConfig
 from scaletune.train import Callback, EvalPoint
 from service.dispatch import dispatch, send_all
 from service.kinds.base import StudyKind
@@ -25,7 +27,7 @@ from service.kinds.registry import kind_of, spec_of
 from service.models import Study, TrialAttempt, TrialState
 from service.optuna_study import get_storage
 from service.studies import study_is_cancelled
-from service.trials import finish_attempt, record_all_asked, record_points
+from service.trials import Outcome, finish_attempt, record_all_asked, record_points
 from workers.running import Heartbeat, WorkerContext, failure, outcome_of, tell
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,19 @@ def _ask(kind: StudyKind[Any], spec: Any, storage: BaseStorage, study: optuna.St
     return study, study.ask(kind.distributions(spec))
 
 
+def _groups(configs: list[TrialConfig]) -> list[list[int]]:
+    """The members' indices grouped by what a pack's members share (``pack_key``), in order of first appearance."""
+    keys: list[TrialConfig] = []
+    groups: list[list[int]] = []
+    for i, config in enumerate(configs):
+        key = pack_key(config)
+        if key not in keys:
+            keys.append(key)
+            groups.append([])
+        groups[keys.index(key)].append(i)
+    return groups
+
+
 def run_pack_attempts(ctx: WorkerContext, attempts: list[TrialAttempt], study_row: Study) -> list[TrialState | None]:
     """Train claimed attempts as one pack; each one's final state, None where it was not ours to finish."""
     log.info("pack of %d attempts started: %s", len(attempts), [a.id for a in attempts])
@@ -95,11 +110,16 @@ def run_pack_attempts(ctx: WorkerContext, attempts: list[TrialAttempt], study_ro
                 asked.append(_ask(kind, spec, storage, study, study_row, attempt))
             record_all_asked(ctx.session_factory, [(a.id, trial.number, trial.params)
                                                    for a, (_, trial) in zip(attempts, asked)])
-            progress = PackProgress(ctx, study_row.id, beat, [(a.id, trial) for a, (_, trial) in zip(attempts, asked)])
-            results = run_pack([kind.trial_config(spec, trial.params) for _, trial in asked], progress.callbacks(),
-                               data_root=ctx.settings.DATA_ROOT, max_params=ctx.settings.MAX_PROXY_PARAMS)
-            progress.flush()
-            outcomes = [outcome_of(result, reason) for result, reason in zip(results, progress.stop_reasons)]
+            configs = [kind.trial_config(spec, trial.params) for _, trial in asked]
+            ended: dict[int, Outcome] = {}
+            for group in _groups(configs):  # members that differ only in values and seed train as one
+                progress = PackProgress(ctx, study_row.id, beat, [(attempts[i].id, asked[i][1]) for i in group])
+                results = run_pack([configs[i] for i in group], progress.callbacks(), data_root=ctx.settings.DATA_ROOT,
+                                   max_params=ctx.settings.MAX_PROXY_PARAMS)
+                progress.flush()
+                for i, result, reason in zip(group, results, progress.stop_reasons):
+                    ended[i] = outcome_of(result, reason)
+            outcomes = [ended[i] for i in range(len(attempts))]
         except Exception as error:
             log.exception("pack of attempts %s failed", [a.id for a in attempts])
             outcomes = [failure(error)] * len(attempts)

@@ -18,6 +18,7 @@ from optuna.storages import BaseStorage
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
+from scaletune.packs import pack_size_for
 from scaletune.runner import TrialConfig
 from scaletune.train import TrainResult
 from service.models import Study, TrialAttempt
@@ -84,7 +85,11 @@ class StudyKind(ABC, Generic[SpecT]):
         return None
 
     def pack_size(self, spec: SpecT, data_root: Path | None) -> int:
-        """How many of the study's queued trials one worker may train as one pack; 1 (one at a time) by default."""
+        """How many of the study's queued trials one worker may train as one pack; 1 (one at a time) by default.
+
+        A pack's members train as one computation when their configs differ only in values and seed
+        (``scaletune.packs.pack_key``); the others in it train in groups of their own, one after another.
+        """
         return 1
 
     def grow(self, spec: SpecT, attempts: list[TrialAttempt]) -> dict[str, Any] | None:
@@ -95,3 +100,8 @@ class StudyKind(ABC, Generic[SpecT]):
         """What GET /v1/studies/{id} says about the completed study beyond its best value (a ``summary_type``
         as JSON); None by default."""
         return None
+
+
+def pack_of(pack: int | str, largest: TrialConfig, data_root: Path | None) -> int:
+    """A spec's ``pack``: the number, or for auto what suits ``largest``, the largest config the study trains."""
+    return pack_size_for(largest, None if data_root is None else str(data_root)) if pack == "auto" else int(pack)

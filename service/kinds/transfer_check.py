@@ -20,6 +20,7 @@ from scaletune.hparams import HParams
 from scaletune.runner import TrialConfig
 from scaletune.shapes import Shape
 from scaletune.transfer_check import TransferCheckResult, TrialRecord, analyse, check_grid, parabola_optimum
+from service.kinds.base import pack_of
 from service.kinds.grid import GridKind
 from service.kinds.setup import base_config
 from service.models import Study, TrialAttempt, TrialState
@@ -168,6 +169,13 @@ class TransferCheckKind(GridKind[ResolvedTransferCheck]):
         return {"size_index": IntDistribution(0, len(spec.sizes) - 1),
                 "log2_mult": FloatDistribution(-reach, reach),
                 "seed": IntDistribution(0, spec.seeds - 1)}
+
+    def pack_size(self, spec: ResolvedTransferCheck, data_root: Path | None) -> int:
+        """The spec's ``pack``; auto sizes it for the largest size (the grid runs each size's values and seeds
+        next to each other, so a pack is mostly one size)."""
+        largest = max(range(len(spec.sizes)), key=lambda i: (spec.sizes[i].width, spec.sizes[i].depth))
+        return pack_of(spec.pack, self.trial_config(spec, {"size_index": largest, "log2_mult": 0.0, "seed": 0}),
+                       data_root)
 
     def trial_config(self, spec: ResolvedTransferCheck, params: dict[str, Any]) -> TrialConfig:
         """One grid point: the size's shape, the tuned value times 2^log2_mult, everything else as tuned."""

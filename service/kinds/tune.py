@@ -13,11 +13,10 @@ from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 
 from scaletune.hparams import HParams
-from scaletune.packs import pack_size_for
 from scaletune.runner import TrialConfig
 from scaletune.shapes import Shape
 from service.coord_plot import COORD_CHECK
-from service.kinds.base import StudyKind
+from service.kinds.base import StudyKind, pack_of
 from service.plot_drawing import draw_history, draw_importance, draw_intermediate
 from service.plots import DrawnPlot, history_data, importance_data, intermediate_data
 from service.settings import Settings
@@ -160,9 +159,7 @@ class TuneKind(StudyKind[TuneSpec]):
 
     def pack_size(self, spec: TuneSpec, data_root: Path | None) -> int:
         """The spec's ``pack``; auto sizes it for the proxy on this worker's device (every trial has the proxy shape)."""
-        if spec.pack == "auto":
-            return pack_size_for(self.trial_config(spec, {}), None if data_root is None else str(data_root))
-        return spec.pack
+        return pack_of(spec.pack, self.trial_config(spec, {}), data_root)
 
     def trial_config(self, spec: TuneSpec, params: dict[str, Any]) -> TrialConfig:
         """Fixed hyperparameters plus the sampled ones, at the proxy shape; device None means CUDA when available."""

@@ -32,15 +32,18 @@ def test_the_api_accepts_each_example_as_shipped(client: TestClient, name: str) 
 
 
 def run_every_attempt(ctx: WorkerContext, study_id: str) -> list[str]:
-    """Run the attempts the API queued, and those each finished attempt queues after it, here, one at a time."""
-    states = []
+    """Run the attempts the API queued, and those each finished attempt queues after it, here (packs take several
+    at once); the final state of every attempt, in the order they were queued."""
     while True:
         with ctx.session_factory() as session:
             queued = session.scalars(select(TrialAttempt.id).where(TrialAttempt.study_id == study_id,
                                                                    TrialAttempt.state == TrialState.queued)).all()
         if not queued:
-            return states
-        states += [run_attempt(ctx, attempt_id) for attempt_id in queued]
+            with ctx.session_factory() as session:
+                return list(session.scalars(select(TrialAttempt.state).where(TrialAttempt.study_id == study_id)
+                                            .order_by(TrialAttempt.queued_at, TrialAttempt.id)))
+        for attempt_id in queued:
+            run_attempt(ctx, attempt_id)
 
 
 @pytest.fixture

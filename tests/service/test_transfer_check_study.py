@@ -10,10 +10,11 @@ import optuna
 import pytest
 from fastapi.testclient import TestClient
 from optuna.trial import TrialState as OptunaState
+from sqlalchemy import select
 
 import service.studies
 from service.dispatch import dispatch
-from service.models import Study
+from service.models import Event, Study, TrialAttempt
 from service.settings import Settings
 from service.kinds.registry import STUDY_SPEC, kind_of, parse_spec
 from service.spec import SpecError, TransferCheckSpec
@@ -40,13 +41,15 @@ def check_spec() -> dict[str, Any]:
 
 
 def run_all(ctx: WorkerContext, study_id: str) -> list[str]:
-    """Run the study's attempts one by one in this process, as a single worker would; their final states."""
+    """Run the study's attempts in this process, as a single worker would (packs take several at once); the final
+    state of every attempt, in the order they were queued."""
     sent = ctx.enqueue
     dispatch(ctx.session_factory, study_id, sent)
-    states = []
     while sent:
-        states.append(run_attempt(ctx, sent.pop(0)[0]))
-    return states
+        run_attempt(ctx, sent.pop(0)[0])
+    with ctx.session_factory() as session:
+        return list(session.scalars(select(TrialAttempt.state).where(TrialAttempt.study_id == study_id)
+                                    .order_by(TrialAttempt.queued_at, TrialAttempt.id)))
 
 
 @pytest.fixture
@@ -260,3 +263,22 @@ def test_a_depth_mup_study_on_two_layer_blocks_carries_the_measured_warning(clie
     assert "+0.56" in warning and "+0.60" in warning and "'completep'" in warning
     assert client.get(f"/v1/studies/{created.json()['id']}").json()["warnings"] == [warning]
     assert client.post("/v1/studies", json={**CHECK_SPEC, "name": "cp"}).json()["warnings"] == []
+
+
+def test_a_packed_check_trains_each_sizes_points_together_and_gets_what_one_by_one_gets(
+        ctx: WorkerContext, storage: Any, check_spec: dict[str, Any]) -> None:
+    """Five points in flight: each size's five multipliers (one seed) are one pack; losses as when run alone."""
+    losses = {}
+    for pack in (1, "auto"):
+        study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(
+            {**check_spec, "parallelism": 5, "pack": pack}))
+        assert set(run_all(ctx, study.id)) == {"complete"}
+        with ctx.session_factory() as session:
+            attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study.id)))
+            packs = list(session.scalars(select(Event.payload["pack"].as_integer())
+                                         .where(Event.study_id == study.id, Event.type == "trial_started")))
+        losses[pack] = {(a.params["size_index"], a.params["log2_mult"], a.params["seed"]): a.value for a in attempts}
+        assert set(packs) == ({1} if pack == 1 else {5})
+    assert losses[1].keys() == losses["auto"].keys() and len(losses[1]) == 30
+    for point, loss in losses[1].items():
+        assert losses["auto"][point] == pytest.approx(loss, rel=1e-5), point
