@@ -1,6 +1,7 @@
 """Service overhead: one TPE study run as a bare in-process Optuna loop and through the service, same trials.
 
     .venv/bin/python bench/service_overhead.py [--quick] [--no-docs] [--redis-db 14]
+    .venv/bin/python bench/service_overhead.py --packs [--rounds 3] [--pack 16] [--no-docs]
 
 (a) bare: ``optuna.create_study`` in memory, ``ask`` / ``run_trial`` with a report-and-prune callback / ``tell``
 in this process. (b) service: a fresh PostgreSQL database, a Redis database number of its own, ``scaletune api``
@@ -9,6 +10,12 @@ and ONE Celery worker process (solo pool) as subprocesses, the study submitted o
 the worker's database and Optuna calls against the same database prices them one by one. Writes the
 ``## Service overhead`` section of docs/benchmarks.md. Drops the database, flushes the Redis database and
 stops the subprocesses (by process group) on the way out, also on Ctrl-C.
+
+``--packs``: the same two arms in rounds, their order alternating round by round (the machine's load drifts;
+alternating spreads it over both arms): each round runs the study bare (unpacked, as above) and through the
+service with ``parallelism`` = ``pack`` = ``--pack``, so the worker trains the trials in packs. Reports the
+service/bare trials-per-hour ratio per round, its median and spread, and the dispatch latency (attempt queued ->
+its pack's training started). Writes the ``## Service overhead with packs`` section.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from service.trials import record_asked, record_point
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SCALETUNE = [sys.executable, "-m", "service.cli"]
 SECTION = "Service overhead"
+PACKS_SECTION = "Service overhead with packs"
 EVALS_PER_TRIAL = 5
 TARGET_RATIO = 0.95
 TARGET_P50_MS = 100.0
@@ -62,7 +70,7 @@ STUDY_TIMEOUT_S = 240.0
 REPLAY_REPEATS = 7
 
 
-def tune_spec(name: str, steps: int, n_trials: int) -> dict[str, Any]:
+def tune_spec(name: str, steps: int, n_trials: int, pack: int = 1) -> dict[str, Any]:
     """A tiny muP MLP on digits; EVALS_PER_TRIAL reports per trial whatever the step count."""
     return {
         "name": name, "kind": "tune",
@@ -71,7 +79,8 @@ def tune_spec(name: str, steps: int, n_trials: int) -> dict[str, Any]:
         "budget": {"steps": steps, "batch_size": 64, "eval_every": steps // EVALS_PER_TRIAL, "schedule": "cosine"},
         "search_space": {"lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
                          "output_mult": {"type": "float", "low": 0.25, "high": 4.0, "log": True}},
-        "n_trials": n_trials, "parallelism": 1, "sampler": {"name": "tpe", "seed": 0}, "pruner": {"name": "none"},
+        "n_trials": n_trials, "parallelism": pack, "pack": pack, "sampler": {"name": "tpe", "seed": 0},
+        "pruner": {"name": "none"},
     }
 
 
@@ -340,6 +349,49 @@ def report(results: list[dict[str, Any]], replay: dict[str, float], setup: dict[
 
 # ---------------------------------------------------------------- main
 
+def packs_rounds(service: Service, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``args.rounds`` rounds of bare vs packed service at 100 steps, the arms' order alternating by round."""
+    rounds = []
+    for i in range(args.rounds):
+        arms: dict[str, Any] = {}
+        for arm in (("bare", "service") if i % 2 == 0 else ("service", "bare")):
+            if arm == "bare":
+                arms["bare"] = bare_study(tune_spec(f"bare-{i}", 100, args.trials))
+            else:
+                study_id, posted = submit_and_wait(service, tune_spec(f"packed-{i}", 100, args.trials, args.pack))
+                arms["service"], arms["latency"] = service_run(service, study_id, posted)
+        ratio = arms["service"].trials_per_hour() / arms["bare"].trials_per_hour()
+        rounds.append({**arms, "ratio": ratio, "first": "bare" if i % 2 == 0 else "service"})
+        print(f"round {i}: bare {arms['bare'].wall:.1f} s, service {arms['service'].wall:.1f} s, ratio {ratio:.2f}",
+              flush=True)
+    return rounds
+
+
+def packs_report(rounds: list[dict[str, Any]], args: argparse.Namespace, load: tuple[float, ...]) -> str:
+    ratios = [r["ratio"] for r in rounds]
+    latency = [x for r in rounds for x in r["latency"]]
+    rows = [[i, r["first"], f"{r['bare'].wall:.1f}", f"{r['bare'].trials_per_hour():.0f}", f"{r['service'].wall:.1f}",
+             f"{r['service'].trials_per_hour():.0f}", f"{r['ratio']:.2f}", ms(statistics.median(r["latency"]))]
+            for i, r in enumerate(rounds)]
+    return "\n\n".join([
+        f"`.venv/bin/python bench/service_overhead.py --packs --rounds {args.rounds} --pack {args.pack}` on 2 CPU "
+        f"cores shared with other work (load average at the end: {', '.join(f'{x:.1f}' for x in load)}), "
+        f"{datetime.now(UTC):%Y-%m-%d}. Protocol (fixed before the run): the study of the section above "
+        f"({args.trials} trials of a muP MLP 64x2 on digits, 100 steps, batch 64, {EVALS_PER_TRIAL} evals, TPE "
+        f"seed 0, no pruner, torch on 1 thread), {args.rounds} rounds; each round runs the bare loop (unpacked, "
+        f"in this process) and the service (PostgreSQL, Redis, `scaletune api`, ONE Celery worker, solo pool) "
+        f"with `parallelism` = `pack` = {args.pack}, in alternating order, after one warm-up study per arm "
+        "(unpacked and packed). Service wall = POST sent -> "
+        "`finished_at`; bare wall = the loop. Ratio = service trials/hour / bare trials/hour.",
+        markdown_table(["round", "first arm", "bare wall s", "bare trials/h", "service wall s", "service trials/h",
+                        "ratio", "dispatch p50 ms"], rows),
+        f"**Median ratio {statistics.median(ratios):.2f}** (spread {min(ratios):.2f}-{max(ratios):.2f} over "
+        f"{len(ratios)} rounds; goal >= 0.95). Dispatch latency (attempt queued -> its pack's training started) "
+        f"p50 {ms(statistics.median(latency))} ms, p95 {ms(p95(latency))} ms over {len(latency)} trials (goal p50 < "
+        "100 ms). The figures swing with the machine's load: other sessions' tests ran beside this one.",
+    ])
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C, so the ``finally`` cleanup runs."""
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -353,8 +405,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 trials at 100 steps only")
     parser.add_argument("--redis-db", type=int, default=14, help="a Redis database number nobody else uses")
     parser.add_argument("--no-docs", action="store_true", help="print the section instead of writing docs")
+    parser.add_argument("--packs", action="store_true", help="bare vs packed service in alternating rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="with --packs: rounds of the two arms")
+    parser.add_argument("--pack", type=int, default=16, help="with --packs: trials per pack (and parallelism)")
     args = parser.parse_args()
     args.trials, steps_list = (10, [100]) if args.quick else (20, [100, 1000])
+    if args.packs:
+        args.trials = 2 * args.pack
     stop_on_sigterm()
     single_thread()
     began = time.perf_counter()
@@ -387,6 +444,13 @@ def main() -> None:
             cold_id, cold_posted = submit_and_wait(service, tune_spec("warm-up", steps_list[0], 1))
             cold_latency = service_run(service, cold_id, cold_posted)[1][0]
             bare_cold = bare_study(tune_spec("warm-up", steps_list[0], 1)).wall
+            if args.packs:
+                submit_and_wait(service, tune_spec("warm-up-packed", 100, args.pack, args.pack))
+                body = packs_report(packs_rounds(service, args), args, os.getloadavg())
+                print(body)
+                if not args.no_docs:
+                    write_section(PACKS_SECTION, body)
+                return
             results = []
             for steps in steps_list:
                 bare = bare_study(tune_spec(f"bare-{steps}", steps, args.trials))
