@@ -225,8 +225,8 @@ def report(args: argparse.Namespace, chaos: Chaos, wall_s: float, states: Counte
     rows = [["trials (finished, over all studies)", f"{total} ({args.studies} tune studies x {args.trials_per_study}, "
              f"{args.steps} steps each, eval every {SPEC['budget']['eval_every']})"],
             ["worker processes", f"{WORKERS} (Celery, --pool solo), plus `scaletune api` and `scaletune reconciler`"],
-            ["SIGKILLs of a random worker", f"{len(chaos.kills)} (every {args.kill_every[0]:g}-"
-             f"{args.kill_every[1]:g} s; mean gap {sum(kill_gaps) / max(1, len(kill_gaps)):.0f} s), each worker restarted by the supervisor"],
+            ["SIGKILLs of a random worker", f"{len(chaos.kills)} (every {args.kill_every[0]:g}-{args.kill_every[1]:g} "
+             f"s; mean gap {sum(kill_gaps) / max(1, len(kill_gaps)):.0f} s), each worker restarted by the supervisor"],
             ["Redis restarts", f"{len(chaos.redis_restarts)} (at "
              + ", ".join(f"{t:.0f} s" for t in chaos.redis_restarts) + f", down {args.redis_down:g} s, queue lost)"],
             ["wall time", f"{wall_s / 60:.1f} min"],
@@ -241,7 +241,8 @@ def report(args: argparse.Namespace, chaos: Chaos, wall_s: float, states: Counte
         f"\n\nOne command: `python bench/soak.py` (seed {args.seed}), run {datetime.now(UTC):%Y-%m-%d %H:%M} "
         f"UTC on a loaded 2-core machine shared with other work (load average at the end: {load}); the wall time "
         "is mostly that load. Recovery settings as in the fault tests (`HEARTBEAT_INTERVAL=0.5`, `STALE_AFTER=4`, "
-        "`RECONCILE_INTERVAL=1`, `REQUEUE_AFTER=8`, `CHECKPOINT_EVERY_EVALS=1`); `MAX_RETRIES` 2 (the default). "
+        "`RECONCILE_INTERVAL=1`, `REQUEUE_AFTER=8`, `CHECKPOINT_EVERY_EVALS=1`); `MAX_RETRIES` 2 (the default); "
+        "one trial per worker task (`pack: 1`, as in the fault tests). "
         "Checks, per study: completed with exactly `n_trials` finished trials; no Optuna trial number recorded by "
         "two attempts, and Optuna holds the same state and value as our table for every completed trial; no "
         "attempt and no Optuna trial left queued, waiting or running; every lost attempt retried with its params; "
