@@ -288,21 +288,25 @@ def save_atomically(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _saving(callback: Callback | None, checkpointing: Checkpointing, model: nn.Module,
-            optimizer: torch.optim.Optimizer, progress: Progress) -> Callback:
+            optimizer: torch.optim.Optimizer, progress: Progress, clip: RelativeClipper | None) -> Callback:
     def on_eval(point: EvalPoint) -> bool:
         stop = callback is not None and callback(point)
         if not stop and len(progress.curve) % checkpointing.every_evals == 0:
             save_atomically(checkpointing.path, {"progress": asdict(progress), "model": model.state_dict(),
-                                                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()})
+                                                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                                                 "clip": None if clip is None else clip.state_dict()})
         return stop
     return on_eval
 
 
-def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> Progress:
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+             clip: RelativeClipper | None) -> Progress:
     payload = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     torch.set_rng_state(payload["rng"])
+    if clip is not None and payload.get("clip") is not None:  # saved by a run that clipped (older saves did not)
+        clip.load_state_dict(payload["clip"])
     saved = payload["progress"]
     return Progress(**{**saved, "curve": [EvalPoint(**p) for p in saved["curve"]]})
 
@@ -315,7 +319,8 @@ def train(model: nn.Module, param_groups: list[dict[str, Any]], dataset: Dataset
 
     With ``checkpointing``, a run resumes from its checkpoint when one exists (the data stream skips the
     batches already trained on) and saves one every few evals; the callback sees only the new eval points.
-    ``clip``: see :meth:`Loop.run` (a resumed run restarts a relative rule's running norm).
+    ``clip``: see :meth:`Loop.run`; the checkpoint keeps a relative rule's running norm, so a resumed run clips
+    as the uninterrupted one would.
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -326,8 +331,8 @@ def train(model: nn.Module, param_groups: list[dict[str, Any]], dataset: Dataset
     progress = Progress()
     if checkpointing is not None:
         if checkpointing.path.exists():
-            progress = _restore(checkpointing.path, model, opt, dev)
-        callback = _saving(callback, checkpointing, model, opt, progress)
+            progress = _restore(checkpointing.path, model, opt, dev, clip)
+        callback = _saving(callback, checkpointing, model, opt, progress, clip)
     batches = itertools.islice(dataset.train_batches(budget.batch_size, seed), progress.step, None)
     status = Loop(dataset, budget, hparams.warmup_frac, dev, callback).run(
         model, opt, batches, progress, budget.steps, flops_per_step=float(budget.batch_size * flops_per_sample),

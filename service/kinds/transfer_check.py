@@ -16,7 +16,11 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
+from scaletune.models.registry import get_family
+from scaletune.models.size import family_factory
+from scaletune.parametrize import classify
 from scaletune.runner import TrialConfig
 from scaletune.shapes import Shape
 from scaletune.transfer_check import TransferCheckResult, TrialRecord, analyse, check_grid, parabola_optimum
@@ -36,6 +40,20 @@ OCTAVE = 1.0  # a grid grows by whole octaves
 def tuned_value(spec: TransferCheckSpec) -> float:
     """The checked value in base units: the spec's (or its source's best), else the library default."""
     return spec.hyperparameters.get(spec.hparam, getattr(HParams(), spec.hparam))
+
+
+def _attention_problems(spec: TransferCheckSpec, settings: Settings) -> list[SpecProblem]:
+    """attn_mult scales attention logits: a model without attention would train one landscape point per size."""
+    assert spec.model is not None and spec.dataset is not None
+    base = Shape(**spec.model.base.model_dump())
+    data = dataset_spec(spec.dataset.name, spec.dataset.args, settings.DATA_ROOT)
+    factory = family_factory(get_family(spec.model.family), base, data, spec.model.args)
+    if any(module.role == "attention" for module in classify(factory, base, base).modules):
+        return []
+    return [SpecProblem(("hparam",), f"attn_mult scales attention logits, and the {spec.model.family} family's model "
+                                     "has no attention: every multiplier would train the same model. Check lr, "
+                                     "output_mult, init_std, weight_decay or warmup_frac instead, or a family with "
+                                     "attention (gpt, vit).")]
 
 
 def size_label(shape: Shape) -> str:
@@ -158,7 +176,10 @@ class TransferCheckKind(GridKind[ResolvedTransferCheck]):
                 check_grid(spec.hparam, tuned_value(spec), [mults[0], mults[-1]])
             except ValueError as error:
                 return [SpecProblem(("hparam",), str(error))]
-        return super().check(spec, settings)
+        problems = super().check(spec, settings)
+        if problems or spec.hparam != "attn_mult" or spec.model is None or spec.dataset is None:
+            return problems
+        return _attention_problems(spec, settings)
 
     def trained_shapes(self, spec: TransferCheckSpec, base: Shape) -> dict[Loc, Shape]:
         return {("sizes", i): Shape(**size.model_dump()) for i, size in enumerate(spec.sizes)}

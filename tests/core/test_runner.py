@@ -75,8 +75,12 @@ def test_divergence_is_reported_not_raised() -> None:
     assert result.status == "diverged" and result.diverged_step is not None
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
-    cfg = mlp_trial(budget=Budget(steps=60, batch_size=32, eval_every=10, eval_batches=4))
+@pytest.mark.parametrize("options", [None, {"grad_clip": "relative", "grad_clip_factor": 1.05}],
+                         ids=["no clipping", "relative clipping"])
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+        tmp_path: Path, options: dict[str, object] | None) -> None:
+    """With the relative clipping rule (a factor that clips often), the running norm is saved and restored too."""
+    cfg = mlp_trial(budget=Budget(steps=60, batch_size=32, eval_every=10, eval_batches=4), options=options)
     saves = Checkpointing(tmp_path / "trial.pt", every_evals=2)
 
     def killed_at_step_50(point: EvalPoint) -> bool:

@@ -256,6 +256,17 @@ def test_a_grid_that_cannot_train_is_refused(migrated: Settings, change: dict[st
     assert any(p.loc == ("hparam",) and says in p.msg for p in error.value.problems), error.value.problems
 
 
+def test_attn_mult_is_checked_only_on_models_with_attention(client: TestClient, migrated: Settings) -> None:
+    refused = client.post("/v1/studies", json={**CHECK_SPEC, "hparam": "attn_mult"})
+    assert refused.status_code == 422, refused.text
+    error, = [e for e in refused.json()["errors"] if e["loc"][-1] == "hparam"]
+    assert "mlp family's model has no attention" in error["msg"] and "output_mult" in error["msg"]
+    gpt = {**CHECK_SPEC, "hparam": "attn_mult", "model": {"family": "gpt", "base": {"width": 16, "depth": 1},
+                                                          "args": {"head_dim": 8}},
+           "dataset": {"name": "pytext", "args": {"max_bytes": 100_000, "seq_len": 16}}}
+    assert parse_spec(gpt, migrated).hparam == "attn_mult"
+
+
 def test_a_depth_mup_study_on_two_layer_blocks_carries_the_measured_warning(client: TestClient) -> None:
     created = client.post("/v1/studies", json={**CHECK_SPEC, "parametrization": "depth_mup"})
     assert created.status_code == 201, created.text
