@@ -41,6 +41,11 @@ class HParams:
             raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {sorted(known)}")
         return cls(**{k: float(v) for k, v in values.items()})
 
+    @classmethod
+    def builtin_of(cls, values: dict[str, Any]) -> HParams:
+        """The built-in hyperparameters among ``values``; the others (an external study's own) are the user's code's."""
+        return cls.from_dict({k: v for k, v in values.items() if k in HPARAM_NAMES})
+
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 

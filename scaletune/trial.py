@@ -120,7 +120,8 @@ class Trial:
         """``factory(width, depth)`` built at the study's proxy shape in its parametrization with this trial's values.
 
         Returns the core's BuiltModel: ``.model`` and ``.param_groups`` (per-group lr, weight decay, eps) for
-        ``torch.optim``. ``declarations`` go to ``scaletune.parametrize.build_model`` as they are.
+        ``torch.optim``. ``declarations`` go to ``scaletune.parametrize.build_model`` as they are. The study's own
+        hyperparameters (names that are not built-in, e.g. dropout) are not applied: read them from ``params``.
         """
         from scaletune.hparams import HParams
         from scaletune.parametrize import ParamOptions, build_model
@@ -128,7 +129,7 @@ class Trial:
         if self.base is None or self.proxy is None:
             raise ValueError(f"study {self.study_id} gives no model shapes; add model.base and model.proxy "
                              "({width, depth}) to its spec to build through the study")
-        return build_model(factory, self.base, self.proxy, self.parametrization, HParams.from_dict(self.params),
+        return build_model(factory, self.base, self.proxy, self.parametrization, HParams.builtin_of(self.params),
                            self.optimizer, ParamOptions.from_dict(self.options), device=device, **declarations)
 
     def __enter__(self) -> Trial:

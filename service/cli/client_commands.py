@@ -360,7 +360,7 @@ def _own_model_plan(study_id: str, factory: str, target: Shape, optimizer: str |
     try:
         plan = factory_transfer_plan(
             load_factory(factory), factory, Shape.from_dict(base), target, spec["parametrization"],
-            HParams.from_dict({**spec.get("hyperparameters", {}), **study.best_params}), tuned_optimizer,
+            HParams.builtin_of({**spec.get("hyperparameters", {}), **study.best_params}), tuned_optimizer,
             ParamOptions.from_dict(spec.get("parametrization_options")), branch_outputs=branch_outputs,
             attention=attention, example_input=_example_input(spec),
             provenance={"study_id": study.id, "best_value": study.best_value,

@@ -8,12 +8,12 @@ dataset or budget: the user's code owns those.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
-from pydantic import Field
+from pydantic import AfterValidator, Field, StrictBool, StrictInt, StrictStr, StringConstraints
 
 from scaletune.parametrize import Optimizer, ParamOptions, Parametrization
 from scaletune.runner import TrialConfig
@@ -21,7 +21,34 @@ from service.kinds import tune
 from service.kinds.base import StudyKind
 from service.plots import DrawnPlot
 from service.settings import Settings
-from service.spec import HParamName, PrunerSpec, SamplerSpec, SearchParam, ShapeSpec, SpecProblem, Strict, over_limits
+from scaletune.hparams import HPARAM_NAMES
+from service.spec import (CategoricalParam, FloatParam, IntParam, Loc, PrunerSpec, SamplerSpec, ShapeSpec, SpecProblem,
+                          Strict, over_limits)
+
+def _identifier(name: str) -> str:
+    if not (name.isidentifier() and name.isascii() and len(name) <= 64):
+        raise ValueError(f"{name!r} is not a hyperparameter name: use a letter or _, then letters, digits or _, "
+                         "at most 64 characters (like dropout or beta_2)")
+    return name
+
+
+OwnName = Annotated[str, AfterValidator(_identifier)]
+Choice = StrictBool | StrictInt | float | Annotated[StrictStr, StringConstraints(max_length=200)]
+
+
+class OwnCategorical(CategoricalParam):
+    """Choices of any JSON scalar (``["adamw", "lion"]``, ``[true, false]``): the user's code reads them as given."""
+
+    choices: list[Choice] = Field(min_length=1, max_length=1000)  # type: ignore[assignment]
+
+    def problems(self, loc: Loc, grid: bool) -> list[SpecProblem]:
+        keyed = [(type(choice).__name__, choice) for choice in self.choices]
+        if len(set(keyed)) < len(keyed):
+            return [SpecProblem(loc + ("choices",), "choices repeat a value; list each choice once.")]
+        return []
+
+
+OwnSearchParam = Annotated[FloatParam | IntParam | OwnCategorical, Field(discriminator="type")]
 
 
 class DirectionSpec(Strict):
@@ -40,7 +67,10 @@ class ExternalSpec(Strict):
 
     name: str = Field(min_length=1, max_length=200)
     kind: Literal["external"]
-    search_space: dict[HParamName, SearchParam] = Field(min_length=1)
+    search_space: dict[OwnName, OwnSearchParam] = Field(
+        min_length=1, description="built-in hyperparameters (lr, output_mult, ...: Trial.build applies them, in base "
+                                  "units) and your own, named as you like (dropout, beta2, ...: your code reads them "
+                                  "from trial.params)")
     objective: DirectionSpec = Field(default_factory=DirectionSpec)
     n_trials: int = Field(ge=1)
     parallelism: int = Field(1, ge=1, description="trials out at once; one more ask is answered 429")
@@ -65,7 +95,7 @@ class ExternalKind(StudyKind[ExternalSpec]):
 
     def check(self, spec: ExternalSpec, settings: Settings) -> list[SpecProblem]:
         asked = [(("n_trials",), "trials", spec.n_trials), (("parallelism",), "parallelism", spec.parallelism)]
-        return over_limits(asked, settings) + tune.search_problems(spec)
+        return over_limits(asked, settings) + tune.search_problems(spec) + _builtin_problems(spec)
 
     def load_optuna_study(self, storage: BaseStorage, name: str, spec: ExternalSpec,
                           retried_params: dict[str, Any] | None) -> optuna.Study:
@@ -87,6 +117,16 @@ class ExternalKind(StudyKind[ExternalSpec]):
 
     def trial_config(self, spec: ExternalSpec, params: dict[str, Any]) -> TrialConfig:
         raise TypeError("an external study's trials run in the user's own code (ask/tell), never on a worker")
+
+
+def _builtin_problems(spec: ExternalSpec) -> list[SpecProblem]:
+    """A built-in hyperparameter is a number Trial.build applies: its choices must be numbers."""
+    return [SpecProblem(("search_space", name, "choices"), f"{name} is a built-in hyperparameter that Trial.build "
+                                                           "applies as a number; give numeric choices, or rename it "
+                                                           "to search your own categorical.")
+            for name, param in spec.search_space.items()
+            if name in HPARAM_NAMES and isinstance(param, OwnCategorical)
+            and not all(isinstance(c, int | float) and not isinstance(c, bool) for c in param.choices)]
 
 
 KIND = ExternalKind()

@@ -17,7 +17,7 @@ import scaletune
 from scaletune.client import Client
 from service.tokens import create_token
 from service.db import SessionFactory
-from tests.service.test_asktell import EXTERNAL
+from tests.service.test_asktell import EXTERNAL, OWN_SPACE
 
 SCALETUNE = [sys.executable, "-c", "from service.cli import main; main()"]
 TRAINER = [sys.executable, str(Path(__file__).resolve().parents[1] / "integration" / "asktell_trainer.py")]
@@ -150,6 +150,15 @@ def test_trial_build_makes_the_users_model_at_the_proxy_shape_with_the_trials_va
     loss.backward()
     optimizer.step()
     trial.tell(float(loss))
+
+
+def test_trial_build_applies_the_builtin_values_and_leaves_the_studys_own_to_the_code(api: Client) -> None:
+    study_id = submit(api, search_space=OWN_SPACE)
+    trial = api.ask(study_id)
+    built = trial.build(Mlp)
+    assert set(trial.params) == set(OWN_SPACE)
+    assert built.plan.hparams["lr"] == pytest.approx(trial.params["lr"]) and "dropout" not in built.plan.hparams
+    trial.tell(1.0)
 
 
 def test_current_trial_reads_the_agents_environment(api: Client, live_url: str, token: str,

@@ -25,6 +25,17 @@ EXTERNAL: dict[str, Any] = {
     "model": {"base": {"width": 64, "depth": 2}, "proxy": {"width": 64, "depth": 2}}, "lease_seconds": 30,
 }
 
+# Built-in (lr: Trial.build applies it) and the user's own hyperparameters, of every distribution.
+OWN_SPACE: dict[str, Any] = {
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.5}, "label_smoothing": {"type": "float", "low": 1e-3,
+                                                                                 "high": 0.1, "log": True},
+    "n_heads": {"type": "int", "low": 2, "high": 8, "step": 2}, "accum_steps": {"type": "int", "low": 1, "high": 16,
+                                                                                 "log": True},
+    "activation": {"type": "categorical", "choices": ["gelu", "relu", "swiglu"]},
+    "tie_embeddings": {"type": "categorical", "choices": [True, False]},
+}
+
 
 def submit(client: TestClient, **changes: Any) -> str:
     response = client.post("/v1/studies", json={**copy.deepcopy(EXTERNAL), **changes})
@@ -234,6 +245,42 @@ def test_a_worker_study_has_nothing_to_ask(client: TestClient, spec_dict: dict[s
 def test_the_spec_is_checked_at_submission(client: TestClient, change: dict[str, Any], where: str) -> None:
     refused = client.post("/v1/studies", json={**EXTERNAL, **change})
     assert refused.status_code == 422 and where in str(refused.json()["detail"])
+
+
+def test_an_external_study_searches_hyperparameters_of_its_own(client: TestClient) -> None:
+    study_id = submit(client, search_space=OWN_SPACE, n_trials=6, parallelism=6)
+    for _ in range(6):
+        params = ask_ok(client, study_id)["params"]
+        assert set(params) == set(OWN_SPACE)
+        assert 1e-4 <= params["lr"] <= 1e-1 and 0.0 <= params["dropout"] <= 0.5
+        assert params["n_heads"] in (2, 4, 6, 8) and 1 <= params["accum_steps"] <= 16
+        assert params["activation"] in ("gelu", "relu", "swiglu") and params["tie_embeddings"] in (True, False)
+    spec = client.get(f"/v1/studies/{study_id}").json()["spec"]
+    assert spec["search_space"]["activation"]["choices"] == ["gelu", "relu", "swiglu"]
+    assert spec["search_space"]["tie_embeddings"]["choices"] == [True, False]
+
+
+@pytest.mark.parametrize("space, where, message", [
+    ({"1st_moment": {"type": "float", "low": 0.1, "high": 0.9}}, ("search_space", "1st_moment", "[key]"),
+     "not a hyperparameter name"),
+    ({"dropout": {"type": "normal", "low": 0.0, "high": 0.5}}, ("search_space", "dropout"), "tag"),
+    ({"dropout": {"type": "float", "low": 0.0, "high": 0.5, "log": True}}, ("search_space", "dropout", "low"),
+     "log-scale range needs low > 0"),
+    ({"dropout": {"type": "float", "low": 0.5, "high": 0.1}}, ("search_space", "dropout", "high"), "above low"),
+    ({"n_heads": {"type": "int", "low": 2, "high": 8.5}}, ("search_space", "n_heads", "int", "high"), "integer"),
+    ({"activation": {"type": "categorical", "choices": ["gelu", "gelu"]}},
+     ("search_space", "activation", "choices"), "repeat"),
+    ({"activation": {"type": "categorical", "choices": [["gelu"]]}},
+     ("search_space", "activation", "categorical", "choices", 0), ""),
+    ({"lr": {"type": "categorical", "choices": ["fast", "slow"]}}, ("search_space", "lr", "choices"),
+     "built-in hyperparameter"),
+])
+def test_own_hyperparameters_are_checked_at_submission(client: TestClient, space: dict[str, Any],
+                                                       where: tuple[str, ...], message: str) -> None:
+    refused = client.post("/v1/studies", json={**EXTERNAL, "search_space": space})
+    assert refused.status_code == 422, refused.text
+    errors = refused.json()["errors"]
+    assert any(tuple(error["loc"][1:1 + len(where)]) == where and message in error["msg"] for error in errors), errors
 
 
 def test_the_lease_defaults_to_ten_minutes(client: TestClient) -> None:
