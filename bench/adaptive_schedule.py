@@ -1,32 +1,35 @@
-"""Does an adaptive shape schedule reach a fixed eval loss E* with fewer FLOPs than the best static shape?
+"""Does an adaptive (joint) shape schedule reach a fixed eval loss E* with fewer FLOPs than the best static shape?
 
-Three cases. On digits (8x8), ViT patch size 4 -> 2 (FlexiViT in-place switch) and ViT width 16 -> 32 -> 64
-(function-preserving muP growth) at patch 4: tasks so easy that the cheapest shape stays compute-optimal.
-On the synthetic `teacher` task with 100 classes, MLP width 16 -> 32 -> 64: the readout of a width-w model
-has rank w, so the narrow model plateaus far above E* and a wider shape's curve overtakes it inside the
-budget. For each case: (1) proxy runs per shape (constant LR, 2 seeds) give (FLOPs, eval loss) curves;
-(2) scaletune.scaling fits one law per shape (with bootstrap) and the DP plans the schedule to E*, predicting
-the saving; (3) real runs, >= 3 seeds, for the DP schedule, every static shape and a naive progressive
-schedule (equal FLOP split), each run a complete WSD schedule with its own cooldown at its budget, over a
-budget sweep; FLOPs-to-E* (and wall seconds to E*) per arm and seed by log-log interpolation of final loss
-vs budget; (4) realised saving of each arm vs the best static arm, with a bootstrap CI over seeds, and the
-DP arm's saving once the proxy FLOPs are charged to it. Each E* is fixed in CASES, before running, from a
-pilot described there. Writes its section of docs/benchmarks.md and a plot.
+Issue 14's protocol, fixed here before the first run. Task: the generated `scales` images (32x32, a coarse
+blob and a fine 5x5 glyph, 16 classes), ViT over the product patch size {16, 8} x width {32, 64} (depth 2,
+muP, AdamW, constant LR after a 2 % warm-up). (1) Proxy runs: every shape, 2 seeds, to CAP_FLOPS, give
+(FLOPs, eval loss) curves; scaletune.scaling fits one law per shape (with bootstrap) and the DP plans the
+schedule to E* over moves surgery can make (one or two axes at once), predicting the saving. (2) Real runs,
+3 seeds each, stop at the first eval where the mean of the last 3 eval losses is <= E* (FLOPs and wall
+seconds there) or at CAP_FLOPS ("not reached"): the DP schedule with duplication + noise growth, the DP
+schedule with the seed paper's growth rule (new units randomly initialised) when the schedule grows, and
+the static shapes the schedule uses plus the predicted best static and the pilot's best. (3) Saving =
+1 - FLOPs(arm) / FLOPs(best static arm), with a seed-bootstrap 90 % interval; predicted vs realised; wall
+seconds; the proxy sweep charged on its own line with its break-even. Writes its section of
+docs/benchmarks.md (earlier results of the previous protocol are kept below the new ones).
 
-    .venv/bin/python bench/adaptive_schedule.py [--quick]
+    .venv/bin/python bench/adaptive_schedule.py
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import math
+import re
 import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from common import IMG, make_pool, markdown_table, write_section
+from common import BENCHMARKS_MD, make_pool, markdown_table, write_section
 
 from scaletune.adaptive import Phase, phases_from_schedule, run_schedule
 from scaletune.data.registry import dataset_spec
@@ -34,254 +37,239 @@ from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
 from scaletune.runner import TrialConfig
 from scaletune.scaling.fit import Run, fit_shapes
+from scaletune.scaling.moves import product_shapes, surgery_moves
 from scaletune.scaling.schedule import ScheduleConstraints, schedule_report
 from scaletune.shapes import Shape
-from scaletune.train import Budget
+from scaletune.train import Budget, EvalPoint
 
-# x the DP's predicted static FLOPs to E*. The laws are fitted to constant-LR proxies, and a cooldown lowers the
-# loss, so arms often reach E* well below the prediction; an arm reaching it at the smallest budget is censored
-# (its FLOPs-to-E* is only an upper bound) and is marked so in the table.
-BUDGET_FACTORS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
+HEADER = "Adaptive shape schedules"
+EARLIER = "### Earlier results (previous protocol: digits and teacher, budget sweeps with cooldowns)"
+SEEDS = (0, 1, 2)
 PROXY_SEEDS = (100, 101)
-# Symmetry-breaking noise at width growth (x the new plan's init std). With 0 the grown muP model follows
-# the narrow one's trajectory exactly (surgery.width), so growth can never pay; in a pilot (teacher task,
-# w16 -> w32 at 2e9 FLOPs, constant LR) 0.1 took ~1e9 FLOPs to leave the w16 plateau, 0.5 ~0.3e9, and moved
-# the eval loss at the switch by 0.02.
-GROWTH_NOISE = 0.5
+SMOOTH = 3  # E* is crossed when the mean of the last SMOOTH eval losses is <= E*
+GROWTH_NOISE = 0.5  # x the new plan's init std, for the duplicate rule (as in the previous protocol)
+N_BOOT = 100
+EVALS_PER_CAP = 30
+PROXY_CACHE = Path(tempfile.gettempdir()) / "adaptive_schedule_proxies.json"  # a crash after the proxies loses no runs
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    family: str
-    dataset: str
     dataset_args: dict[str, Any]
-    shapes: dict[str, Shape]  # in schedule order; moves only go forward
+    args: dict[str, Any]
+    shapes: dict[str, Shape]
     base: Shape
-    parametrization: str
     hparams: HParams
     batch: int
-    eval_every: int
-    proxy_flops: float
+    cap_flops: float
     target_loss: float  # E*, fixed before the proxy and real runs
-    start_loss: float  # where the DP starts; every shape passes it early
-    e0: float  # loss at initialisation (chance), for the M4 form
-    pilot: str  # how E* was chosen
-    args: dict[str, Any] = field(default_factory=dict)
+    start_loss: float
+    e0: float
+    pilot_best: str
+    pilot: str
+    family: str = "vit"
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def digits_vit(name: str, shapes: dict[str, Shape]) -> Case:
-    return Case(name, "vit", "digits", {}, shapes, Shape(32, 2), "mup", HParams(lr=1e-2, warmup_frac=0.05),
-                batch=32, eval_every=25, proxy_flops=2e10, target_loss=0.5, start_loss=2.2, e0=math.log(10),
-                pilot="a round level, set before the first run of this benchmark (no pilot)")
+CASE = Case(
+    "patch {16, 8} x width {32, 64} (ViT, scales 32x32)",
+    dataset_args={"eval_size": 1024, "glyph": 3.0, "noise": 0.3}, args={"base_patch": 8},
+    shapes=product_shapes(Shape(32, 2), {"patch_size": [16, 8], "width": [32, 64]}), base=Shape(32, 2),
+    hparams=HParams(lr=1e-2, warmup_frac=0.02), batch=64, cap_flops=5e10, target_loss=1.35,
+    start_loss=2.5, e0=math.log(16), pilot_best="patch_size=16,width=32",
+    pilot="a pilot before the first run (seed 0, one run per shape to 1e11 FLOPs, constant LR): every shape learns "
+          "the blob by ~1.5e10 (loss ~1.45, near ln 4: quadrant known, glyph not); p16w32 then descends to 1.25 at "
+          "4.4e10 and 1.1 at 7e10, p16w64 reaches 1.3 at ~8e10, p8w32 and p8w64 stay near 1.45 to 1e11. E* = 1.35 is "
+          "the round level below the blob plateau that p16w32 reaches well inside the 5e10 cap")
 
 
-TEACHER = {"features": 32, "classes": 100, "teacher_width": 256}
-CASES = (
-    digits_vit("patch 4 -> 2 (ViT, digits)", {"p4": Shape(32, 2, patch_size=4), "p2": Shape(32, 2, patch_size=2)}),
-    digits_vit("width 16 -> 32 -> 64 (ViT, digits)", {"w16": Shape(16, 2, patch_size=4),
-                                                      "w32": Shape(32, 2, patch_size=4),
-                                                      "w64": Shape(64, 2, patch_size=4)}),
-    Case("width 16 -> 32 -> 64 (MLP, teacher with 100 classes)", "mlp", "teacher", TEACHER,
-         {"w16": Shape(16, 2), "w32": Shape(32, 2), "w64": Shape(64, 2)}, Shape(16, 2), "mup",
-         HParams(lr=2e-2, warmup_frac=0.05), batch=128, eval_every=50, proxy_flops=2e10, target_loss=1.1,
-         start_loss=4.0, e0=math.log(100),
-         pilot="a pilot before this case's first run: one seed per width (16, 32, 64, 128), constant LR 2e-2, "
-               "2e10 FLOPs. w16 plateaued at 2.1 (rank-16 readout over 100 classes); w32 passed 1.1 at ~5e9 FLOPs and "
-               "w64 at ~9e9, both still descending at 2e10 (~1.03). E* = 1.1 is the round level that only the "
-               "wider shapes reach, well inside the proxy range"),
-)
+class StopAtTarget:
+    """Callback: records (FLOPs, eval loss, wall seconds) and stops once the smoothed eval loss is <= E*."""
+
+    def __init__(self, target: float) -> None:
+        self.target, self.points, self.started = target, [], time.perf_counter()
+
+    def __call__(self, point: EvalPoint) -> bool:
+        self.points.append((point.flops, point.eval_loss, time.perf_counter() - self.started))
+        recent = [loss for _, loss, _ in self.points[-SMOOTH:]]
+        return len(recent) == SMOOTH and float(np.mean(recent)) <= self.target
 
 
-def config(case: Case, shape: Shape, seed: int) -> TrialConfig:
-    return TrialConfig(family=case.family, args=case.args, base=case.base, shape=shape,
-                       parametrization=case.parametrization, optimizer="adamw", dataset=case.dataset,
-                       dataset_args=case.dataset_args, hparams=case.hparams, seed=seed,
-                       budget=Budget(steps=1, batch_size=case.batch, eval_every=case.eval_every, schedule="wsd",
-                                     decay_frac=0.2))
+def eval_every(case: Case, shape: Shape) -> int:
+    """Steps between evals so that every shape is evaluated about every cap / EVALS_PER_CAP FLOPs."""
+    per_step = case.batch * get_family(case.family).train_flops_per_sample(
+        shape, dataset_spec("scales", case.dataset_args), case.args)
+    return max(1, round(case.cap_flops / EVALS_PER_CAP / per_step))
 
 
-def execute(job: tuple[TrialConfig, list[Phase], float]) -> tuple[float | None, list[tuple[float, float]], float]:
-    """One real run (decay_frac given): (final eval loss or None, curve, seconds)."""
-    cfg, phases, decay = job
-    cfg = replace(cfg, budget=replace(cfg.budget, decay_frac=decay))
+def config(case: Case, shape: Shape, seed: int, evals_at: Shape | None = None) -> TrialConfig:
+    """``evals_at``: the shape whose step cost sets the eval cadence (a schedule's last shape, where E* is met)."""
+    return TrialConfig(family=case.family, args=case.args, base=case.base, shape=shape, parametrization="mup",
+                       optimizer="adamw", dataset="scales", dataset_args=case.dataset_args, hparams=case.hparams,
+                       seed=seed, budget=Budget(steps=1, batch_size=case.batch,
+                                                eval_every=eval_every(case, evals_at or shape),
+                                                schedule="wsd", decay_frac=0.0))
+
+
+def execute(job: tuple[TrialConfig, list[Phase], float | None, str]) -> dict[str, Any]:
+    """One constant-LR run through ``phases``; with a target it stops at the smoothed crossing of E*."""
+    cfg, phases, target, growth = job
+    stop = StopAtTarget(target if target is not None else -math.inf)
     with tempfile.TemporaryDirectory() as tmp:
-        out = run_schedule(cfg, phases, tmp, noise=GROWTH_NOISE)
-    final = out.train.final_eval_loss if out.train.status == "completed" else None
-    return final, [(p.flops, p.eval_loss) for p in out.train.curve], out.train.seconds
+        out = run_schedule(cfg, phases, tmp, callback=stop, noise=GROWTH_NOISE, growth=growth)
+    reached = out.train.status == "stopped"
+    last = stop.points[-1]
+    return {"curve": [(f, l) for f, l, _ in stop.points], "flops": last[0] if reached else math.inf,
+            "seconds": last[2] if reached else math.inf, "total_flops": last[0],
+            "switches": [(s.flops, s.eval_before, s.eval_after) for s in out.switches]}
 
 
-def cost_to_target(costs: list[float], losses: list[float | None], target: float) -> float:
-    """Log-log interpolation of the first crossing of E* by final loss vs cost (FLOPs or seconds, in budget
-    order); inf if never reached."""
-    pts = [(c, l) for c, l in zip(costs, losses) if l is not None]
-    for (c0, l0), (c1, l1) in zip(pts, pts[1:]):
-        if l0 > target >= l1:
-            t = (math.log(l0) - math.log(target)) / (math.log(l0) - math.log(l1))
-            return math.exp(math.log(c0) + t * (math.log(c1) - math.log(c0)))
-    return pts[0][0] if pts and pts[0][1] <= target else math.inf
+def cached(case: Case, compute: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The proxy runs of this exact case from PROXY_CACHE, else computed and stored there."""
+    key = repr((case, PROXY_SEEDS, SMOOTH, EVALS_PER_CAP))
+    stored = json.loads(PROXY_CACHE.read_text()) if PROXY_CACHE.exists() else {}
+    if key not in stored:
+        stored[key] = compute()
+        PROXY_CACHE.write_text(json.dumps(stored))
+    return stored[key]
 
 
-def arm_phases(arm: str, case: Case, schedule_phases: list[Phase], budget: float) -> list[Phase]:
-    names = list(case.shapes)
-    if arm == "DP schedule":
-        kept = [p for p in schedule_phases[:-1] if p.until_flops < budget]
-        return [*kept, Phase(schedule_phases[len(kept)].shape, budget)]
-    if arm == "naive (equal split)":
-        return [Phase(case.shapes[n], budget * (i + 1) / len(names)) for i, n in enumerate(names)]
-    return [Phase(case.shapes[arm.removeprefix("static ")], budget)]
+def schedule_phases(case: Case, schedule) -> list[Phase]:
+    return phases_from_schedule(schedule, case.shapes, case.cap_flops)
 
 
-def run_case(case: Case, seeds: int, pool, n_boot: int) -> dict:
+def run_case(case: Case, pool) -> dict[str, Any]:
     started = time.perf_counter()
     names = list(case.shapes)
-    proxy_jobs = [(config(case, case.shapes[n], seed), [Phase(case.shapes[n], case.proxy_flops)], 0.0)
-                  for n in names for seed in PROXY_SEEDS]
-    proxy = pool.map(execute, proxy_jobs)
+    proxy_jobs = [(config(case, case.shapes[n], s), [Phase(case.shapes[n], case.cap_flops)], None, "duplicate")
+                  for n in names for s in PROXY_SEEDS]
+    proxy = cached(case, lambda: pool.map(execute, proxy_jobs))
     k = len(PROXY_SEEDS)
-    runs = {n: [Run(seed, tuple(curve)) for seed, (_, curve, _) in zip(PROXY_SEEDS, proxy[k * i:k * i + k])]
+    runs = {n: [Run(s, tuple(r["curve"])) for s, r in zip(PROXY_SEEDS, proxy[k * i:k * i + k])]
             for i, n in enumerate(names)}
-    proxy_flops = sum(curve[-1][0] for _, curve, _ in proxy)
-    fits = fit_shapes(runs, e0=case.e0, n_bootstrap=n_boot)
-    moves = {a: set(names[i + 1:i + 2]) for i, a in enumerate(names)}
-    # Bootstrap refits that put E* at zero compute are degenerate (Schedule.saving would divide by 0): drop them.
-    replicates = [{n: f.bootstrap[i] for n, f in fits.items()} for i in range(n_boot)]
+    proxy_flops = sum(r["total_flops"] for r in proxy)
+    proxy_seconds = time.perf_counter() - started
+    fits = fit_shapes(runs, e0=case.e0, n_bootstrap=N_BOOT)
+    replicates = [{n: f.bootstrap[i] for n, f in fits.items()} for i in range(N_BOOT)]
     replicates = [r for r in replicates if all(law.flops_to_reach(case.target_loss) > 0 for law in r.values())]
     report = schedule_report({n: f.law for n, f in fits.items()}, replicates, case.start_loss, case.target_loss,
-                             constraints=ScheduleConstraints(allowed=moves),
+                             constraints=ScheduleConstraints(allowed=surgery_moves(case.shapes, max_axes=2)),
                              observed_max_flops={n: f.flops_range[1] for n, f in fits.items()})
     sched = report.schedule
-    budgets = [f * sched.static_flops for f in BUDGET_FACTORS]
-    schedule_phases = phases_from_schedule(sched, case.shapes, budgets[-1])
-    arms = ["DP schedule", "naive (equal split)", *[f"static {n}" for n in names]]
-    jobs, keys = [], []
-    for arm in arms:
-        for seed in range(seeds):
-            for b in budgets:
-                phases = arm_phases(arm, case, schedule_phases, b)
-                jobs.append((config(case, phases[0].shape, seed), phases, 0.2))
-                keys.append((arm, seed, b))
+    planned = schedule_phases(case, sched)
+    used = [s.shape for s in sched.segments]
+    arms: dict[str, tuple[list[Phase], str]] = {}
+    if len(used) > 1:
+        arms["DP schedule (duplicate + noise)"] = (planned, "duplicate")
+        if any(case.shapes[a].width != case.shapes[b].width or case.shapes[a].depth != case.shapes[b].depth
+               for a, b in zip(used, used[1:])):
+            arms["DP schedule (paper rule: random init)"] = (planned, "random")
+    for name in dict.fromkeys([*used, sched.static_shape, case.pilot_best]):
+        arms[f"static {name}"] = ([Phase(case.shapes[name], case.cap_flops)], "duplicate")
+    keys = [(arm, s) for arm in arms for s in SEEDS]
+    jobs = [(config(case, arms[arm][0][0].shape, s, arms[arm][0][-1].shape), arms[arm][0], case.target_loss,
+             arms[arm][1]) for arm, s in keys]
     results = dict(zip(keys, pool.map(execute, jobs)))
-    finals = {key: r[0] for key, r in results.items()}
-
-    def to_target(arm: str, seed: int, cost: int) -> float:
-        per_budget = [results[(arm, seed, b)] for b in budgets]
-        costs = budgets if cost == 0 else [r[2] for r in per_budget]
-        return cost_to_target(costs, [r[0] for r in per_budget], case.target_loss)
-
-    reach = {arm: [to_target(arm, s, 0) for s in range(seeds)] for arm in arms}
-    wall = {arm: [to_target(arm, s, 1) for s in range(seeds)] for arm in arms}
+    reach = {arm: [results[(arm, s)]["flops"] for s in SEEDS] for arm in arms}
+    wall = {arm: [results[(arm, s)]["seconds"] for s in SEEDS] for arm in arms}
     statics = [a for a in arms if a.startswith("static")]
-    best_static = min(statics, key=lambda a: np.mean(reach[a]) if all(map(math.isfinite, reach[a])) else math.inf)
-
-    def saving(arm: str, idx, extra: float = 0.0) -> float:
-        return 1 - (np.mean([reach[arm][i] for i in idx]) + extra) / np.mean([reach[best_static][i] for i in idx])
-
+    best = min(statics, key=lambda a: np.mean(reach[a]))
+    if len(used) == 1:  # the DP plans one shape: its arm is that static arm, run once
+        arms = {"DP schedule (no switch planned)": arms[f"static {used[0]}"], **arms}
+        reach["DP schedule (no switch planned)"] = reach[f"static {used[0]}"]
+        wall["DP schedule (no switch planned)"] = wall[f"static {used[0]}"]
     rng = np.random.default_rng(0)
-    draws = [rng.integers(0, seeds, seeds) for _ in range(2000)]
-    boots = {arm: [saving(arm, idx) for idx in draws] for arm in arms}
-    return dict(case=case, fits=fits, report=report, budgets=budgets, reach=reach, wall=wall,
-                best_static=best_static, saving={a: saving(a, range(seeds)) for a in arms}, boots=boots,
-                saving_with_proxy=saving("DP schedule", range(seeds), proxy_flops), proxy_flops=proxy_flops,
-                finals=finals, seconds=time.perf_counter() - started, arms=arms)
+    draws = [rng.integers(0, len(SEEDS), len(SEEDS)) for _ in range(2000)]
+
+    def saving(values: dict[str, list[float]], arm: str, idx) -> float:
+        ref = np.mean([values[best][i] for i in idx])
+        return 1 - np.mean([values[arm][i] for i in idx]) / ref if math.isfinite(ref) else math.nan
+
+    return dict(case=case, fits=fits, report=report, arms=list(arms), reach=reach, wall=wall, best=best,
+                saving={a: saving(reach, a, range(len(SEEDS))) for a in arms},
+                boots={a: [saving(reach, a, i) for i in draws] for a in arms},
+                wall_saving={a: saving(wall, a, range(len(SEEDS))) for a in arms},
+                switches={a: [results[(a, s)]["switches"] for s in SEEDS] for a in arms if (a, 0) in results},
+                proxy_flops=proxy_flops, proxy_seconds=proxy_seconds, seconds=time.perf_counter() - started)
 
 
-def fmt_saving(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:+.0f}%" if math.isfinite(x) else "n/a"
 
 
-def mean_finite(values: list[float], fmt: str, censored: bool = False) -> str:
-    finite = [v for v in values if math.isfinite(v)]
-    return ("<= " if censored else "") + format(np.mean(finite), fmt) if finite else "not reached"
+def mean_or_none(values: list[float], fmt: str) -> str:
+    return format(np.mean(values), fmt) if all(map(math.isfinite, values)) else (
+        f"{sum(map(math.isfinite, values))}/{len(values)} reached")
 
 
-def accounting(out: dict) -> str:
-    """The DP arm's saving with the proxy sweep charged to it, and how many target runs repay the sweep."""
-    dp, best = np.mean(out["reach"]["DP schedule"]), np.mean(out["reach"][out["best_static"]])
-    gain = best - dp
-    break_even = f"{math.ceil(out['proxy_flops'] / gain)} runs to E*" if gain > 0 else "never (no realised gain)"
-    return (f"Proxy sweep: {out['proxy_flops']:.3g} FLOPs ({len(out['fits'])} shapes x {len(PROXY_SEEDS)} seeds); "
-            f"DP arm's saving including it: {fmt_saving(out['saving_with_proxy'])}; break-even: {break_even}. "
-            f"Surgery costs no training FLOPs (one eval before and after each switch).")
-
-
-def summary(out: dict, seeds: int) -> str:
+def summary(out: dict[str, Any]) -> str:
     case, rep = out["case"], out["report"]
     sched = rep.schedule
     segs = " -> ".join(f"{s.shape} (to E={s.e_exit:.2f} at {s.c_exit:.2g} FLOPs)" for s in sched.segments)
-    fits = ", ".join(f"{n}: {f.law.form} e_inf={f.law.e_inf:.3f}, extrapolation err {f.extrapolation_error:.3f}"
+    fits = "; ".join(f"{n}: {f.law.form} e_inf={f.law.e_inf:.3f}, extrapolation err {f.extrapolation_error:.3f}"
                      for n, f in out["fits"].items())
     rows = []
     for arm in out["arms"]:
-        reach = out["reach"][arm]
         b = np.asarray([x for x in out["boots"][arm] if math.isfinite(x)])
-        ci = (f"[{fmt_saving(np.percentile(b, 5))}, {fmt_saving(np.percentile(b, 95))}]"
-              if math.isfinite(out["saving"][arm]) else "n/a")  # no CI for an arm some seeds never brought to E*
-        is_ref = arm == out["best_static"]
-        censored = any(r == out["budgets"][0] for r in reach)
-        rows.append([arm, f"{sum(map(math.isfinite, reach))}/{seeds}", mean_finite(reach, ".3g", censored),
-                     mean_finite(out["wall"][arm], ".1f", censored), "(reference)" if is_ref else fmt_saving(out["saving"][arm]),
-                     "" if is_ref else ci])
+        is_ref = arm == out["best"]
+        ci = "" if is_ref or not b.size or not all(map(math.isfinite, out["reach"][arm])) else (
+            f"[{pct(np.percentile(b, 5))}, {pct(np.percentile(b, 95))}]")
+        rows.append([arm, f"{sum(map(math.isfinite, out['reach'][arm]))}/{len(SEEDS)}",
+                     mean_or_none(out["reach"][arm], ".3g"), mean_or_none(out["wall"][arm], ".0f"),
+                     "(reference)" if is_ref else pct(out["saving"][arm]), ci,
+                     "" if is_ref else pct(out["wall_saving"][arm])])
     table = markdown_table(["arm", "seeds reaching E*", "mean FLOPs to E*", "mean wall s to E*",
-                            f"saving vs {out['best_static']}", "90% CI (seed bootstrap)"], rows)
-    pred = rep.saving
-    args = ", ".join(f"{k}={v}" for k, v in case.dataset_args.items())
-    return (f"### {case.name}\n\n{case.family} on {case.dataset}{f' ({args})' if args else ''}, "
-            f"{case.parametrization}, AdamW lr {case.hparams.lr}, batch {case.batch}; **E* = {case.target_loss}** "
-            f"(chance {case.e0:.2f}); how it was fixed: {case.pilot}.\n\n"
-            f"Fits: {fits}.\n\nDP schedule: {segs}; predicted static best "
-            f"{sched.static_shape} at {sched.static_flops:.3g} FLOPs; **predicted saving "
-            f"{fmt_saving(sched.saving)}** (bootstrap 90%: {fmt_saving(pred.lo)} to {fmt_saving(pred.hi)}; "
-            f"low confidence: {rep.low_confidence}{' - ' + '; '.join(rep.reasons) if rep.reasons else ''}).\n\n"
-            f"{table}\n\n{accounting(out)}\n\n"
-            f"Budgets: {', '.join(f'{b:.3g}' for b in out['budgets'])} FLOPs; {out['seconds']:.0f} s.\n")
+                            f"FLOPs saving vs {out['best']}", "90% CI (seed bootstrap)", "wall saving"], rows)
+    switch_lines = [f"{arm}: " + "; ".join(
+        ", ".join(f"at {f:.2g} FLOPs eval {a:.3f} -> {b:.3f}" for f, a, b in per_seed) or "no switch"
+        for per_seed in sw) for arm, sw in out["switches"].items() if arm.startswith("DP")]
+    dp_arms = [a for a in out["arms"] if a.startswith("DP")]
+    dp = min(dp_arms, key=lambda a: np.mean(out["reach"][a]))
+    gain = np.mean(out["reach"][out["best"]]) - np.mean(out["reach"][dp])
+    break_even = (f"{math.ceil(out['proxy_flops'] / gain)} target runs" if math.isfinite(gain) and gain > 0
+                  else "never (no realised gain)")
+    with_proxy = (1 - (np.mean(out["reach"][dp]) + out["proxy_flops"]) / np.mean(out["reach"][out["best"]]))
+    return (f"### {case.name}\n\n{case.family} on scales ({', '.join(f'{k}={v}' for k, v in case.dataset_args.items())}), "
+            f"muP, AdamW lr {case.hparams.lr} constant after {case.hparams.warmup_frac:.0%} warm-up, batch "
+            f"{case.batch}, eval about every {case.cap_flops / EVALS_PER_CAP:.2g} FLOPs; **E* = {case.target_loss}** (chance {case.e0:.2f}); "
+            f"cap {case.cap_flops:.2g} FLOPs per run; how E* was fixed: {case.pilot}.\n\n"
+            f"Fits: {fits}.\n\nDP schedule (moves of one or two axes): {segs}; predicted best static "
+            f"{sched.static_shape} at {sched.static_flops:.3g} FLOPs; **predicted saving {pct(sched.saving)}** "
+            f"(bootstrap 90%: {pct(rep.saving.lo)} to {pct(rep.saving.hi)}; low confidence: {rep.low_confidence}"
+            f"{' - ' + '; '.join(rep.reasons) if rep.reasons else ''}).\n\n{table}\n\n"
+            + ("Switches per seed: " + " | ".join(switch_lines) + "\n\n" if switch_lines else "")
+            + f"Proxy sweep: {out['proxy_flops']:.3g} FLOPs ({len(out['fits'])} shapes x {len(PROXY_SEEDS)} seeds, "
+            f"{out['proxy_seconds']:.0f} s wall); best DP arm's saving with it charged: {pct(with_proxy)}; break-even: "
+            f"{break_even}. Case total {out['seconds'] / 60:.1f} min.\n")
 
 
-def plot(outs: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(outs), figsize=(6 * len(outs), 4.2))
-    for ax, out in zip(np.atleast_1d(axes), outs):
-        for arm in out["arms"]:
-            means = [np.nanmean([out["finals"][(arm, s, b)] or np.nan for s in range(len(out["reach"][arm]))])
-                     for b in out["budgets"]]
-            ax.plot(out["budgets"], means, marker="o", label=arm)
-        ax.axhline(out["case"].target_loss, color="k", ls=":", label="E*")
-        ax.set_xscale("log"), ax.set_yscale("log")
-        ax.set_xlabel("training FLOPs (budget, each run with its own cooldown)"), ax.set_ylabel("final eval loss")
-        ax.set_title(out["case"].name, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def earlier_results() -> str:
+    """The section's earlier results, kept verbatim under one heading."""
+    text = BENCHMARKS_MD.read_text()
+    match = re.search(rf"^## {re.escape(HEADER)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    if not match:
+        return ""
+    body = match.group(1)
+    if EARLIER in body:
+        return body[body.index(EARLIER):].strip()
+    return EARLIER + "\n\n" + re.sub(r"^### ", "#### ", body.strip(), flags=re.M)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: patch case only, 20 bootstrap refits")
-    args = parser.parse_args()
-    seeds, n_boot = 3, (20 if args.quick else 100)
-    cases = CASES[:1] if args.quick else CASES
     started = time.perf_counter()
+    earlier = earlier_results()
     with make_pool() as pool:
-        outs = [run_case(case, seeds, pool, n_boot) for case in cases]
-    total = time.perf_counter() - started
-    body = "\n".join(summary(o, seeds) for o in outs)
-    if args.quick:
-        print(body)
-        return
-    plot(outs, IMG / "adaptive_schedule.png")
-    intro = (f"`bench/adaptive_schedule.py`: {seeds} seeds per arm, E* fixed per case before running, every run "
-             f"a complete WSD schedule (20% cooldown) at its own budget (budgets "
-             f"{', '.join(map(str, BUDGET_FACTORS))} x the DP's predicted static FLOPs); FLOPs-to-E* and wall "
-             f"seconds to E* by log-log interpolation of final loss over the budget sweep. Saving = 1 - "
-             f"FLOPs(arm)/FLOPs(best static), proxy FLOPs excluded in the table and charged in the accounting "
-             f"line. Width growth adds noise {GROWTH_NOISE} x init std to break symmetry. Total "
-             f"{total / 60:.1f} min on 2 CPU processes of a machine shared with other engineers' jobs (wall "
-             f"seconds are pessimistic and noisy).\n\n![adaptive](img/adaptive_schedule.png)\n")
-    write_section("Adaptive shape schedules", intro + "\n" + body)
+        out = run_case(CASE, pool)
+    body = summary(out)
+    intro = (f"`bench/adaptive_schedule.py` (issue 14 protocol, fixed in the file before the first run): "
+             f"{len(SEEDS)} seeds per arm, {len(PROXY_SEEDS)} proxy seeds per shape, every run at constant LR and "
+             f"stopped at the first eval where the mean of the last {SMOOTH} eval losses is <= E* (FLOPs-to-E* and "
+             f"wall seconds there; 'not reached' by the cap). Saving = 1 - FLOPs(arm)/FLOPs(best static arm), proxy "
+             f"FLOPs charged on their own line. Duplicate growth adds noise {GROWTH_NOISE} x init std. Total "
+             f"{(time.perf_counter() - started) / 60:.1f} min on 2 CPU processes of a loaded 2-core machine shared "
+             f"with other engineers' jobs (wall seconds are pessimistic and noisy).\n")
+    write_section(HEADER, intro + "\n" + body + ("\n" + earlier if earlier else ""))
     print(body)
 
 

@@ -301,9 +301,41 @@ class ShapeScheduleSpec(GridSpec):
                                            ">= 3 allow a tier-A projection to a target")
     budgets: list[int] = Field(min_length=2, max_length=16,
                                description="training steps, log-spaced; each run has its own WSD cooldown")
+    second_axis: Literal["patch_size", "width", "depth"] | None = Field(
+        None, description="a second axis for a joint schedule over the product of both axes' values (one proxy "
+                          "size); a switch may change both axes at once")
+    second_values: list[int] | None = Field(None, min_length=2, max_length=8,
+                                            description="the shapes along second_axis")
+
+    @model_validator(mode="after")
+    def _joint_axes(self) -> ShapeScheduleSpec:
+        if (self.second_axis is None) != (self.second_values is None):
+            raise ValueError("give second_axis and second_values together, or neither")
+        if self.second_axis is not None and self.second_axis == self.axis:
+            raise ValueError(f"second_axis must differ from axis ({self.axis})")
+        if self.second_axis is not None and self.sizes != [1.0]:
+            raise ValueError("a joint schedule (second_axis) trains one proxy size; leave sizes out")
+        return self
+
+    def axes(self) -> list[str]:
+        return [self.axis] if self.second_axis is None else [self.axis, self.second_axis]
+
+    def points(self) -> list[dict[str, int]]:
+        """The schedule's shapes as axis values: ``values`` alone, or their product with ``second_values``."""
+        if self.second_axis is None or self.second_values is None:
+            return [{self.axis: v} for v in self.values]
+        return [{self.axis: v, self.second_axis: w} for v in self.values for w in self.second_values]
+
+    def point_label(self, index: int) -> str:
+        return ",".join(f"{axis}={value}" for axis, value in self.points()[index].items())
+
+    def point_shape(self, base: Shape, index: int, size: float) -> Shape:
+        """The schedule's shape ``index`` (of ``points``) at proxy size ``size``."""
+        point = self.points()[index]
+        return self.shape_at(base, point[self.axis], size).with_(**point)
 
     def grid_size(self) -> int:
-        return len(self.values) * len(self.sizes) * self.seeds * len(self.budgets)
+        return len(self.points()) * len(self.sizes) * self.seeds * len(self.budgets)
 
     def shape_at(self, base: Shape, value: int, size: float) -> Shape:
         """The base shape with ``axis`` set to ``value``, its width (depth when the axis is width) times ``size``."""

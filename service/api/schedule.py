@@ -33,13 +33,14 @@ def _unprocessable(msg: str, name: str, where: str = "query") -> InvalidField:
 
 
 def _query(target_loss: float | None, budget_flops: float | None, target_width: int | None,
-           target_depth: int | None, axis: str, where: str = "query") -> shape_schedule.ScheduleQuery:
+           target_depth: int | None, axes: list[str], where: str = "query") -> shape_schedule.ScheduleQuery:
     if (target_loss is None) == (budget_flops is None):
         raise _unprocessable("give exactly one of target_loss (compute to reach it) or budget_flops (loss at it)",
                              "target_loss", where)
-    if axis in ("width", "depth") and {"width": target_width, "depth": target_depth}[axis] is not None:
-        raise _unprocessable(f"the schedule moves along {axis}; the target's {axis} is the schedule's to choose",
-                             f"target_{axis}", where)
+    for axis in axes:
+        if axis in ("width", "depth") and {"width": target_width, "depth": target_depth}[axis] is not None:
+            raise _unprocessable(f"the schedule moves along {axis}; the target's {axis} is the schedule's to choose",
+                                 f"target_{axis}", where)
     return shape_schedule.ScheduleQuery(target_loss, budget_flops, target_width, target_depth)
 
 
@@ -80,8 +81,8 @@ def get_schedule(study_id: str, state: State, principal: CurrentPrincipal,
                  target_width: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
                  target_depth: Annotated[int | None, Query(ge=1, le=100_000)] = None) -> dict[str, Any]:
     loaded = _load(state, principal, study_id)
-    query = _query(target_loss, budget_flops, target_width, target_depth, loaded.spec.axis)
-    result = shape_schedule.describe(_plan(state, loaded, query), loaded.spec.axis)
+    query = _query(target_loss, budget_flops, target_width, target_depth, loaded.spec.axes())
+    result = shape_schedule.describe(_plan(state, loaded, query), loaded.spec.axes())
     return {"study_id": study_id, "status": loaded.status, "final": loaded.status == StudyStatus.completed, **result,
             "runs": schedule_run.runs(loaded.attempts)}
 
@@ -105,7 +106,7 @@ def post_schedule_run(study_id: str, body: ScheduleRunRequest, state: State,
     if loaded.status != StudyStatus.completed:
         raise HTTPException(status.HTTP_409_CONFLICT, f"study {study_id} is {loaded.status}; a schedule can run "
                                                       "once every grid trial has finished and the study completed")
-    query = _query(body.target_loss, body.budget_flops, None, None, loaded.spec.axis, where="body")
+    query = _query(body.target_loss, body.budget_flops, None, None, loaded.spec.axes(), where="body")
     run_id = new_id()
     params = schedule_run.run_params(loaded.spec, _plan(state, loaded, query, where="body"), query, body.seed,
                                      run_id)

@@ -424,7 +424,7 @@ def schedule(
         _print_json(result)
         return
     segments = result.get("segments") or []
-    table = Table(title="schedule")
+    table = Table(title=f"schedule over {' x '.join(result.get('axes') or [str(result.get('axis'))])}")
     if segments:
         columns = [key for key in segments[0] if not isinstance(segments[0][key], list | dict)]
         for column in columns:

@@ -19,9 +19,9 @@ from service.spec import ResolvedShapeSchedule
 
 
 def proxy_shapes(spec: ResolvedShapeSchedule) -> dict[str, Shape]:
-    """Each shape along the axis at the first proxy size: the shapes the planned schedule moves through."""
-    return {shape_label(spec, i): spec.shape_at(base_shape(spec), value, spec.sizes[0])
-            for i, value in enumerate(spec.values)}
+    """Each shape along the axis (or both axes) at the first proxy size: the shapes the planned schedule moves through."""
+    return {shape_label(spec, i): spec.point_shape(base_shape(spec), i, spec.sizes[0])
+            for i in range(len(spec.points()))}
 
 
 def run_params(spec: ResolvedShapeSchedule, planned: Plan, query: ScheduleQuery, seed: int, run_id: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from scaletune.models.registry import get_family
 from scaletune.models.size import family_factory, params_by_depth
 from scaletune.runner import TrialConfig
 from scaletune.scaling.fit import FitResult, Run, fit_shapes
+from scaletune.scaling.moves import surgery_moves
 from scaletune.scaling.project import MIN_SIZES, Projection, project_tier_a, project_tier_b
 from scaletune.scaling.schedule import ScheduleConstraints, ScheduleReport, schedule_from_fits
 from scaletune.shapes import Shape
@@ -43,12 +44,11 @@ def base_shape(spec: ResolvedShapeSchedule) -> Shape:
 
 
 def trial_shape(spec: ResolvedShapeSchedule, params: dict[str, Any]) -> Shape:
-    return spec.shape_at(base_shape(spec), spec.values[int(params["value_index"])],
-                         spec.sizes[int(params["size_index"])])
+    return spec.point_shape(base_shape(spec), int(params["value_index"]), spec.sizes[int(params["size_index"])])
 
 
 def shape_label(spec: ResolvedShapeSchedule, value_index: int) -> str:
-    return f"{spec.axis}={spec.values[value_index]}"
+    return spec.point_label(value_index)
 
 
 def runs_by_shape(spec: ResolvedShapeSchedule, attempts: Iterable[TrialAttempt]) -> dict[str, dict[float, list[Run]]]:
@@ -87,23 +87,18 @@ def _fit_summary(fit: FitResult) -> dict[str, Any]:
 
 
 def _target_shapes(spec: ResolvedShapeSchedule, query: ScheduleQuery) -> dict[str, Shape]:
-    """Each schedule shape at the target's width and depth (the axis keeps each shape's own value)."""
+    """Each schedule shape at the target's width and depth (the axes keep each shape's own values)."""
     base = base_shape(spec)
     target = base.with_(width=query.target_width or base.width, depth=query.target_depth or base.depth)
-    return {shape_label(spec, i): target.with_(**{spec.axis: value}) for i, value in enumerate(spec.values)}
+    return {shape_label(spec, i): target.with_(**point) for i, point in enumerate(spec.points())}
 
 
 def executable_moves(spec: ResolvedShapeSchedule) -> ScheduleConstraints:
-    """The switches surgery can make: width grows by a whole factor, depth grows, patch size changes either way."""
-    values = {shape_label(spec, i): value for i, value in enumerate(spec.values)}
-
-    def allowed(src: str, dst: str) -> bool:
-        old, new = values[src], values[dst]
-        if spec.axis == "width":
-            return new > old and new % old == 0
-        return spec.axis == "patch_size" or new > old
-
-    return ScheduleConstraints(allowed=allowed)
+    """The switches surgery can make (width grows by a whole factor, depth grows, patch size changes either
+    way), along one axis or both at once."""
+    shapes = {shape_label(spec, i): spec.point_shape(base_shape(spec), i, spec.sizes[0])
+              for i in range(len(spec.points()))}
+    return ScheduleConstraints(allowed=surgery_moves(shapes, max_axes=2))
 
 
 def _project(spec: ResolvedShapeSchedule, query: ScheduleQuery, runs: dict[str, dict[float, list[Run]]],
@@ -115,7 +110,7 @@ def _project(spec: ResolvedShapeSchedule, query: ScheduleQuery, runs: dict[str, 
     moves = executable_moves(spec)
     if len(sizes) >= MIN_SIZES:
         def at(i: int, size: float) -> Shape:
-            return spec.shape_at(base_shape(spec), spec.values[i], size)
+            return spec.point_shape(base_shape(spec), i, size)
 
         def n_params(shape: Shape) -> float:
             return float(params_by_depth(family_factory(family, shape, data, args), shape))
@@ -123,7 +118,7 @@ def _project(spec: ResolvedShapeSchedule, query: ScheduleQuery, runs: dict[str, 
         # One size index for every shape: the parameter count of the first shape at that size.
         index = {size: n_params(at(0, size)) for size in sizes}
         target_index = n_params(targets[shape_label(spec, 0)])
-        labels = {shape_label(spec, i): i for i in range(len(spec.values))}
+        labels = {shape_label(spec, i): i for i in range(len(spec.points()))}
         by_index = {label: {index[size]: size_runs for size, size_runs in runs[label].items()} for label in runs}
         table = {label: {**{index[size]: family.train_flops_per_sample(at(i, size), data, args) for size in sizes},
                          target_index: family.train_flops_per_sample(targets[label], data, args)}
@@ -131,7 +126,7 @@ def _project(spec: ResolvedShapeSchedule, query: ScheduleQuery, runs: dict[str, 
         return project_tier_a(by_index, table, target_index, start_loss, query.target_loss, query.budget_flops,
                               constraints=moves, n_bootstrap=N_BOOTSTRAP)
     first = next(iter(fits))
-    proxy = spec.shape_at(base_shape(spec), spec.values[0], sizes[0])
+    proxy = spec.point_shape(base_shape(spec), 0, sizes[0])
     kappa = family.train_flops_per_sample(targets[first], data, args) / family.train_flops_per_sample(proxy, data, args)
     return project_tier_b(fits, kappa, start_loss, query.target_loss, query.budget_flops, constraints=moves)
 
@@ -170,11 +165,15 @@ def segments(report: ScheduleReport) -> list[dict[str, Any]]:
              "flops_exit": s.c_exit, "extrapolated": s.extrapolated} for s in report.schedule.segments]
 
 
-def describe(planned: Plan, axis: str) -> dict[str, Any]:
-    """The plan as JSON: fits per shape, the schedule's segments, its saving vs the best static shape, flags."""
+def describe(planned: Plan, axes: list[str]) -> dict[str, Any]:
+    """The plan as JSON: fits per shape, the schedule's segments, its saving vs the best static shape, flags.
+
+    ``axis`` is the first axis (as before joint schedules); ``axes`` lists every axis the shapes vary along.
+    """
     report, projection = planned.report, planned.projection
     return {
-        "axis": axis,
+        "axis": axes[0],
+        "axes": axes,
         "tier": "proxy" if projection is None else projection.tier,
         "heuristic": projection is not None and projection.heuristic,
         "compute_factor": None if projection is None else projection.compute_factor,
@@ -272,17 +271,17 @@ class ShapeScheduleKind(GridKind[ResolvedShapeSchedule]):
         """Seed by seed and smallest budget first, so a study cut short still has whole curves."""
         return [{"value_index": v, "size_index": s, "seed": seed, "budget_index": b}
                 for seed in range(spec.seeds) for b in range(len(spec.budgets))
-                for s in range(len(spec.sizes)) for v in range(len(spec.values))]
+                for s in range(len(spec.sizes)) for v in range(len(spec.points()))]
 
     def trained_shapes(self, spec: ShapeScheduleSpec, base: Shape) -> dict[Loc, Shape]:
-        return {("values", i, "sizes", j): spec.shape_at(base, value, mult)
-                for i, value in enumerate(spec.values) for j, mult in enumerate(spec.sizes)}
+        return {("values", i, "sizes", j): spec.point_shape(base, i, mult)
+                for i in range(len(spec.points())) for j, mult in enumerate(spec.sizes)}
 
     def asked_steps(self, spec: ShapeScheduleSpec) -> list[tuple[Loc, int]]:
         return [(("budgets", i), steps) for i, steps in enumerate(spec.budgets)]
 
     def distributions(self, spec: ResolvedShapeSchedule) -> dict[str, BaseDistribution]:
-        counts = {"value_index": len(spec.values), "size_index": len(spec.sizes), "seed": spec.seeds,
+        counts = {"value_index": len(spec.points()), "size_index": len(spec.sizes), "seed": spec.seeds,
                   "budget_index": len(spec.budgets)}
         return {name: IntDistribution(0, counts[name] - 1) for name in GRID_AXES}
 

@@ -13,6 +13,7 @@ from test_transfer_check_study import run_all
 import workers.trial_task
 from scaletune.adaptive import CHECKPOINT
 from service.kinds.shape_schedule import KIND as SCHEDULE
+from service.kinds.shape_schedule import executable_moves
 from service.models import utcnow
 from service.reconcile import reconcile_once
 from service.settings import Settings
@@ -207,3 +208,48 @@ def test_a_schedule_run_whose_message_was_lost_is_resent_by_the_reconciler(
         == [("resent", run_id)]
     assert ctx.enqueue.ids() == [run_id]
     assert run_attempt(ctx, run_id) == "complete"
+
+
+JOINT_SPEC = {**SCHEDULE_SPEC, "values": [2, 16], "second_axis": "depth", "second_values": [1, 2]}
+
+
+def test_a_joint_spec_trains_the_product_of_both_axes() -> None:
+    spec = STUDY_SPEC.validate_python(copy.deepcopy(JOINT_SPEC))
+    assert isinstance(spec, ShapeScheduleSpec) and spec.n_trials == 4 * 2 * 4
+    assert [spec.point_label(i) for i in range(4)] == ["width=2,depth=1", "width=2,depth=2", "width=16,depth=1",
+                                                       "width=16,depth=2"]
+    config = SCHEDULE.trial_config(spec, {"value_index": 3, "size_index": 0, "seed": 0, "budget_index": 0})
+    assert (config.shape.width, config.shape.depth) == (16, 2)
+    moves = executable_moves(spec).allowed
+    assert moves("width=2,depth=1", "width=16,depth=2") and not moves("width=16,depth=2", "width=2,depth=2")
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"second_axis": "depth"}, "give second_axis and second_values together"),
+    ({"second_axis": "width", "second_values": [8, 16]}, "second_axis must differ from axis"),
+    ({"second_axis": "depth", "second_values": [1, 2], "sizes": [1, 2]}, "leave sizes out"),
+])
+def test_bad_joint_specs_are_refused(migrated: Settings, change: dict[str, Any], says: str) -> None:
+    with pytest.raises(SpecError) as error:
+        parse_spec({**SCHEDULE_SPEC, **change}, migrated)
+    assert says in str(error.value), error.value.problems
+
+
+@pytest.mark.integration  # fits four laws with bootstrap twice: minutes on a busy 2-core machine
+def test_a_joint_schedule_is_planned_shown_and_run(client: TestClient, ctx: WorkerContext, storage: Any) -> None:
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(copy.deepcopy(JOINT_SPEC)))
+    assert set(run_all(ctx, study.id)) == {"complete"}
+    budget = max(t["flops"] for t in client.get(f"/v1/studies/{study.id}/trials?limit=100").json()["items"])
+    body = client.get(f"/v1/studies/{study.id}/schedule", params={"budget_flops": budget}).json()
+    assert body["axes"] == ["width", "depth"] and body["axis"] == "width"
+    assert set(body["fits"]) == {"width=2,depth=1", "width=2,depth=2", "width=16,depth=1", "width=16,depth=2"}
+    assert body["segments"] and {s["shape"] for s in body["segments"]} <= set(body["fits"])
+    response = client.post(f"/v1/studies/{study.id}/schedule/run", json={"budget_flops": budget})
+    assert response.status_code == 202, response.text
+    run = response.json()["run"]
+    last = run["phases"][-1]["shape"]
+    assert f"width={last['width']},depth={last['depth']}" == body["segments"][-1]["shape"]
+    assert run_attempt(ctx, run["id"]) == "complete"
+    [done] = [t for t in client.get(f"/v1/studies/{study.id}/trials?limit=100").json()["items"]
+              if t["params"].get("schedule_run") == run["id"]]
+    assert done["state"] == "complete" and done["intermediate"][-1]["shape"] == last
