@@ -6,12 +6,10 @@ import copy
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import uvicorn
 import yaml
@@ -22,11 +20,11 @@ from service.db import SessionFactory, create_db_engine, make_session_factory, u
 from service.optuna_study import get_storage
 from service.settings import Settings
 from service.tokens import create_token
+from tests.integration.conftest import scratch_database
 
 # The issue's spec, exactly as shipped for users in examples/.
 EXAMPLE_SPEC: dict[str, Any] = yaml.safe_load(
     (Path(__file__).resolve().parents[2] / "examples" / "mlp-digits.yaml").read_text())
-POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 class SentTasks(list[tuple[str, str]]):
@@ -41,15 +39,9 @@ class SentTasks(list[tuple[str, str]]):
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A throwaway database on the local PostgreSQL server, dropped afterwards."""
-    name = f"scaletune_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    """A throwaway database on the local PostgreSQL server, dropped afterwards (plain psycopg URL scheme)."""
+    with scratch_database() as url:
+        yield url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
 @pytest.fixture
