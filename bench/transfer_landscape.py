@@ -477,7 +477,8 @@ def main() -> None:
     (img_dir / f"transfer_landscape_{opts.study}_losses.json").write_text(json.dumps(raw, indent=1))
     timing = (f"Command: `.venv/bin/python bench/transfer_landscape.py --study {opts.study}"
               f"{' --quick' if opts.quick else ''}` ({runs} training runs, {wall / 60:.1f} min wall, "
-              f"{cpu / 60:.1f} CPU-min, 2 processes at nice 10 on 2 CPU cores shared with other engineers' jobs)")
+              f"{cpu / 60:.1f} CPU-min, 2 processes at nice 5 on 2 CPU cores shared with 4 other jobs and a CI run: "
+              "wall time is inflated by load)")
     if hparams:
         sections = {HPARAM_SECTION: hparam_report(all_ladders, sweep, img_dir, timing),
                     CLIP_SECTION: clipping_report(all_ladders, sweep, img_dir, timing)}
