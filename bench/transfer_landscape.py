@@ -133,7 +133,9 @@ def hparam_base_ladders(quick: bool) -> list[tuple[Ladder, float]]:
     """(LR ladder, the LR it holds for other sweeps): mup along 16x width, completep along 8x depth, 3 seeds.
 
     Budgets are shorter than the LR study's (2 shared CPU cores; ~800 runs): the question is whether each
-    value's optimum moves with size at a fixed budget, not the best loss.
+    value's optimum moves with size at a fixed budget, not the best loss. Reduced again before the first full run:
+    gpt-width trains 40 steps, not 80 (its w256 runs were ~70% of the study's compute, and with four other jobs
+    on the 2 cores the study would not have finished in the hour it had).
     """
     widths = (16, 64) if quick else (16, 64, 256)
     depths = (2, 4) if quick else (2, 4, 16)
@@ -150,7 +152,7 @@ def hparam_base_ladders(quick: bool) -> list[tuple[Ladder, float]]:
                 axis="depth", shapes=tuple(Shape(32, d) for d in depths), parametrizations=("completep",),
                 budget=steps(150), seeds=seeds, start_log2=-5.0, start_halfwidth=1), -5.0),
         (Ladder(**GPT_DATA, axis="width", shapes=tuple(Shape(w, 2) for w in widths), parametrizations=("mup",),
-                budget=steps(80), seeds=seeds, start_log2=-4.5, start_halfwidth=1), -4.5),
+                budget=steps(40), seeds=seeds, start_log2=-4.5, start_halfwidth=1), -4.5),
         (Ladder(**GPT_DATA, axis="depth", shapes=tuple(Shape(32, d) for d in depths),
                 parametrizations=("completep",), budget=steps(60), seeds=seeds, start_log2=-6.0,
                 start_halfwidth=1), -6.0),
