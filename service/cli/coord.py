@@ -5,14 +5,16 @@ from __future__ import annotations
 import json as jsonlib
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from scaletune.coord_check import FLAT_SLOPE, CoordCheckResult, coord_check, coord_check_factory
 from service.cli.factory import AttentionOption, BranchOption, FactoryOption, load_factory, patterns
+
+if TYPE_CHECKING:
+    from scaletune.coord_check import CoordCheckResult
 
 
 def parse_sizes(text: str, what: str) -> list[int]:
@@ -27,6 +29,7 @@ def parse_sizes(text: str, what: str) -> list[int]:
 
 
 def _slope_cell(slope: float | None) -> str:
+    from scaletune.coord_check import FLAT_SLOPE
     if slope is None:
         return "[red]undefined[/red]"
     text = f"{slope:+.3f}"
@@ -79,6 +82,8 @@ def coord_check_command(
 
     Exits 1 when a module's |slope| exceeds 0.1 after the first update, 2 on bad input.
     """
+    from scaletune.coord_check import FLAT_SLOPE, coord_check, coord_check_factory  # torch: only when checking
+
     console = Console()
     if (family is None) == (factory is None):
         raise typer.BadParameter("give exactly one of --family (a built-in or plugin family) and --factory")
