@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from service.settings import Settings
 from service.spec import Loc, ResolvedShapeSchedule, ShapeScheduleSpec
 
 N_BOOTSTRAP = 30  # refits per shape: a coarse 90% interval, but a GET must answer in seconds on a CPU
+FIT_CACHE_SIZE = 64  # sets of runs whose fits are kept (a few KB each)
 GRID_AXES = ("value_index", "size_index", "seed", "budget_index")
 CURVE_POINTS = 60  # samples along a fitted curve
 PATH_POINTS = 24  # samples along one schedule segment
@@ -131,6 +133,18 @@ def _project(spec: ResolvedShapeSchedule, query: ScheduleQuery, runs: dict[str, 
     return project_tier_b(fits, kappa, start_loss, query.target_loss, query.budget_flops, constraints=moves)
 
 
+@lru_cache(maxsize=FIT_CACHE_SIZE)
+def _fits_of(runs: tuple[tuple[str, tuple[Run, ...]], ...], n_bootstrap: int) -> dict[str, FitResult]:
+    return fit_shapes(dict(runs), n_bootstrap=n_bootstrap)
+
+
+def cached_fits(runs: Mapping[str, Sequence[Run]], n_bootstrap: int) -> dict[str, FitResult]:
+    """``fit_shapes``, kept per set of runs: GET /schedule, the study detail and the plots plan on the same fits,
+    and a refit with its bootstrap takes seconds per shape. A finished or changed trial changes the runs, so
+    the key, and the laws are refitted."""
+    return dict(_fits_of(tuple((label, tuple(shape_runs)) for label, shape_runs in runs.items()), n_bootstrap))
+
+
 @dataclass(frozen=True)
 class Plan:
     """The per-shape fits at the first proxy size and the schedule planned on them (or on a projection)."""
@@ -150,7 +164,7 @@ def plan(spec: ResolvedShapeSchedule, attempts: Iterable[TrialAttempt], query: S
     at_proxy = {label: by_size[spec.sizes[0]] for label, by_size in runs.items() if spec.sizes[0] in by_size}
     if len(at_proxy) < 2:
         raise NotEnoughRuns(f"need completed runs of at least two shapes at size {spec.sizes[0]}, have {len(at_proxy)}")
-    fits = fit_shapes(at_proxy, n_bootstrap=N_BOOTSTRAP)
+    fits = cached_fits(at_proxy, N_BOOTSTRAP)
     start_loss = max(fit.loss_range[1] for fit in fits.values())
     if query.target_width is None and query.target_depth is None:
         report = schedule_from_fits(fits, start_loss, query.target_loss, query.budget_flops,

@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from matplotlib.image import imread
 from sqlalchemy import update
 
-from test_shape_schedule import ctx, finished_study  # noqa: F401  (fixtures: a shape_schedule study run in-process)
+from test_shape_schedule import ctx, finished_study, few_replicates  # noqa: F401  (fixtures: a shape_schedule study run
+# in-process, planned with few bootstrap refits)
 from test_transfer_check_study import CHECK_SPEC, run_all
 
 from scaletune.coord_check import coord_check

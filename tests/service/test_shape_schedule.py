@@ -12,9 +12,11 @@ from test_transfer_check_study import run_all
 
 import workers.trial_task
 from scaletune.adaptive import CHECKPOINT
+from service.db import write_session
+from service.kinds import shape_schedule
 from service.kinds.shape_schedule import KIND as SCHEDULE
 from service.kinds.shape_schedule import executable_moves
-from service.models import utcnow
+from service.models import TrialAttempt, TrialState, utcnow
 from service.reconcile import reconcile_once
 from service.settings import Settings
 from service.kinds.registry import STUDY_SPEC, parse_spec
@@ -30,6 +32,12 @@ SCHEDULE_SPEC: dict[str, Any] = {
     "hyperparameters": {"lr": 0.01},
     "axis": "width", "values": [8, 32], "seeds": 2, "budgets": [5, 10, 20, 40],
 }
+
+
+@pytest.fixture(autouse=True)
+def few_replicates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 bootstrap refits per shape instead of 30: these tests check that intervals exist, not how wide they are."""
+    monkeypatch.setattr(shape_schedule, "N_BOOTSTRAP", 8)
 
 
 @pytest.fixture
@@ -83,6 +91,25 @@ def test_schedule_returns_fits_segments_saving_and_flags(client: TestClient, fin
     assert body["static"]["shape"] in body["fits"]
     assert body["saving_interval"]["lo"] <= body["saving_interval"]["hi"]
     assert isinstance(body["low_confidence"], bool) and isinstance(body["reasons"], list)
+
+
+def test_the_fits_are_kept_until_a_finished_trial_changes_the_runs(
+        client: TestClient, ctx: WorkerContext, finished_study: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shape_schedule, "N_BOOTSTRAP", 2)  # a refit is what is counted, not its intervals
+    fitted: list[list[str]] = []
+    fit = shape_schedule.fit_shapes
+    monkeypatch.setattr(shape_schedule, "fit_shapes", lambda runs, **kw: fitted.append(sorted(runs)) or fit(runs, **kw))
+    trials = client.get(f"/v1/studies/{finished_study}/trials").json()["items"]
+    with write_session(ctx.session_factory) as session:  # a third seed of width 8 finishes: new runs, new fits
+        session.add_all(TrialAttempt(study_id=finished_study, number=100 + i, state=TrialState.complete,
+                                     params={**t["params"], "seed": 2}, value=t["value"] * 1.01, flops=t["flops"])
+                        for i, t in enumerate(trials) if t["params"]["value_index"] == 0 and t["params"]["seed"] == 0)
+    budget = sorted(t["flops"] for t in trials)[len(trials) // 2]
+    first = client.get(f"/v1/studies/{finished_study}/schedule", params={"budget_flops": budget}).json()
+    assert fitted == [["width=32", "width=8"]] and first["fits"]["width=8"]["n_runs"] == 3
+    again = client.get(f"/v1/studies/{finished_study}/schedule", params={"budget_flops": budget}).json()
+    other = client.get(f"/v1/studies/{finished_study}/schedule", params={"budget_flops": budget * 2})
+    assert again == first and other.status_code == 200 and len(fitted) == 1
 
 
 BAD_QUERIES: list[tuple[dict[str, Any], str]] = [
