@@ -26,6 +26,7 @@ from service.settings import Settings
 HParamName = Literal[HPARAM_NAMES]  # type: ignore[valid-type]
 Loc = tuple[str | int, ...]
 MAX_GRID_VALUES = 10_000
+MAX_STEPPED_VALUES = 10**9  # past this Optuna's decimal arithmetic on the step fails, and no search needs it
 
 
 class Strict(BaseModel):
@@ -78,8 +79,12 @@ class _Range(Strict):
         """Whether the range has a step other than its type's default."""
 
     @abstractmethod
+    def value_count(self) -> float:
+        """How many values the stepped range holds; a float, so that an absurdly small step cannot overflow."""
+
     def grid_size(self) -> int:
         """How many values the grid sampler would try."""
+        return int(self.value_count())
 
     def problems(self, loc: Loc, grid: bool) -> list[SpecProblem]:
         """What is wrong with the range; ``grid``: the grid sampler needs a finite set of values."""
@@ -91,10 +96,13 @@ class _Range(Strict):
             problems.append(SpecProblem(loc + ("low",), f"a log-scale range needs low > 0, got {self.low}."))
         if self.log and self.stepped():
             problems.append(SpecProblem(loc + ("step",), "step cannot be combined with log: true; drop one of them."))
-        if grid and self.step is None:
+        if self.stepped() and not problems and self.value_count() > MAX_STEPPED_VALUES:
+            problems.append(SpecProblem(loc + ("step",), f"a step of {self.step} cuts the range into more than "
+                                                         f"{MAX_STEPPED_VALUES:,} values; use a larger step."))
+        elif grid and self.step is None:
             problems.append(SpecProblem(loc, "the grid sampler needs a finite set of values: give this float a "
                                              "step, or make it categorical."))
-        elif grid and not problems and self.grid_size() > MAX_GRID_VALUES:
+        elif grid and not problems and self.value_count() > MAX_GRID_VALUES:
             problems.append(SpecProblem(loc + ("step",), f"this gives {self.grid_size():,} grid values, more than "
                                                          f"{MAX_GRID_VALUES:,}; use a larger step."))
         return problems
@@ -107,9 +115,10 @@ class FloatParam(_Range):
     def stepped(self) -> bool:
         return self.step is not None
 
-    def grid_size(self) -> int:
+    def value_count(self) -> float:
         assert self.step is not None
-        return int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        steps = (self.high - self.low) / self.step
+        return math.floor(steps + 1e-9) + 1.0 if math.isfinite(steps) else math.inf
 
     def grid(self) -> list[float]:
         assert self.step is not None
@@ -128,8 +137,8 @@ class IntParam(_Range):
     def stepped(self) -> bool:
         return self.step != 1
 
-    def grid_size(self) -> int:
-        return (self.high - self.low) // self.step + 1
+    def value_count(self) -> float:
+        return float((self.high - self.low) // self.step + 1)
 
     def grid(self) -> list[int]:
         return list(range(self.low, self.high + 1, self.step))
@@ -275,7 +284,7 @@ class TransferCheckSpec(GridSpec):
                                                    "interval needs at least 3")
     sizes: list[ShapeSpec] = Field(min_length=3, max_length=16, description="shapes to check, e.g. 1x, 4x, 16x width")
     octaves: float = Field(3.0, gt=0, le=10, description="multipliers span 2^-octaves .. 2^+octaves")
-    step: float = Field(0.5, gt=0, le=10, description="octaves between neighbouring multipliers")
+    step: float = Field(0.5, ge=0.1, le=10, description="octaves between neighbouring multipliers")
     max_extensions: int = Field(3, ge=0, le=8, description="octaves the grid may grow beyond either end, per size, "
                                                           "while that size's seed-mean minimum sits at an edge")
     extensions: list[GridExtension] = Field(default_factory=list, description="filled in by the service as the "

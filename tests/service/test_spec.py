@@ -66,6 +66,9 @@ BAD_SPECS = [
     ("model.proxy.depth", 0, ["body", "model", "proxy", "depth"], "greater than or equal to 1"),
     ("model.colour", "red", ["body", "model", "colour"], "Extra inputs are not permitted"),
     ("sampler.name", "grid", ["body", "search_space", "lr"], "give this float a step"),
+    # A step so small the range would hold ~10^297 values: refused before anything counts or allocates them.
+    ("search_space.lr", {"type": "float", "low": 1e-3, "high": 1e-2, "step": 1e-300},
+     ["body", "search_space", "lr", "step"], "more than 1,000,000,000 values"),
     ("enqueue", [{"lr": 0.01, "beta1": 0.9}], ["body", "enqueue", 0, "beta1"], "not in search_space"),
     ("parametrization_options", {"eps_rule": "adam-atan2"}, ["body", "parametrization_options", "eps_rule"], "'per_group'"),
 ]

@@ -122,6 +122,16 @@ def test_check_reports_an_optimum_per_size_and_a_verdict(client: TestClient, ctx
     assert png.content == client.get(f"/v1/studies/{study.id}/plots/landscape.png").content, "one picture"
 
 
+@pytest.mark.parametrize("step", [5e-324, 0.01])
+def test_a_grid_step_finer_than_a_tenth_of_an_octave_is_422(client: TestClient, check_spec: dict[str, Any],
+                                                             step: float) -> None:
+    """The grid is built from octaves / step: a denormal step once made a 10^300-point grid and took the server down."""
+    response = client.post("/v1/studies", json={**check_spec, "step": step})
+    assert response.status_code == 422, response.text
+    assert any(p["loc"] == ["body", "step"] and "greater than or equal to 0.1" in p["msg"]
+               for p in response.json()["errors"]), response.text
+
+
 def test_diverged_points_are_recorded_and_shown_as_diverged(client: TestClient, ctx: WorkerContext,
                                                              storage: Any, check_spec: dict[str, Any]) -> None:
     check_spec.update(hyperparameters={"lr": 1e6}, octaves=0.5)
