@@ -27,5 +27,7 @@ up: $(INSTALLED)
 test-prerequisites:
 	bash scripts/test-prerequisites.sh
 
+# Two test processes (pytest-xdist), one per core: most tests wait on subprocesses or run single-threaded;
+# tests marked `alone` (a PostgreSQL restart) still run with nothing beside them (tests/conftest.py).
 test: $(INSTALLED) test-prerequisites
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist worksteal

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,12 +22,17 @@ import psycopg
 import pytest
 import redis
 
+from service.db import create_db_engine, make_session_factory, upgrade_database
 from service.embedded import ChildSpec, Supervisor, celery_worker, wait_until_healthy
+from service.settings import Settings
+from service.tokens import create_token
 
 SCALETUNE = [sys.executable, "-c", "from service.cli import main; main()"]
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-# A database number of its own, flushed before and after; parallel runs on one machine each pick another.
+# A database number of its own, flushed before and after; parallel runs on one machine each pick another, and
+# each process of a parallel run (pytest -n: gw0, gw1, ...) takes the next number down from it.
 REDIS_URL = os.environ.get("SCALETUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REDIS_DB = int(REDIS_URL.rsplit("/", 1)[1]) - int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
 LOG_DIR = pytest.StashKey[Path]()
 LOG_TAIL_LINES = 150
 FAST_RECOVERY = {"SCALETUNE_HEARTBEAT_INTERVAL": "0.5", "SCALETUNE_STALE_AFTER": "4",
@@ -63,10 +67,11 @@ def child_env(**overrides: str) -> dict[str, str]:
 
 @pytest.fixture
 def processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Supervisor]:
-    """Started children are stopped at teardown (SIGTERM to each process group, SIGKILL after 15 s)."""
+    """Started children are stopped at teardown (SIGTERM to each process group, SIGKILL after 3 s: the test is
+    over, and a worker's warm shutdown would wait for its trial)."""
     log_dir = tmp_path / "logs"
     request.node.stash[LOG_DIR] = log_dir
-    supervisor = Supervisor(log_dir=log_dir, grace=15.0)
+    supervisor = Supervisor(log_dir=log_dir, grace=3.0)
     yield supervisor
     supervisor.stop()
 
@@ -92,9 +97,10 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL)
+    url = f"{REDIS_URL.rsplit('/', 1)[0]}/{REDIS_DB}"
+    client = redis.Redis.from_url(url)
     client.flushdb()
-    yield REDIS_URL
+    yield url
     client.flushdb()
     client.close()
 
@@ -105,12 +111,23 @@ def wait_for_api(supervisor: Supervisor, base_url: str) -> str:
     return base_url
 
 
+def settings_of(env: dict[str, str]) -> Settings:
+    """The settings a child process started with ``env`` reads from it."""
+    return Settings(**{key.removeprefix("SCALETUNE_"): value for key, value in env.items()
+                       if key.startswith("SCALETUNE_") and value})
+
+
 def issue_token(env: dict[str, str], name: str) -> str:
-    """An admin API token, made the way an operator makes one: `scaletune token create`."""
-    created = subprocess.run([*SCALETUNE, "token", "create", "--name", name, "--admin"],
-                             env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
-    assert created.returncode == 0, created.stdout + created.stderr
-    return created.stdout.strip()
+    """An admin API token in the database the children of ``env`` use.
+
+    Made in this process by the function `scaletune token create` calls (the command has tests of its own):
+    a subprocess would import torch again, and every test here needs a token.
+    """
+    engine = create_db_engine(settings_of(env).DATABASE_URL)
+    try:
+        return create_token(make_session_factory(engine), name, admin=True)
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture
@@ -120,11 +137,11 @@ def production_env(postgres_url: str, redis_url: str, tmp_path: Path) -> dict[st
 
 
 def migrated_env(database_url: str, broker_url: str, home: Path) -> dict[str, str]:
-    """A production-mode child environment on this database and broker, after `scaletune migrate` ran on it."""
+    """A production-mode child environment on this database and broker, migrated in this process by the
+    function `scaletune migrate` calls (the command itself runs in test_container_commands)."""
     env = child_env(SCALETUNE_DATABASE_URL=database_url, SCALETUNE_BROKER_URL=broker_url, SCALETUNE_HOME=str(home))
-    migrated = subprocess.run([*SCALETUNE, "migrate"], env={**os.environ, **env}, capture_output=True, text=True,
-                              timeout=180)
-    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    settings_of(env).ensure_dirs()
+    upgrade_database(database_url)
     return env
 
 

@@ -151,6 +151,7 @@ def test_lost_database_connections_are_survived(service: Deployment) -> None:
     assert service.processes.exited() == [], "no process crashed"
 
 
+@pytest.mark.alone
 def test_a_postgresql_restart_mid_study_is_survived(service: Deployment) -> None:
     """The real server goes down and comes back (this machine's own PostgreSQL, as in CI)."""
     study_id = service.submit({**SPEC, "n_trials": 6})
