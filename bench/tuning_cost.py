@@ -28,6 +28,7 @@ from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
 from scaletune.models.size import count_params, family_factory
+from scaletune.packs import pack_size_for, run_pack
 from scaletune.runner import TrialConfig
 from scaletune.shapes import Shape
 from scaletune.train import Budget
@@ -51,6 +52,7 @@ LOG2_LR_RANGE = (-10.0, -2.0)
 LOG2_OUTPUT_MULT_RANGE = (-3.0, 3.0)
 LOSS_TARGET = 0.01  # transferred target loss within 1% of the directly tuned one
 COST_TARGET = 50.0
+PACKED_CPU_GOAL = 0.3  # the CPU ratio with packs should reach this fraction of the FLOP ratio (issue 12)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Search:
     losses: list[float | None] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)
+    values: list[dict[str, float]] = field(default_factory=list)
 
 
 def hparams_of(values: dict[str, float]) -> HParams:
@@ -111,7 +114,7 @@ def tune(setup: Setup, shape: Shape, seeds: tuple[int, ...]) -> Search:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=SAMPLER_SEED, n_startup_trials=setup.startup_trials)
     study = optuna.create_study(direction="minimize", sampler=sampler)
-    losses, flops, cpu = [], [], []
+    losses, flops, cpu, values_tried = [], [], [], []
     for _ in range(setup.trials):
         trial = study.ask()
         values = {"lr": 2.0 ** trial.suggest_float("log2_lr", *LOG2_LR_RANGE),
@@ -123,11 +126,23 @@ def tune(setup: Setup, shape: Shape, seeds: tuple[int, ...]) -> Search:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
             study.tell(trial, loss)
+        values_tried.append(values)
         losses.append(loss)
         flops.append(sum(o.flops for o in outcomes))
         cpu.append(sum(o.cpu_seconds for o in outcomes))
     return Search(best=study.best_trial.user_attrs["values"], best_loss=study.best_value,
-                  losses=losses, flops=flops, cpu_seconds=cpu)
+                  losses=losses, flops=flops, cpu_seconds=cpu, values=values_tried)
+
+
+def packed_cpu_seconds(setup: Setup, shape: Shape, seeds: tuple[int, ...], tried: list[dict[str, float]]) -> float:
+    """CPU seconds to train the search's trials (every seed) again in packs of the auto size, as a service
+    study whose trials are all in flight would (``scaletune.packs``); the points are the sequential search's."""
+    configs = [setup.config(shape, hparams_of(values), seed) for values in tried for seed in seeds]
+    size = pack_size_for(configs[0])
+    started = time.process_time()
+    for i in range(0, len(configs), size):
+        run_pack(configs[i : i + size])
+    return time.process_time() - started
 
 
 GPT_ARGS: dict[str, Any] = {"head_dim": 8}
@@ -205,6 +220,7 @@ def report(case: Case, rows: list[dict[str, Any]], image: Path, wall: float, qui
         s, proxy, direct = row["setup"], row["proxy"], row["direct"]
         flop_ratio = sum(direct.flops) / sum(proxy.flops)
         cpu_ratio = sum(direct.cpu_seconds) / sum(proxy.cpu_seconds)
+        packed_ratio = sum(direct.cpu_seconds) / row["packed_cpu"]
         t, d = row["transferred_loss"], row["direct_loss"]
         gap = None if t is None or d is None else (t - d) / d
         met = "-" if gap is None else \
@@ -215,12 +231,14 @@ def report(case: Case, rows: list[dict[str, Any]], image: Path, wall: float, qui
             f"({row['target_params']:,})",
             s.trials, f"{sum(proxy.flops):.3g} / {sum(direct.flops):.3g}", f"{flop_ratio:.0f}x",
             f"{sum(proxy.cpu_seconds):.1f} / {sum(direct.cpu_seconds):.1f}", f"{cpu_ratio:.1f}x",
+            f"{packed_ratio:.1f}x ({row['packed_cpu']:.1f} s, pack {row['pack']}; goal "
+            f"{PACKED_CPU_GOAL * flop_ratio:.0f}x {'met' if packed_ratio >= PACKED_CPU_GOAL * flop_ratio else 'NOT met'})",
             "-" if t is None else f"{t:.4f}", "-" if d is None else f"{d:.4f}",
             "-" if gap is None else f"{100 * gap:+.2f}%", met,
         ])
     table = markdown_table(
         ["family", "parametrization", "proxy -> target (params)", "trials N", "tuning FLOPs proxy / target",
-         "FLOP ratio", "tuning CPU s proxy / target", "CPU ratio", "target loss, transferred",
+         "FLOP ratio", "tuning CPU s proxy / target", "CPU ratio", "CPU ratio with packs", "target loss, transferred",
          "target loss, tuned at target", "gap", "targets"], table_rows)
     best = "\n".join(
         f"- `{row['setup'].family}`: proxy best lr {row['proxy'].best['lr']:.3g}, output_mult "
@@ -241,6 +259,10 @@ Parametrization options {PARAM_OPTIONS}, the same as the transfer landscape: rea
 their normal init, not zero (at these budgets zero-init made the muP family's loss worse and noisier).
 FLOPs are the trainer's analytic count; CPU seconds are per-process CPU time (one torch thread). Targets:
 FLOP ratio >= {COST_TARGET:.0f}x, transferred loss within {100 * LOSS_TARGET:.0f}% of the target-tuned one.
+"CPU ratio with packs": the target search's CPU seconds over those of training the proxy search's very points
+(every seed) again in packs of the auto size (`scaletune.packs.run_pack`, what a service study with all its
+trials in flight and `pack: auto` does; the sequential search is not re-run with batched asks). Goal: at least
+{PACKED_CPU_GOAL} x the FLOP ratio.
 
 {table}
 
@@ -263,6 +285,8 @@ def run_case(case: Case, quick: bool) -> None:
                   for i, s in enumerate(case.setups) for which, shape in (("transferred", s.proxy), ("direct", s.target))
                   for seed in EVAL_SEEDS]
         outcomes = pool.map(run_config, [cfg for _, _, cfg in finals], chunksize=1)
+        packed = pool.starmap(packed_cpu_seconds, [(s, s.proxy, s.proxy_seeds, results[(i, s.proxy)].values)
+                                                   for i, s in enumerate(case.setups)], chunksize=1)
     wall = time.perf_counter() - started
     rows = []
     for i, s in enumerate(case.setups):
@@ -270,7 +294,8 @@ def run_case(case: Case, quick: bool) -> None:
                  for which in ("transferred", "direct")}
         rows.append({"setup": s, "proxy": results[(i, s.proxy)], "direct": results[(i, s.target)],
                      "transferred_loss": final["transferred"], "direct_loss": final["direct"],
-                     "proxy_params": s.params(s.proxy), "target_params": s.params(s.target)})
+                     "proxy_params": s.params(s.proxy), "target_params": s.params(s.target),
+                     "packed_cpu": packed[i], "pack": pack_size_for(s.config(s.proxy, HParams(), TRIAL_SEED))})
     img_dir = Path(tempfile.mkdtemp(prefix="tuning_cost_")) if quick else IMG
     image = plot(rows, img_dir / case.image)
     body = report(case, rows, image, wall, quick)
