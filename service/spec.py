@@ -315,6 +315,7 @@ class ShapeScheduleSpec(GridSpec):
                           "size); a switch may change both axes at once")
     second_values: list[int] | None = Field(None, min_length=2, max_length=8,
                                             description="the shapes along second_axis")
+    pack: PackSize = "auto"
 
     @model_validator(mode="after")
     def _joint_axes(self) -> ShapeScheduleSpec:

@@ -1,7 +1,7 @@
 """A pack of attempts end to end: one Optuna load, K asks, one batched training, each member recorded as its own trial.
 
-Members whose configs differ only in values and seed (every trial of a tune study; a transfer check's values and
-seeds at one size) share one computation (``scaletune.packs``); the others form groups trained one after another.
+Members whose configs differ only in values, seed and length (every trial of a tune study; a transfer check's values
+and seeds at one size; a shape-schedule grid's budgets and seeds of one shape and size) share one computation (``scaletune.packs``); the others form groups trained one after another.
 An exception fails every member; each is then retried on its own, with its own params, like any failed attempt.
 Packs do not checkpoint: ``train_pack`` keeps no resumable state per member, and a pack's retries need not meet
 again in one pack, so a lost pack's members start over (a study whose trials must resume sets ``pack: 1``).
@@ -112,7 +112,7 @@ def run_pack_attempts(ctx: WorkerContext, attempts: list[TrialAttempt], study_ro
                                                    for a, (_, trial) in zip(attempts, asked)])
             configs = [kind.trial_config(spec, trial.params) for _, trial in asked]
             ended: dict[int, Outcome] = {}
-            for group in _groups(configs):  # members that differ only in values and seed train as one
+            for group in _groups(configs):  # members that differ only in values, seed and length train as one
                 progress = PackProgress(ctx, study_row.id, beat, [(attempts[i].id, asked[i][1]) for i in group])
                 results = run_pack([configs[i] for i in group], progress.callbacks(), data_root=ctx.settings.DATA_ROOT,
                                    max_params=ctx.settings.MAX_PROXY_PARAMS)

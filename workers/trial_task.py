@@ -71,10 +71,11 @@ def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None)
 def _run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> TrialState | None:
     worker = f"{socket.gethostname()}:{os.getpid()}"
     with ctx.session_factory() as session:
-        study_row = session.scalars(select(Study).join(TrialAttempt, TrialAttempt.study_id == Study.id)
-                                    .where(TrialAttempt.id == attempt_id)).one_or_none()
-    claimed = [] if study_row is None else claim_pack(ctx.session_factory, attempt_id, worker, task_id,
-                                                      _pack_size(ctx, study_row))
+        found = session.execute(select(Study, TrialAttempt).join(TrialAttempt, TrialAttempt.study_id == Study.id)
+                                .where(TrialAttempt.id == attempt_id)).one_or_none()
+    study_row = None if found is None else found[0]
+    claimed = [] if found is None else claim_pack(ctx.session_factory, attempt_id, worker, task_id,
+                                                  _pack_size(ctx, *found))
     if not claimed:
         log.info("attempt %s is not queued any more (duplicate delivery or cancelled); skipping", attempt_id)
         return None
@@ -84,10 +85,12 @@ def _run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> Tr
         return _train_and_record(ctx, attempt_id, claimed[0], study_row)
 
 
-def _pack_size(ctx: WorkerContext, study_row: Study) -> int:
-    """The study's pack size on this worker; 1 when it cannot be worked out (the attempt then fails on its own)."""
+def _pack_size(ctx: WorkerContext, study_row: Study, attempt: TrialAttempt) -> int:
+    """The study's pack size on this worker; 1 for planned work, or when it cannot be worked out (the attempt then
+    fails on its own)."""
     try:
-        return kind_of(study_row).pack_size(spec_of(study_row), ctx.settings.DATA_ROOT)
+        kind = kind_of(study_row)
+        return 1 if kind.is_planned(attempt) else kind.pack_size(spec_of(study_row), ctx.settings.DATA_ROOT)
     except Exception:
         log.exception("could not size a pack for study %s; running one trial", study_row.id)
         return 1

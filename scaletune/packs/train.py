@@ -1,8 +1,10 @@
 """The training loop for a pack: the core loop's schedule, loss, eval cadence and outcomes, K members per step.
 
-A member whose loss turns non-finite, or whose callback stops it (pruning), leaves the stack at once (its
-rows are dropped from parameters, optimizer state and settings), so the rest go on at the cost of the
-members still training.
+A member whose loss turns non-finite, whose callback stops it (pruning), or whose budget ends leaves the stack at
+once (its rows are dropped from parameters, optimizer state and settings), so the rest go on at the cost of the
+members still training. Members may differ in length (steps, eval cadence; a shape-schedule grid's budgets): each
+follows its own LR schedule and ends at its own last step. An eval evaluates the whole stack and records the
+points of the members due one (a forward pass over the others is cheaper than splitting the stack).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class PackMember:
     model: nn.Module
     param_groups: list[dict[str, Any]]
     hparams: HParams
+    budget: Budget
     seed: int = 0
     callback: Callback | None = None
     clip: RelativeClipper | None = None  # the parametrization's clipping rule, on this member's own norm
@@ -84,9 +87,12 @@ def _pack_eval_losses(packed: PackedModel, dataset: Dataset, budget: Budget, dev
     return (total / count).tolist()
 
 
-def train_pack(members: list[PackMember], dataset: Dataset, budget: Budget, optimizer: str, *,
+def train_pack(members: list[PackMember], dataset: Dataset, optimizer: str, *,
                flops_per_sample: float, device: str | torch.device | None = None) -> list[TrainResult]:
-    """Train same-shape models as one computation; each gets the ``TrainResult`` it would get alone."""
+    """Train same-shape models as one computation; each gets the ``TrainResult`` it would get alone.
+
+    The members' budgets may differ only in ``steps`` and ``eval_every`` (batch, schedule and eval size are shared).
+    """
     started = time.perf_counter()
     dev = resolve_device(device)
     for m in members:
@@ -94,6 +100,7 @@ def train_pack(members: list[PackMember], dataset: Dataset, budget: Budget, opti
     settings = [settings_by_name(m.model, m.param_groups) for m in members]
     packed = PackedModel([m.model for m in members])
     opt = make_pack_optimizer(optimizer, packed, settings, [m.hparams for m in members])
+    budget = members[0].budget  # what the members' budgets share
     state = _Members(members, dataset, budget.batch_size)
     loss = partial(loss_fn, task=dataset.spec.task)
     flops_per_step = float(budget.batch_size * flops_per_sample)
@@ -111,10 +118,11 @@ def train_pack(members: list[PackMember], dataset: Dataset, budget: Budget, opti
         opt.keep(index)
         state.active = [state.active[pos] for pos in keep]
 
-    for step in range(budget.steps):
+    for step in range(max(m.budget.steps for m in members)):
         if not state.active:
             break
-        factors = torch.tensor([lr_factor(step, budget, members[i].hparams.warmup_frac) for i in state.active],
+        factors = torch.tensor([lr_factor(step, members[i].budget, members[i].hparams.warmup_frac)
+                                for i in state.active],
                                dtype=torch.float64)
         x, y = _to_device(state.next_batch(), dev)
         with _autocast(dev):
@@ -134,18 +142,21 @@ def train_pack(members: list[PackMember], dataset: Dataset, budget: Budget, opti
         opt.step(grad, factors[finite])
         for pos, i in enumerate(state.active):
             state.progress[i].advance(values[finite[pos]], flops_per_step)
-        if not budget.evaluates_after(step + 1):
+        if not any(members[i].budget.evaluates_after(step + 1) for i in state.active):
             continue
         leaving: dict[int, Status] = {}
         for pos, eval_loss in enumerate(_pack_eval_losses(packed, dataset, budget, dev)):
             i = state.active[pos]
+            if not members[i].budget.evaluates_after(step + 1):
+                continue
             point = state.progress[i].record(eval_loss, budget.batch_size)
             if point is None:
                 leaving[pos] = "diverged"
             elif members[i].callback is not None and members[i].callback(point):
                 leaving[pos] = "stopped"
+            elif step + 1 == members[i].budget.steps:
+                leaving[pos] = "completed"
         drop(leaving)
-    drop({pos: "completed" for pos in range(len(state.active))})
     return [p.result(s, seconds, dev) for p, s, seconds in zip(state.progress, state.status, state.seconds)]
 
 

@@ -84,10 +84,14 @@ class StudyKind(ABC, Generic[SpecT]):
         point to ``record`` (True: stop now); None for a trial the worker asks Optuna for (every one, by default)."""
         return None
 
+    def is_planned(self, attempt: TrialAttempt) -> bool:
+        """Whether ``run_planned`` trains this attempt (it then trains alone, never in a pack); False by default."""
+        return False
+
     def pack_size(self, spec: SpecT, data_root: Path | None) -> int:
         """How many of the study's queued trials one worker may train as one pack; 1 (one at a time) by default.
 
-        A pack's members train as one computation when their configs differ only in values and seed
+        A pack's members train as one computation when their configs differ only in values, seed and length
         (``scaletune.packs.pack_key``); the others in it train in groups of their own, one after another.
         """
         return 1

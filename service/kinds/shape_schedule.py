@@ -25,6 +25,7 @@ from scaletune.scaling.project import MIN_SIZES, Projection, project_tier_a, pro
 from scaletune.scaling.schedule import ScheduleConstraints, ScheduleReport, schedule_from_fits
 from scaletune.shapes import Shape
 from scaletune.train import TrainResult
+from service.kinds.base import pack_of
 from service.kinds.grid import GridKind
 from service.kinds.schedule_training import is_schedule_run, run_planned_schedule
 from service.kinds.setup import base_config
@@ -282,10 +283,11 @@ class ShapeScheduleKind(GridKind[ResolvedShapeSchedule]):
     plots = {"scaling": DrawnPlot(scaling_data, draw_scaling), "schedule": DrawnPlot(schedule_data, draw_schedule)}
 
     def grid_points(self, spec: ResolvedShapeSchedule) -> list[dict[str, Any]]:
-        """Seed by seed and smallest budget first, so a study cut short still has whole curves."""
+        """Seed by seed, one whole curve (every budget of a shape and size) after another, so a study cut short
+        still has whole curves and a pack of neighbouring points trains each curve's budgets as one computation."""
         return [{"value_index": v, "size_index": s, "seed": seed, "budget_index": b}
-                for seed in range(spec.seeds) for b in range(len(spec.budgets))
-                for s in range(len(spec.sizes)) for v in range(len(spec.points()))]
+                for seed in range(spec.seeds) for s in range(len(spec.sizes)) for v in range(len(spec.points()))
+                for b in range(len(spec.budgets))]
 
     def trained_shapes(self, spec: ShapeScheduleSpec, base: Shape) -> dict[Loc, Shape]:
         return {("values", i, "sizes", j): spec.point_shape(base, i, mult)
@@ -299,6 +301,20 @@ class ShapeScheduleKind(GridKind[ResolvedShapeSchedule]):
                   "budget_index": len(spec.budgets)}
         return {name: IntDistribution(0, counts[name] - 1) for name in GRID_AXES}
 
+    def pack_size(self, spec: ResolvedShapeSchedule, data_root: Path | None) -> int:
+        """The spec's ``pack``; auto sizes it for the grid's costliest shape per training step (a pack holds one
+        shape and size: its members differ in budget and seed)."""
+        family, data = get_family(spec.model.family), dataset_spec(spec.dataset.name, spec.dataset.args, data_root)
+        points = [{"value_index": v, "size_index": s, "seed": 0, "budget_index": 0}
+                  for v in range(len(spec.points())) for s in range(len(spec.sizes))]
+        costliest = max(points, key=lambda p: family.train_flops_per_sample(trial_shape(spec, p), data,
+                                                                            spec.model.args))
+        return pack_of(spec.pack, self.trial_config(spec, costliest), data_root)
+
+    def is_planned(self, attempt: TrialAttempt) -> bool:
+        """Schedule runs, queued by POST /schedule/run once the grid has finished (so never beside grid points)."""
+        return is_schedule_run(attempt.params)
+
     def trial_config(self, spec: ResolvedShapeSchedule, params: dict[str, Any]) -> TrialConfig:
         """A WSD run with its own cooldown ending exactly at its budget, evaluated once at the end."""
         steps = spec.budgets[int(params["budget_index"])]
@@ -309,7 +325,7 @@ class ShapeScheduleKind(GridKind[ResolvedShapeSchedule]):
     def run_planned(self, spec: ResolvedShapeSchedule, attempt: TrialAttempt, settings: Settings,
                     record: Callable[[dict[str, Any]], bool]) -> TrainResult | None:
         """A schedule run (queued by POST /schedule/run) trains its planned phases; a grid point is a trial."""
-        return run_planned_schedule(spec, attempt, settings, record) if is_schedule_run(attempt.params) else None
+        return run_planned_schedule(spec, attempt, settings, record) if self.is_planned(attempt) else None
 
     def summary(self, session: Session, study: Study, spec: ResolvedShapeSchedule,
                 data_root: Path | None) -> dict[str, Any] | None:

@@ -85,6 +85,17 @@ def test_members_sharing_a_seed_share_batches_and_still_match() -> None:
         assert_same_run(p, a)
 
 
+def test_members_of_different_lengths_each_follow_their_own_budget() -> None:
+    """A shape-schedule grid packs one shape's budgets: each member its own WSD cooldown, evals and last step."""
+    cfg = config("mlp", "adamw", "mup")
+    cfgs = [replace(c, budget=replace(c.budget, steps=steps, eval_every=steps, schedule="wsd"))
+            for c, steps in zip(members(cfg) + [replace(members(cfg)[0], seed=5)], (3, 7, 5))]
+    packed, alone = run_pack(cfgs), [run_trial(c) for c in cfgs]
+    assert [p.steps for p in packed] == [3, 7, 5]
+    for p, a in zip(packed, alone):
+        assert_same_run(p, a)
+
+
 def test_a_diverged_member_leaves_and_the_others_go_on() -> None:
     cfgs = members(config("mlp", "sgd", "sp", steps=6))
     cfgs.insert(1, replace(cfgs[0], seed=2, hparams=HParams(lr=1e10)))
@@ -111,7 +122,7 @@ def test_a_pruned_member_stops_and_the_others_go_on() -> None:
 
 def test_a_pack_refuses_trials_that_are_not_the_same_configuration() -> None:
     cfg = config("mlp", "adamw", "mup")
-    with pytest.raises(ValueError, match="differ only in their hyperparameters and seed"):
+    with pytest.raises(ValueError, match="differ only in their hyperparameters, seed, steps"):
         run_pack([cfg, replace(cfg, shape=Shape(32, 2))])
     with pytest.raises(ValueError, match="2 trials but 1 callbacks"):
         run_pack([cfg, cfg], callbacks=[None])

@@ -12,6 +12,7 @@ from test_transfer_check_study import run_all
 
 import workers.trial_task
 from scaletune.adaptive import CHECKPOINT
+from scaletune.runner import prepare_trial
 from service.db import write_session
 from service.kinds import shape_schedule
 from service.kinds.shape_schedule import KIND as SCHEDULE
@@ -47,7 +48,9 @@ def ctx(migrated: Settings, session_factory: Any, sent: Any) -> WorkerContext:
 
 @pytest.fixture
 def finished_study(ctx: WorkerContext, storage: Any) -> str:
-    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(copy.deepcopy(SCHEDULE_SPEC)))
+    """Four grid points in flight, so each worker claim is a pack of one curve's four budgets."""
+    spec = copy.deepcopy(SCHEDULE_SPEC) | {"parallelism": 4}
+    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(spec))
     assert set(run_all(ctx, study.id)) == {"complete"}
     return study.id
 
@@ -58,6 +61,26 @@ def test_the_grid_is_shapes_x_sizes_x_seeds_x_budgets_each_a_wsd_run_to_its_budg
     config = SCHEDULE.trial_config(spec, {"value_index": 1, "size_index": 2, "seed": 1, "budget_index": 1})
     assert config.shape.width == 32 and config.shape.depth == 4  # the axis is width, so sizes grow depth
     assert config.budget.steps == 10 and config.budget.schedule == "wsd" and config.budget.eval_every == 10
+
+
+def test_a_packed_grid_trains_each_curve_as_one_pack(client: TestClient, finished_study: str) -> None:
+    """Four points in flight, four budgets: each pack is one curve (one shape, size and seed; each member its own
+    WSD run to its budget). That a member's losses equal its run alone is tests/core/test_packs.py's."""
+    spec = STUDY_SPEC.validate_python(SCHEDULE_SPEC | {"parallelism": 4})
+    assert SCHEDULE.pack_size(spec, None) >= 4
+    trials = client.get(f"/v1/studies/{finished_study}/trials").json()["items"]
+    packs: dict[str, list[dict[str, Any]]] = {}
+    for trial in trials:  # a pack's members are claimed, hence started, in one transaction
+        packs.setdefault(trial["started_at"], []).append(trial)
+    assert len(packs) == 4
+    for members in packs.values():
+        curves = {(t["params"]["value_index"], t["params"]["size_index"], t["params"]["seed"]) for t in members}
+        assert len(curves) == 1 and sorted(t["params"]["budget_index"] for t in members) == [0, 1, 2, 3]
+        for trial in members:  # each member trained its own budget's steps
+            config = SCHEDULE.trial_config(spec, trial["params"])
+            budget = config.budget
+            assert trial["flops"] == pytest.approx(
+                prepare_trial(config).flops_per_sample * budget.batch_size * budget.steps)
 
 
 @pytest.mark.parametrize(("change", "loc", "says"), [
