@@ -70,7 +70,8 @@ def _check_model(spec: TuneSpec, settings: Settings) -> list[SpecProblem]:
 def make_sampler(spec: Searched, n_existing_trials: int) -> optuna.samplers.BaseSampler:
     """Seeded from the spec, offset by how many trials exist, so parallel tasks do not replay one random stream.
 
-    QMC is the exception: it indexes its sequence by trial number, so the seed must stay the same.
+    QMC and grid are the exceptions: they index their sequence (QMC) or their seed-shuffled grid (grid) by trial
+    number, so the seed must stay the same; an offset seed reshuffled the grid per trial and handed out points twice.
     """
     base_seed = spec.sampler.seed
     seed = None if base_seed is None else (base_seed + 7919 * n_existing_trials) % 2**31
@@ -87,7 +88,7 @@ def make_sampler(spec: Searched, n_existing_trials: int) -> optuna.samplers.Base
             return optuna.samplers.RandomSampler(seed=seed)
         case "grid":
             grid = {name: param.grid() for name, param in spec.search_space.items()}
-            return optuna.samplers.GridSampler(grid, seed=seed)
+            return optuna.samplers.GridSampler(grid, seed=base_seed)
     raise AssertionError(spec.sampler.name)
 
 

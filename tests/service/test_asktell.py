@@ -283,6 +283,19 @@ def test_own_hyperparameters_are_checked_at_submission(client: TestClient, space
     assert any(tuple(error["loc"][1:1 + len(where)]) == where and message in error["msg"] for error in errors), errors
 
 
+def test_the_grid_sampler_hands_out_every_point_once(client: TestClient) -> None:
+    choices = [2.0 ** -7, 2.0 ** -6, 2.0 ** -5, 2.0 ** -4]
+    study_id = submit(client, search_space={"lr": {"type": "categorical", "choices": choices}},
+                      sampler={"name": "grid", "seed": 0}, n_trials=len(choices), parallelism=1)
+    handed_out = []
+    for _ in choices:
+        trial = ask_ok(client, study_id)
+        handed_out.append(trial["params"]["lr"])
+        tell_ok(client, study_id, trial["number"])
+    assert sorted(handed_out) == choices
+    assert client.post(f"/v1/studies/{study_id}/trials/ask", json={}).status_code == 409
+
+
 def test_the_lease_defaults_to_ten_minutes(client: TestClient) -> None:
     spec = {k: v for k, v in EXTERNAL.items() if k != "lease_seconds"}
     study_id = client.post("/v1/studies", json=spec).json()["id"]
