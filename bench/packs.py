@@ -8,6 +8,12 @@ order so machine load falls on all of them alike, and the table gives medians ov
 Trials per hour are given per CPU-hour of the process (robust to other jobs on the machine) and per wall hour.
 
     .venv/bin/python bench/packs.py [--quick] [--rounds N] [--device cpu|cuda]
+    .venv/bin/python bench/packs.py --last [--quick] [--rounds N]
+
+``--last``: when one member of a pack is left (the others pruned), is it cheaper to go on in the stack or to finish
+it on the plain loop (``scaletune.packs.train.FINISH_ALONE``)? Per case, packs of 8 whose members 2-8 are stopped at
+the first of five evals, so member 1 trains the last 80% of its steps alone; both arms in one process per round,
+the order alternating by round; CPU seconds per arm, and member 1's final losses compared between the arms.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 from common import markdown_table, single_thread, write_section
 
+import scaletune.packs.train as pack_training
 from scaletune.hparams import HParams
 from scaletune.packs import pack_size_for, run_pack
 from scaletune.models.size import count_params
@@ -35,6 +42,10 @@ SECTION = "Proxy packs: trials per hour vs pack size"
 TRIALS = 32
 PACK_SIZES = (1, 2, 4, 8, 16, 32)
 UNPACKED = 0  # the arm that runs run_trial per trial
+LAST_SECTION = "Proxy packs: the last member"
+LAST_PACK = 8
+LAST_EVALS = 5  # members 2..8 stop at the first eval, member 1 trains the other (LAST_EVALS - 1) / LAST_EVALS alone
+LAST_STEPS_FACTOR = 4  # longer runs than the throughput table's, so the stretch alone dominates each arm
 PYTEXT_ARGS: dict[str, Any] = {"seq_len": 32, "max_bytes": 2_000_000, "eval_windows": 128}
 
 
@@ -133,6 +144,82 @@ def measure_round(cfg: TrialConfig, arms: list[int], n: int) -> dict[int, dict[s
     return {pack: measure_arm(cfg, pack, n) for pack in arms}
 
 
+def last_member_config(cfg: TrialConfig) -> TrialConfig:
+    steps = cfg.budget.steps * LAST_STEPS_FACTOR
+    return replace(cfg, budget=replace(cfg.budget, steps=steps, eval_every=steps // LAST_EVALS))
+
+
+def stop(_point: Any) -> bool:
+    return True
+
+
+def measure_last_arm(cfg: TrialConfig, alone: bool, n: int) -> dict[str, Any]:
+    """n trials in packs of LAST_PACK whose members but the first stop at the first eval; CPU and wall seconds."""
+    pack_training.FINISH_ALONE = alone
+    cfgs, callbacks = trials(cfg, n), [None] + [stop] * (LAST_PACK - 1)
+    wall, cpu = time.perf_counter(), time.process_time()
+    results = [run_pack(cfgs[i : i + LAST_PACK], callbacks) for i in range(0, n, LAST_PACK)]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"wall": wall, "cpu": cpu, "last_losses": [pack[0].final_eval_loss for pack in results],
+            "completed": sum(pack[0].status == "completed" for pack in results)}
+
+
+def measure_last_round(cfg: TrialConfig, order: list[bool], n: int) -> dict[bool, dict[str, Any]]:
+    single_thread()
+    short = replace(cfg, budget=replace(cfg.budget, steps=2, eval_every=1))
+    for alone in (True, False):  # warm-up: imports, data, first kernels of both paths
+        pack_training.FINISH_ALONE = alone
+        run_pack(trials(short, 2), [None, stop])
+    return {alone: measure_last_arm(cfg, alone, n) for alone in order}
+
+
+def run_last(opts: argparse.Namespace) -> None:
+    """The --last comparison: finish the last member alone or in the stack; writes its own docs section."""
+    n = LAST_PACK if opts.quick else 4 * LAST_PACK
+    all_cases = [Case(c.name, last_member_config(c.cfg)) for c in cases(opts.quick, "cpu")]
+    started = time.perf_counter()
+    results: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    context = multiprocessing.get_context("spawn")
+    for r in range(opts.rounds):
+        for case in all_cases:
+            order = [False, True] if r % 2 == 0 else [True, False]
+            with context.Pool(1) as pool:
+                outcome = pool.apply(measure_last_round, (case.cfg, order, n))
+            for alone, measured in outcome.items():
+                results.setdefault((case.name, alone), []).append(measured)
+                print(f"round {r + 1} {case.name} {'alone' if alone else 'stack'}: {measured}", flush=True)
+    rows = []
+    for case in all_cases:
+        stack, alone = results[(case.name, False)], results[(case.name, True)]
+        diffs = [abs(a - b) / abs(b) for s_run, a_run in zip(stack, alone)
+                 for a, b in zip(a_run["last_losses"], s_run["last_losses"])]
+        budget = case.cfg.budget
+        rows.append([case.name, f"{budget.steps} ({budget.steps - budget.eval_every} alone)",
+                     median_range([r["cpu"] for r in stack], ".2f"), median_range([r["cpu"] for r in alone], ".2f"),
+                     f"{statistics.median(r['cpu'] for r in stack) / statistics.median(r['cpu'] for r in alone):.2f}x",
+                     f"{max(diffs):.1e}", f"{min(r['completed'] for r in stack + alone)}/{n // LAST_PACK}"])
+    table = markdown_table(["case", "steps (of which member 1 alone)", "CPU s, last member in the stack",
+                            "CPU s, last member on the plain loop", "stack / plain loop",
+                            "member 1's final loss, max relative difference", "member 1 completed"], rows)
+    load = os.getloadavg()
+    body = f"""Command: `.venv/bin/python bench/packs.py --last{' --quick' if opts.quick else ''} --rounds {opts.rounds}` ({(time.perf_counter() - started) / 60:.1f} min wall, {time.strftime('%Y-%m-%d')}).
+Protocol (fixed before the run): per case {n} trials (the throughput table's learning rates and seeds, {LAST_STEPS_FACTOR}x its
+steps, {LAST_EVALS} evals) in packs of {LAST_PACK}; the callbacks of members 2-{LAST_PACK} stop them at the first eval, so
+member 1 trains the remaining {LAST_EVALS - 1}/{LAST_EVALS} of its steps as the pack's only member. Arm "stack": it goes on
+as a stack of one (vmap); arm "plain loop": it leaves the stack with its parameters, buffers and optimizer state and
+finishes on the core training loop (`FINISH_ALONE`, the code's default). Both arms of a case run in one fresh
+spawned process per round with one torch thread, after a warm-up, in alternating order; {opts.rounds} rounds; medians
+(min-max) of each arm's CPU seconds (all its packs, build and evals included). Load average (1/5/15 min) at the
+end: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} on 2 cores shared with other jobs (CPU seconds are less affected
+than wall time, not immune).
+
+{table}
+"""
+    print(body)
+    if not opts.quick:
+        write_section(LAST_SECTION, body)
+
+
 def median_range(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
@@ -185,7 +272,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; prints, leaves docs untouched")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of all arms (default 2)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--last", action="store_true", help="the last member: in the stack or on the plain loop")
     opts = parser.parse_args()
+    if opts.last:
+        run_last(opts)
+        return
     n = 8 if opts.quick else TRIALS
     sizes = tuple(k for k in PACK_SIZES if k <= n)
     all_cases = cases(opts.quick, opts.device)

@@ -64,6 +64,15 @@ class PackOptimizer(ABC):
         self.group = {n: t[index] for n, t in self.group.items()}
         self.state = {n: t[index] for n, t in self.state.items()}
 
+    @abstractmethod
+    def state_of(self, pos: int) -> dict[str, dict[str, torch.Tensor]]:
+        """The member at ``pos``'s state as torch.optim keeps it per parameter: {parameter name: state}."""
+
+    def export(self, pos: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Give ``optimizer`` (over ``model``'s parameters) the state of the member at ``pos``."""
+        for name, state in self.state_of(pos).items():
+            optimizer.state[model.get_parameter(name)] = state
+
 
 class PackAdamW(PackOptimizer):
     def initial_state(self, hparams: list[HParams]) -> dict[str, torch.Tensor]:
@@ -81,6 +90,12 @@ class PackAdamW(PackOptimizer):
         denom = (s["exp_avg_sq"].sqrt() / ((1 - s["beta2"] ** self.steps) ** 0.5).to(dtype)).add_(s["eps"])
         param.addcdiv_(s["exp_avg"] * step_size, denom)
 
+    def state_of(self, pos: int) -> dict[str, dict[str, torch.Tensor]]:
+        split = self.packed.split
+        avg, avg_sq = split(self.state["exp_avg"][pos].clone()), split(self.state["exp_avg_sq"][pos].clone())
+        return {name: {"step": torch.tensor(float(self.steps)), "exp_avg": avg[name], "exp_avg_sq": avg_sq[name]}
+                for name in avg}
+
 
 class PackSGD(PackOptimizer):
     def initial_state(self, hparams: list[HParams]) -> dict[str, torch.Tensor]:
@@ -95,6 +110,12 @@ class PackSGD(PackOptimizer):
         else:
             s["buffer"] = grad.clone()
         param.add_(self.packed.expand(-lr) * s["buffer"])
+
+    def state_of(self, pos: int) -> dict[str, dict[str, torch.Tensor]]:
+        if "buffer" not in self.state or float(self.state["momentum"][pos]) == 0.0:  # torch keeps no buffer then
+            return {}
+        return {name: {"momentum_buffer": buffer}
+                for name, buffer in self.packed.split(self.state["buffer"][pos].clone()).items()}
 
 
 PACK_OPTIMIZERS: dict[str, type[PackOptimizer]] = {"adamw": PackAdamW, "sgd": PackSGD}

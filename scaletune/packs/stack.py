@@ -6,6 +6,7 @@ its own forward multipliers, which become per-member 0-dim tensors inside the vm
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -45,7 +46,7 @@ class PackedModel:
         names = _multiplier_names(models[0])
         self.multipliers = {n: torch.tensor([float(_get(m, n)) for m in models], device=self.flat.device)
                             for n in names}
-        self.template = models[0].to("meta")
+        self.template = copy.deepcopy(models[0]).to("meta")  # the members' own models stay usable on their own
         for n in names:  # functional_call swaps tensors only: the template holds a tensor where members hold a float
             _set(self.template, n, torch.zeros((), device="meta"))
 
@@ -69,6 +70,19 @@ class PackedModel:
         """(K, P) -> (K, N) in the parameters' dtype, each value repeated over its parameter's elements."""
         sizes = torch.tensor(self.sizes, device=self.flat.device)
         return per_parameter.to(self.flat.dtype).repeat_interleave(sizes, dim=1)
+
+    def split(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One member's (N,) row of a flat tensor as one tensor per parameter, by name, in its shape."""
+        return {name: part.view(shape) for name, shape, part in zip(self.names, self.shapes,
+                                                                     torch.split(row, self.sizes))}
+
+    def unstack_into(self, pos: int, model: nn.Module) -> None:
+        """Copy the member at stack position ``pos`` (parameters and buffers) into its own ``model``."""
+        with torch.no_grad():
+            for name, value in self.split(self.flat[pos]).items():
+                model.get_parameter(name).copy_(value)
+            for name, buffer in self.buffers.items():
+                model.get_buffer(name).copy_(buffer[pos])
 
     def take_grad(self) -> torch.Tensor:
         """The gradient of every member as one (K, N) tensor; the leaves' gradients are cleared."""

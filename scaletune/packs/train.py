@@ -5,6 +5,8 @@ once (its rows are dropped from parameters, optimizer state and settings), so th
 members still training. Members may differ in length (steps, eval cadence; a shape-schedule grid's budgets): each
 follows its own LR schedule and ends at its own last step. An eval evaluates the whole stack and records the
 points of the members due one (a forward pass over the others is cheaper than splitting the stack).
+The last member left finishes on the core training loop (``Loop``) with its state: a stack of one costs more per
+step than the plain model (docs/benchmarks.md, "Proxy packs: the last member"; measured by bench/packs.py --last).
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from torch import nn
 from scaletune.clipping import RelativeClipper
 from scaletune.data.base import Dataset
 from scaletune.hparams import HParams
-from scaletune.packs.optim import make_pack_optimizer, settings_by_name
+from scaletune.packs.optim import PackOptimizer, make_pack_optimizer, settings_by_name
 from scaletune.packs.stack import PackedModel
+from scaletune.parametrize import make_optimizer
 from scaletune.train import (
-    Budget, Callback, Progress, Status, TrainResult, _autocast, _to_device, loss_fn, lr_factor, resolve_device,
+    Budget, Callback, Loop, Progress, Status, TrainResult, _autocast, _to_device, loss_fn, lr_factor, resolve_device,
 )
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+FINISH_ALONE = True  # the last member finishes on the plain loop (False: in the stack; bench/packs.py --last)
 
 
 @dataclass
@@ -67,6 +71,10 @@ class _Members:
 
     def end(self, i: int, status: Status, seconds: float) -> None:
         self.status[i], self.seconds[i] = status, seconds
+
+    def stream(self, i: int) -> Iterator[Batch]:
+        """Member ``i``'s data stream where the pack left it (the shared one once ``i`` is the last member)."""
+        return self.streams[0 if self.shared_data else i]
 
 
 def _pack_eval_losses(packed: PackedModel, dataset: Dataset, budget: Budget, device: torch.device) -> list[float]:
@@ -121,6 +129,10 @@ def train_pack(members: list[PackMember], dataset: Dataset, optimizer: str, *,
     for step in range(max(m.budget.steps for m in members)):
         if not state.active:
             break
+        if len(state.active) == 1 and FINISH_ALONE:
+            status = _finish_alone(state, packed, opt, optimizer, dataset, dev, flops_per_step)
+            state.end(state.active.pop(), status, time.perf_counter() - started)
+            break
         factors = torch.tensor([lr_factor(step, members[i].budget, members[i].hparams.warmup_frac)
                                 for i in state.active],
                                dtype=torch.float64)
@@ -158,6 +170,19 @@ def train_pack(members: list[PackMember], dataset: Dataset, optimizer: str, *,
                 leaving[pos] = "completed"
         drop(leaving)
     return [p.result(s, seconds, dev) for p, s, seconds in zip(state.progress, state.status, state.seconds)]
+
+
+def _finish_alone(state: _Members, packed: PackedModel, opt: PackOptimizer, optimizer: str, dataset: Dataset,
+                  device: torch.device, flops_per_step: float) -> Status:
+    """Train the pack's only member on to its end as a plain model with a torch optimizer, from its state."""
+    i = state.active[0]
+    member = state.members[i]
+    packed.unstack_into(0, member.model)
+    alone = make_optimizer(member.param_groups, optimizer, member.hparams)
+    opt.export(0, member.model, alone)
+    loop = Loop(dataset, member.budget, member.hparams.warmup_frac, device, member.callback)
+    return loop.run(member.model, alone, state.stream(i), state.progress[i], member.budget.steps,
+                    flops_per_step=flops_per_step, clip=member.clip)
 
 
 def _clip_members(grad: torch.Tensor, clips: list[RelativeClipper | None]) -> None:

@@ -105,8 +105,10 @@ def test_a_diverged_member_leaves_and_the_others_go_on() -> None:
         assert_same_run(p, a)
 
 
-def test_a_pruned_member_stops_and_the_others_go_on() -> None:
-    cfgs = members(config("gpt", "adamw", "completep", steps=6))
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_pruned_member_stops_and_the_last_one_finishes_alone_as_it_would_have(optimizer: str) -> None:
+    """The last member leaves the stack for the plain loop with its parameters and optimizer state."""
+    cfgs = members(config("gpt", optimizer, "completep", steps=6))
     seen: list[int] = []
 
     def prune_at_2(point) -> bool:
