@@ -1,10 +1,10 @@
 """API latency under load: a fresh PostgreSQL database with 1k studies (one with 10k trials), uvicorn on loopback.
 
-    .venv/bin/python bench/api_load.py [--quick] [--concurrency 1,4] [--requests 1000] [--seconds 20]
+    .venv/bin/python bench/api_load.py [--quick] [--concurrency 1,4] [--requests 1000] [--seconds 20] [--processes 1]
     .venv/bin/python bench/api_load.py --asktell [--quick] [--agents 256] [--trials 512] [--reports 4]
 
-Rows are bulk-inserted (no workers). The API runs as its own process (one uvicorn worker); the load
-comes from another process: for each level in ``concurrency``, that many closed-loop clients per
+Rows are bulk-inserted (no workers). The API runs as its own uvicorn server (``--processes`` worker processes;
+its memory, summed over them, is measured after the load); the load comes from another process: for each level in ``concurrency``, that many closed-loop clients per
 endpoint, each run bounded by a request count and a time limit. Writes p50/p99 and requests/s per endpoint to docs/benchmarks.md.
 
 ``--asktell``: simulated agents (asyncio, no training) serve one external study: ask, ``reports`` reports of
@@ -19,6 +19,7 @@ import asyncio
 import multiprocessing
 import random
 import os
+import re
 import secrets
 import socket
 import statistics
@@ -115,14 +116,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_api(url: str, port: int, home: str, **settings: str) -> subprocess.Popen[bytes]:
-    """``settings``: more SCALETUNE_* variables for the API process, by name without the prefix."""
+def start_api(url: str, port: int, home: str, processes: int = 1, **settings: str) -> subprocess.Popen[bytes]:
+    """``processes``: uvicorn worker processes; ``settings``: more SCALETUNE_* variables for the API, by name without
+    the prefix."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SCALETUNE_")},
            "SCALETUNE_DATABASE_URL": url, "SCALETUNE_HOME": home, "SCALETUNE_AUTH_DISABLED": "true",
            **{f"SCALETUNE_{key}": value for key, value in settings.items()}}
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app",
                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                            "--timeout-keep-alive", str(KEEP_ALIVE_S)], env=env)
+                            "--timeout-keep-alive", str(KEEP_ALIVE_S), "--workers", str(processes)], env=env)
     deadline = time.monotonic() + API_START_S
     while time.monotonic() < deadline:
         try:
@@ -132,6 +134,18 @@ def start_api(url: str, port: int, home: str, **settings: str) -> subprocess.Pop
             time.sleep(0.2)
     api.kill()
     raise RuntimeError(f"the API did not start within {API_START_S} s")
+
+
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(PSS, RSS) in MiB of a process and its children (PSS shares each page among the processes mapping it)."""
+    pids = [pid, *(int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                          text=True).stdout.split())]
+    pss = rss = 0
+    for each in pids:
+        with open(f"/proc/{each}/smaps_rollup") as f:
+            fields = {line.split()[0]: int(line.split()[1]) for line in f if line.split()[0] in ("Pss:", "Rss:")}
+        pss, rss = pss + fields["Pss:"], rss + fields["Rss:"]
+    return pss / 1024, rss / 1024
 
 
 def _hammer(base: str, path: str, n_requests: int, seconds: float, concurrency: int) -> dict[str, Any]:
@@ -181,14 +195,17 @@ def drive(base: str, endpoints: dict[str, str], n_requests: int, seconds: float,
 def report(results: dict[tuple[str, int], dict[str, Any]], endpoints: dict[str, str],
            args: argparse.Namespace) -> str:
     big = endpoints["detail"].rsplit("/", 1)[1]
-    rows = [[name, f"`{endpoints[name].replace(big, '{big}')}`", clients, r["requests"], r["errors"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['rps']:.0f}",
+    rows = [[name, f"`{re.sub('cursor=[^&]+', 'cursor={cursor}', endpoints[name].replace(big, '{big}'))}`", clients, r["requests"], r["errors"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['rps']:.0f}",
              "yes" if r["p99_ms"] < TARGET_P99_MS else "**no**"] for (name, clients), r in results.items()]
     table = markdown_table(["endpoint", "request", "clients", "requests", "errors", "p50 ms", "p99 ms", "req/s",
                             f"p99 < {TARGET_P99_MS:.0f} ms"], rows)
-    return (f"`.venv/bin/python bench/api_load.py{' --quick' if args.quick else ''}` on {os.cpu_count()} CPU "
-            f"cores (shared), {datetime.now(UTC):%Y-%m-%d}. A fresh PostgreSQL database holds {args.studies:,} "
-            f"studies, one of them with {args.trials:,} trials of {EVALS_PER_TRIAL} eval points each (bulk "
-            "insert). The API is one uvicorn process on loopback; the load comes from a separate process: "
+    return (f"`.venv/bin/python bench/api_load.py{' --quick' if args.quick else ''} --processes {args.processes}` on "
+            f"{os.cpu_count()} CPU cores (shared), {datetime.now(UTC):%Y-%m-%d}. A fresh PostgreSQL database holds "
+            f"{args.studies:,} studies, one of them with {args.trials:,} trials of {EVALS_PER_TRIAL} eval points each "
+            f"(bulk insert). The API is uvicorn with {args.processes} worker process(es) on loopback; its memory after "
+            f"the load, summed over its processes: PSS {args.memory[0]:.0f} MiB (RSS {args.memory[1]:.0f} MiB). The "
+            "cursor page is the page after offset "
+            f"{args.deep - 100:,} reached by the next_cursor that page hands out. The load comes from a separate process: "
             f"{args.concurrency.replace(',', ' and ')} closed-loop clients per endpoint, at most {args.requests:,} requests or "
             f"{args.seconds:.0f} s per endpoint, after a short warm-up. Auth disabled (a token check adds one "
             "primary-key lookup per request). Other work shares the 2 cores, so the p99 column carries their "
@@ -322,6 +339,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="at most this many requests per run")
     parser.add_argument("--seconds", type=float, default=20.0, help="at most this long per run")
     parser.add_argument("--no-docs", action="store_true", help="print the table instead of writing docs")
+    parser.add_argument("--processes", type=int, default=1, help="uvicorn worker processes serving the API")
     parser.add_argument("--asktell", action="store_true", help="the ask/tell run instead (simulated agents)")
     parser.add_argument("--agents", type=int, default=256, help="ask/tell: simulated agents (and parallelism)")
     parser.add_argument("--trials", type=int, default=512, help="ask/tell: n_trials of the external study")
@@ -345,12 +363,15 @@ def main() -> None:
         upgrade_database(url)
         big = seed(url, args.studies, args.trials)
         port = free_port()
-        api = start_api(url, port, home=f"/tmp/{name}")
+        api = start_api(url, port, home=f"/tmp/{name}", processes=args.processes)
         try:
-            deep = (args.trials // 100 - 1) * 100
+            deep = args.deep = (args.trials // 100 - 1) * 100
+            cursor = httpx.get(f"http://127.0.0.1:{port}/v1/studies/{big}/trials",
+                               params={"limit": 100, "offset": deep - 100}).raise_for_status().json()["next_cursor"]
             endpoints = {"list": "/v1/studies?limit=50", "detail": f"/v1/studies/{big}",
                          "trials page 1": f"/v1/studies/{big}/trials?limit=100",
-                         f"trials deep page (offset {deep:,})": f"/v1/studies/{big}/trials?limit=100&offset={deep}"}
+                         f"trials deep page (offset {deep:,})": f"/v1/studies/{big}/trials?limit=100&offset={deep}",
+                         f"trials deep page (cursor to row {deep:,})": f"/v1/studies/{big}/trials?limit=100&cursor={cursor}"}
             with multiprocessing.Manager() as manager:
                 results = manager.dict()
                 load = multiprocessing.get_context("spawn").Process(
@@ -360,13 +381,14 @@ def main() -> None:
                 load.join()
                 measured = {(name, clients): dict(results[(name, clients)]) for name in endpoints
                             for clients in levels}
+            args.memory = memory_mib(api.pid)
         finally:
             api.terminate()
             api.wait(timeout=30)
     body = report(measured, endpoints, args)
     print(body)
     if not args.no_docs:
-        write_section(SECTION, body)
+        write_section(SECTION if args.processes == 1 else f"{SECTION}, {args.processes} API processes", body)
 
 
 if __name__ == "__main__":
