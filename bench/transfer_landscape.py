@@ -133,28 +133,30 @@ def hparam_base_ladders(quick: bool) -> list[tuple[Ladder, float]]:
     """(LR ladder, the LR it holds for other sweeps): mup along 16x width, completep along 8x depth, 3 seeds.
 
     Budgets are shorter than the LR study's (2 shared CPU cores; ~800 runs): the question is whether each
-    value's optimum moves with size at a fixed budget, not the best loss. Reduced again before the first full run:
-    gpt-width trains 40 steps, not 80 (its w256 runs were ~70% of the study's compute, and with four other jobs
-    on the 2 cores the study would not have finished in the hour it had).
+    value's optimum moves with size at a fixed budget, not the best loss. Reduced again before the first full
+    results (two starts were stopped unfinished when the shared 2-core machine's load rose to ~12): the mlp
+    ladders train 80 steps (was 150), gpt-depth 40 (was 60), and gpt-width 40 steps (was 80) on widths 8, 32, 128
+    (still 16x; w256 runs were ~70% of the study's compute).
     """
     widths = (16, 64) if quick else (16, 64, 256)
+    gpt_widths = (16, 64) if quick else (8, 32, 128)
     depths = (2, 4) if quick else (2, 4, 16)
     seeds = (0, 1, 2)
 
-    def steps(n: int) -> Budget:
-        return Budget(steps=20 if quick else n, batch_size=32 if n >= 150 else 8, eval_every=10_000)
+    def steps(n: int, mlp: bool = False) -> Budget:
+        return Budget(steps=20 if quick else n, batch_size=32 if mlp else 8, eval_every=10_000)
 
     return [
         (Ladder(family="mlp", args={}, dataset="teacher", dataset_args={}, axis="width",
-                shapes=tuple(Shape(w, 2) for w in widths), parametrizations=("mup",), budget=steps(150),
+                shapes=tuple(Shape(w, 2) for w in widths), parametrizations=("mup",), budget=steps(80, mlp=True),
                 seeds=seeds, start_log2=-4.0, start_halfwidth=1), -4.0),
         (Ladder(family="mlp", args={}, dataset="teacher", dataset_args={"classes": 100, "teacher_width": 256},
                 axis="depth", shapes=tuple(Shape(32, d) for d in depths), parametrizations=("completep",),
-                budget=steps(150), seeds=seeds, start_log2=-5.0, start_halfwidth=1), -5.0),
-        (Ladder(**GPT_DATA, axis="width", shapes=tuple(Shape(w, 2) for w in widths), parametrizations=("mup",),
+                budget=steps(80, mlp=True), seeds=seeds, start_log2=-5.0, start_halfwidth=1), -5.0),
+        (Ladder(**GPT_DATA, axis="width", shapes=tuple(Shape(w, 2) for w in gpt_widths), parametrizations=("mup",),
                 budget=steps(40), seeds=seeds, start_log2=-4.5, start_halfwidth=1), -4.5),
         (Ladder(**GPT_DATA, axis="depth", shapes=tuple(Shape(32, d) for d in depths),
-                parametrizations=("completep",), budget=steps(60), seeds=seeds, start_log2=-6.0,
+                parametrizations=("completep",), budget=steps(40), seeds=seeds, start_log2=-6.0,
                 start_halfwidth=1), -6.0),
     ]
 
