@@ -119,9 +119,12 @@ def multilayer_depth_warning(classification: Classification, parametrization: st
     if alpha != MEASURED_DRIFTING_ALPHA or layers < 2:
         return None
     return (f"'{parametrization}' scales residual branches by depth^-1/2, but this model's blocks have {layers} "
-            "layers: with two-layer blocks the optimal LR drifted upward in every measurement (+0.56 octave on "
-            "mlp, +0.60 on gpt over depth 2 -> 16; docs/benchmarks.md, transfer landscape), where TP6 warns "
-            "alpha = 1/2 has no clean limit. Use 'completep' (alpha = 1), which held there (-0.25, +0.22)")
+            "layers: with two-layer blocks the optimal LR drifted upward in every mlp and gpt measurement (+0.56 "
+            "octave on mlp, +0.60 on gpt over depth 2 -> 16; docs/benchmarks.md, transfer landscape), where TP6 "
+            "warns alpha = 1/2 has no clean limit, and 'completep' (alpha = 1) held there (-0.25, +0.22). On the "
+            "resnet family (BatchNorm conv blocks, 40-step budgets) the reverse was measured: alpha = 1/2 held with "
+            "SGD (-0.32) and completep drifted (-0.77; docs/benchmarks.md, depthwise transfer on ResNets). Prefer "
+            "'completep' for mlp- and transformer-like blocks, and check either with a transfer_check study")
 
 
 def parametrization_warnings(family: str, data_spec: DataSpec, args: dict[str, Any], base: Shape,
