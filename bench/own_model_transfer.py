@@ -1,52 +1,71 @@
 """Bring your own model: does the optimal LR of a Hugging Face GPT-2 hold across width and depth with the preset?
 
 The model is `transformers`' GPT2LMHeadModel built from a GPT2Config (no weights), 4 heads at every width
-(so the head dimension grows 16 -> 128 and the preset's 1/d logit scale matters), trained on pytext by
-scaletune's own training loop; scaletune finds the preset by the model's class and parametrizes it through
-``build_model``. Width ladder 64 -> 256 at depth 2 (SP and CompleteP, which at fixed depth is muP) and depth
-ladder 2 -> 8 at width 64 (CompleteP), all from base shape 64 x 2. (Width 512 was the goal; its sweeps cost
-~25 CPU-minutes, more than the shared 2-core machine gave this run.) Per (parametrization, size) an adaptive
-log2-LR sweep: 1-octave steps around a common start, extended while the minimum sits at an edge, then the
-half-octave neighbours of the minimum; the optimum is the transfer check's parabola. Then a width
-coordinate check of the same model (CompleteP, widths 64..512). Trials run in-process (the `scaletune agent`
-path had not landed when this was written). Writes its section of docs/benchmarks.md and plots to docs/img/.
+(so the head dimension grows 16 -> 128 and the preset's 1/d logit scale matters), on pytext. Every training run
+is a trial of an external study served by a real `scaletune api` (its own process, a fresh PostgreSQL database),
+taken as a user's code takes it: `scaletune.Client.ask`, `Trial.build` (the study's proxy shape, parametrization
+and the trial's LR; scaletune finds the preset by the model's class), scaletune's training loop, `Trial.tell`;
+the landscape is read back from the trials the service recorded. Width ladder 64 -> 512 at depth 2 (SP and
+CompleteP, which at fixed depth is muP) and depth ladder 2 -> 8 at width 64 (CompleteP), all from base shape
+64 x 2. Per (parametrization, size) an adaptive log2-LR sweep, each round one study whose grid sampler hands out
+that round's LRs: 1-octave steps around a start, extended while the minimum sits at an edge, then the
+half-octave neighbours of the minimum; the optimum is the transfer check's parabola. Then a width coordinate
+check of the same model (CompleteP, widths 64..512), in-process as `scaletune coord-check --factory` runs it.
+Writes its section of docs/benchmarks.md and plots to docs/img/; ``--quick`` checks the pipeline at small size.
 
-    .venv/bin/python bench/own_model_transfer.py
+    .venv/bin/python bench/own_model_transfer.py [--quick]
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import os
 import time
+from dataclasses import dataclass
 
+from api_load import free_port, fresh_database, start_api  # also puts the checkout on sys.path
 from common import IMG, PARAM_OPTIONS, make_pool, markdown_table, single_thread, write_section
 
+from scaletune.client import Client, Conflict
 from scaletune.coord_check import FLAT_SLOPE, coord_check_factory
 from scaletune.data.base import Dataset
 from scaletune.data.registry import dataset_spec, get_dataset
 from scaletune.hparams import HParams
-from scaletune.parametrize import ParamOptions, build_model
 from scaletune.shapes import Shape
 from scaletune.train import Budget, train
 from scaletune.transfer_check import TransferCheckResult, TrialRecord, analyse, draw
+from scaletune.trial import Trial
+from service.db import upgrade_database
 
 SECTION = "Own model: Hugging Face GPT-2 through the preset"
 SEQ_LEN, HEADS = 32, 4
 DATA_ARGS = {"seq_len": SEQ_LEN, "max_bytes": 2_000_000, "eval_windows": 256}
-BUDGET = Budget(steps=60, batch_size=8, eval_every=10_000)
 WARMUP_FRAC = 0.05
-SEEDS = (0,)
 START_LOG2_LR, START_HALFWIDTH, MAX_EXTENSIONS = -6.0, 1, 4
 BASE = Shape(64, 2)
-LADDERS: dict[str, dict[str, tuple[Shape, ...]]] = {
-    "width": {"sp": (BASE, Shape(256, 2)), "completep": (BASE, Shape(256, 2))},
-    "depth": {"completep": (BASE, Shape(64, 8))},
-}
 TARGETS = {("width", "sp"): "drift >= 1.5", ("width", "completep"): "drift <= 0.5",
            ("depth", "completep"): "drift <= 0.5"}
-COORD_WIDTHS, COORD_SEEDS, COORD_STEPS = [64, 128, 256, 512], 3, 4
+COORD_SEEDS, COORD_STEPS = 3, 4
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What one run measures: the ladders, the training budget and the coordinate check's widths."""
+
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    budget: Budget
+
+    def ladders(self) -> dict[str, dict[str, tuple[Shape, ...]]]:
+        width = tuple(Shape(w, BASE.depth) for w in self.widths)
+        return {"width": {"sp": width, "completep": width},
+                "depth": {"completep": tuple(Shape(BASE.width, d) for d in self.depths)}}
+
+
+FULL = Protocol((64, 256, 512), (2, 8), Budget(steps=40, batch_size=8, eval_every=10_000))
+QUICK = Protocol((64, 128), (2, 4), Budget(steps=4, batch_size=8, eval_every=10_000))
 
 
 def gpt2(width: int, depth: int):  # noqa: ANN201 - transformers is a dev dependency, imported on use
@@ -63,43 +82,70 @@ def pytext() -> Dataset:
     return get_dataset("pytext", DATA_ARGS)
 
 
-def run_trial(task: tuple[str, Shape, float, int]) -> float | None:
-    """Final eval loss of one run, None when it diverged."""
-    parametrization, shape, log2_lr, seed = task
-    hp = HParams(lr=2.0 ** log2_lr, warmup_frac=WARMUP_FRAC)
-    built = build_model(gpt2, BASE, shape, parametrization, hp, "adamw", ParamOptions.from_dict(PARAM_OPTIONS))
-    result = train(built.model, built.param_groups, pytext(), BUDGET, hp, "adamw",
-                   flops_per_sample=0.0, seed=seed)
-    return result.final_eval_loss if result.status == "completed" else None
+def start_of(parametrization: str, shape: Shape) -> float:
+    """Where a sweep starts: SP's Adam optimum is expected to fall as 1/width, so its sweeps start that far down
+    (saves the extension rounds, not the outcome: a sweep still extends until its minimum is inside)."""
+    return START_LOG2_LR - (math.log2(shape.width / BASE.width) if parametrization == "sp" else 0.0)
 
 
-def sweep(key: tuple[str, Shape]) -> list[tuple[float, int, float | None]]:
-    """Adaptive log2-LR sweep of one (parametrization, size): [(log2 lr, seed, loss)]."""
-    parametrization, shape = key
-    done: dict[float, list[float | None]] = {}
+def run_trial(trial: Trial, budget: Budget) -> None:
+    """One asked trial, as a user's script runs it: build through the study, train, tell the final eval loss."""
+    with trial:
+        built = trial.build(gpt2)
+        hp = HParams(lr=trial.params["lr"], warmup_frac=WARMUP_FRAC)
+        result = train(built.model, built.param_groups, pytext(), budget, hp, "adamw", flops_per_sample=0.0, seed=0)
+        trial.tell(result.final_eval_loss if result.status == "completed" else math.nan)  # NaN: recorded diverged
 
-    def mean(x: float) -> float:
-        losses = done[x]
-        return math.inf if any(v is None for v in losses) else sum(losses) / len(losses)  # type: ignore[misc]
 
-    def run(xs: list[float]) -> None:
-        for x in xs:
-            if x not in done:
-                done[x] = [run_trial((parametrization, shape, x, s)) for s in SEEDS]
-
-    run([START_LOG2_LR + k for k in range(-START_HALFWIDTH, START_HALFWIDTH + 1)])
-    for _ in range(MAX_EXTENSIONS):
-        grid = sorted(done)
-        best = min(grid, key=mean)
-        if best == grid[0]:
-            run([grid[0] - 1.0])
-        elif best == grid[-1]:
-            run([grid[-1] + 1.0])
-        else:
+def run_round(client: Client, parametrization: str, shape: Shape, xs: list[float], budget: Budget
+              ) -> dict[float, float | None]:
+    """One study whose grid is these log2 LRs, drained by asking; {log2 lr: loss recorded, None if diverged}."""
+    spec = {"name": f"own-gpt2-{parametrization}-w{shape.width}-d{shape.depth}", "kind": "external",
+            "search_space": {"lr": {"type": "categorical", "choices": [2.0 ** x for x in xs]}},
+            "objective": {"direction": "minimize"}, "n_trials": len(xs), "parallelism": 1,
+            "sampler": {"name": "grid", "seed": 0}, "pruner": {"name": "none"},
+            "parametrization": parametrization, "optimizer": "adamw", "parametrization_options": PARAM_OPTIONS,
+            "model": {"base": BASE.to_dict(), "proxy": shape.to_dict()}}
+    study_id = client.submit(spec).id
+    while True:
+        try:
+            trial = client.ask(study_id)
+        except Conflict:  # nothing left to ask: every grid point told
             break
-    best = min(done, key=mean)
-    run([best - 0.5, best + 0.5])
-    return [(x, s, loss) for x, losses in sorted(done.items()) for s, loss in zip(SEEDS, losses)]
+        run_trial(trial, budget)
+    recorded = client.trials(study_id, limit=len(xs)).items
+    return {round(math.log2(t.params["lr"]), 6): t.value if t.state == "complete" else None
+            for t in recorded if t.params is not None}
+
+
+def sweep(task: tuple[str, str, Shape, Budget]) -> list[tuple[float, float | None]]:
+    """Adaptive log2-LR sweep of one (parametrization, size) through the service: [(log2 lr, loss)]."""
+    url, parametrization, shape, budget = task
+    done: dict[float, float | None] = {}
+
+    def loss(x: float) -> float:
+        value = done[x]
+        return math.inf if value is None else value
+
+    with Client(url, retries=8) as client:
+        def run(xs: list[float]) -> None:
+            if new := [x for x in xs if x not in done]:
+                done.update(run_round(client, parametrization, shape, new, budget))
+
+        start = start_of(parametrization, shape)
+        run([start + k for k in range(-START_HALFWIDTH, START_HALFWIDTH + 1)])
+        for _ in range(MAX_EXTENSIONS):
+            grid = sorted(done)
+            best = min(grid, key=loss)
+            if best == grid[0]:
+                run([grid[0] - 1.0])
+            elif best == grid[-1]:
+                run([grid[-1] + 1.0])
+            else:
+                break
+        best = min(done, key=loss)
+        run([best - 0.5, best + 0.5])
+    return sorted(done.items())
 
 
 def label(axis: str, shape: Shape) -> str:
@@ -115,27 +161,20 @@ def target_met(target: str, result: TransferCheckResult) -> str:
     return f"{target}: {'met' if met else 'NOT met'}"
 
 
-def main() -> None:
-    started, load = time.perf_counter(), os.getloadavg()[0]
-    keys = sorted({(pz, shape) for ladder in LADDERS.values() for pz, shapes in ladder.items() for shape in shapes
-                   if not (pz == "sp" and shape == BASE)}, key=lambda k: -k[1].width ** 2 * k[1].depth)
-    with make_pool() as pool:  # mup/completep at the base shape is SP exactly (PARAM_OPTIONS), so it runs once
-        swept = dict(zip(keys, pool.map(sweep, keys, chunksize=1)))
-    sweep_wall = time.perf_counter() - started
-    swept[("sp", BASE)] = swept[("completep", BASE)]
-    runs = sum(len(v) for k, v in swept.items() if k != ("sp", BASE))
-
-    rows, figures = [], []
+def landscape(swept: dict[tuple[str, Shape], list[tuple[float, float | None]]],
+              ladders: dict[str, dict[str, tuple[Shape, ...]]]) -> tuple[list[list[str]], object]:
+    """The table rows (one per ladder and parametrization) and the figure with one landscape panel each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(axis, pz) for axis, ladder in LADDERS.items() for pz in ladder]
+    rows = []
+    panels = [(axis, pz) for axis, ladder in ladders.items() for pz in ladder]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for (axis, pz), ax in zip(panels, axes[0]):
-        records = [TrialRecord(label(axis, shape), shape, x, s, loss) for shape in LADDERS[axis][pz]
-                   for x, s, loss in swept[(pz, shape)]]
+        records = [TrialRecord(label(axis, shape), shape, x, 0, loss) for shape in ladders[axis][pz]
+                   for x, loss in swept[(pz, shape)]]
         result = analyse(records)
         draw(result, ax, f"HF GPT-2 {axis}, {pz}: {result.verdict}")
         optima = "<br>".join(f"{s.size}: {s.optimum_log2:+.2f}" if s.optimum_log2 is not None
@@ -145,40 +184,74 @@ def main() -> None:
                      ", ".join(s.size for s in result.sizes if s.at_edge) or "-",
                      target_met(TARGETS[(axis, pz)], result)])
     fig.tight_layout()
-    IMG.mkdir(parents=True, exist_ok=True)
-    landscape_png = IMG / "own_model_transfer_landscape.png"
-    fig.savefig(landscape_png, dpi=100)
-    plt.close(fig)
-    figures.append(landscape_png)
+    return rows, fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="widths 64,128, depths 2,4, 4 steps; print, no docs")
+    args = parser.parse_args()
+    protocol = QUICK if args.quick else FULL
+    ladders, budget = protocol.ladders(), protocol.budget
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    keys = sorted({(pz, shape) for ladder in ladders.values() for pz, shapes in ladder.items() for shape in shapes
+                   if not (pz == "sp" and shape == BASE)}, key=lambda k: -k[1].width ** 2 * k[1].depth)
+    with fresh_database() as (db_url, name):
+        upgrade_database(db_url)
+        port = free_port()
+        api = start_api(db_url, port, home=f"/tmp/{name}")
+        try:
+            url = f"http://127.0.0.1:{port}"
+            with make_pool() as pool:  # mup/completep at the base shape is SP exactly (PARAM_OPTIONS): run once
+                tasks = [(url, pz, shape, budget) for pz, shape in keys]
+                swept = dict(zip(keys, pool.map(sweep, tasks, chunksize=1)))
+        finally:
+            api.terminate()
+            api.wait(timeout=30)
+    sweep_wall = time.perf_counter() - started
+    swept[("sp", BASE)] = swept[("completep", BASE)]
+    runs = sum(len(v) for k, v in swept.items() if k != ("sp", BASE))
+
+    rows, fig = landscape(swept, ladders)
+    figures = []
+    if not args.quick:
+        IMG.mkdir(parents=True, exist_ok=True)
+        figures.append(IMG / "own_model_transfer_landscape.png")
+        fig.savefig(figures[-1], dpi=100)
 
     coord_started = time.perf_counter()
     single_thread()
-    coord = coord_check_factory(gpt2, "completep", COORD_WIDTHS, steps=COORD_STEPS, seeds=COORD_SEEDS,
-                                name="GPT2LMHeadModel", base=BASE, dataset_args=DATA_ARGS, batch_size=BUDGET.batch_size)
-    coord_png = coord.plot(IMG / "own_model_transfer_coord.png")
-    figures.append(coord_png)
+    coord = coord_check_factory(gpt2, "completep", list(protocol.widths), steps=COORD_STEPS, seeds=COORD_SEEDS,
+                                name="GPT2LMHeadModel", base=BASE, dataset_args=DATA_ARGS,
+                                batch_size=budget.batch_size)
+    if not args.quick:
+        figures.append(coord.plot(IMG / "own_model_transfer_coord.png"))
     worst = coord.worst()
     coord_wall = time.perf_counter() - coord_started
 
     body = "\n".join([
-        "Command: `.venv/bin/python bench/own_model_transfer.py`. Protocol fixed before the run: `transformers` "
-        f"GPT2LMHeadModel from a GPT2Config (no weights; dropout 0; untied readout; {HEADS} heads at every width, so the head "
-        f"dimension grows with width), found by class by scaletune's preset (Conv1D read as (in, out); branches at "
-        "`transformer.h.*.attn.c_proj` / `transformer.h.*.mlp.c_proj`; logit scale via `attn.scaling`). pytext "
-        f"{DATA_ARGS}, AdamW, {BUDGET.steps} steps, batch {BUDGET.batch_size}, cosine, warmup {WARMUP_FRAC:.0%}, "
-        f"seeds {list(SEEDS)}, parametrization options {PARAM_OPTIONS}, base shape {BASE.width} x {BASE.depth}. "
-        f"Adaptive sweep: start 2^{START_LOG2_LR:g} +- {START_HALFWIDTH} octave in 1-octave steps, extended up to "
+        "Command: `nice -n 5 .venv/bin/python bench/own_model_transfer.py`. Protocol fixed before the run: "
+        f"`transformers` GPT2LMHeadModel from a GPT2Config (no weights; dropout 0; untied readout; {HEADS} heads at "
+        "every width, so the head dimension grows with width), found by class by scaletune's preset (Conv1D read as "
+        "(in, out); branches at `transformer.h.*.attn.c_proj` / `transformer.h.*.mlp.c_proj`; logit scale via "
+        f"`attn.scaling`). pytext {DATA_ARGS}, AdamW, {budget.steps} steps, batch {budget.batch_size}, cosine, "
+        f"warmup {WARMUP_FRAC:.0%}, one seed, parametrization options {PARAM_OPTIONS}, base shape {BASE.width} x "
+        f"{BASE.depth}. **Through the agent path**: every run is a trial of an external study on a real `scaletune "
+        "api` (own process, fresh PostgreSQL database), asked with `scaletune.Client`, built with `Trial.build` (the "
+        "study's proxy shape and parametrization, the trial's LR), trained with scaletune's loop and told; the "
+        "landscape is read back from the trials the service recorded. Adaptive sweep, one study per round (grid "
+        f"sampler over that round's LRs): start 2^{START_LOG2_LR:g} (SP: 2^{START_LOG2_LR:g} / (width/{BASE.width}), "
+        f"its expected 1/width rule) +- {START_HALFWIDTH} octave in 1-octave steps, extended up to "
         f"{MAX_EXTENSIONS} times while the minimum is at an edge, then +-0.5 octave around the minimum; optimum = "
-        "parabola through the minimum and its neighbours (scaletune.transfer_check). Trials run in-process with "
-        "scaletune's training loop, not through `scaletune agent` (not on main when this was written). "
+        "parabola through the minimum and its neighbours (scaletune.transfer_check). "
         f"2 worker processes, 1 torch thread each, on 2 cores shared with other jobs (load average "
         f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end).",
         "",
         markdown_table(["axis", "parametrization", "optimum log2 LR", "drift (octaves)", "best loss per size",
                         "at grid edge", "target"], rows),
         "",
-        f"Coordinate check (CompleteP = muP at fixed depth, widths {COORD_WIDTHS}, {COORD_SEEDS} seeds, "
-        f"{COORD_STEPS} steps, AdamW lr {coord.lr:g}, one fixed batch of {BUDGET.batch_size}): max |slope| for "
+        f"Coordinate check (CompleteP = muP at fixed depth, widths {list(protocol.widths)}, {COORD_SEEDS} seeds, "
+        f"{COORD_STEPS} steps, AdamW lr {coord.lr:g}, one fixed batch of {budget.batch_size}): max |slope| for "
         f"t >= 2 = {coord.max_abs_slope:.3f} (worst: {worst.module}, t={worst.t}); target |slope| <= {FLAT_SLOPE}: "
         f"{'met' if coord.max_abs_slope <= FLAT_SLOPE else 'NOT met'}.",
         "",
@@ -186,7 +259,8 @@ def main() -> None:
         "",
         *(f"![{p.stem}](img/{p.name})" for p in figures),
     ])
-    write_section(SECTION, body)
+    if not args.quick:
+        write_section(SECTION, body)
     print(body)
 
 
