@@ -113,9 +113,11 @@ def run_round(client: Client, parametrization: str, shape: Shape, xs: list[float
         except Conflict:  # nothing left to ask: every grid point told
             break
         run_trial(trial, budget)
-    recorded = client.trials(study_id, limit=len(xs)).items
-    return {round(math.log2(t.params["lr"]), 6): t.value if t.state == "complete" else None
-            for t in recorded if t.params is not None}
+    recorded = {round(math.log2(t.params["lr"]), 6): t.value if t.state == "complete" else None
+                for t in client.trials(study_id, limit=len(xs)).items if t.params is not None}
+    if sorted(recorded) != sorted(xs):  # each grid point handed out exactly once
+        raise RuntimeError(f"study {study_id} recorded log2 LRs {sorted(recorded)}, asked for {sorted(xs)}")
+    return recorded
 
 
 def sweep(task: tuple[str, str, Shape, Budget]) -> list[tuple[float, float | None]]:
