@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,14 @@ def test_help_shows_an_example(command: str) -> None:
     assert result.exit_code == 0, result.output
     assert "Example" in result.output
     assert re.search(rf"scaletune {command}\b", result.output.split("Example", 1)[1])
+
+
+def test_the_command_line_starts_without_importing_torch() -> None:
+    """submit, status, agent and the other client commands start in a fraction of a second; torch's import (seconds)
+    is paid only by the commands that run the core: coord-check, transfer --factory, worker, api."""
+    check = "import sys; from service.cli import main; import scaletune; print(sorted({'torch'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("command", ["up", "api"])
