@@ -8,19 +8,23 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Shape:
-    """Width (model dim / channels), depth (residual blocks) and, for ViT, patch size."""
+    """Width (model dim / channels), depth (residual blocks), for ViT patch size, for GPT the context length
+    attention spans (None: the whole sequence)."""
 
     width: int
     depth: int
     patch_size: int | None = None
+    context: int | None = None
 
     def __post_init__(self) -> None:
         if self.width < 1:
             raise ValueError(f"width must be a positive integer, got {self.width}")
         if self.depth < 1:
             raise ValueError(f"depth must be a positive integer, got {self.depth}")
-        if self.patch_size is not None and self.patch_size < 1:
-            raise ValueError(f"patch_size must be a positive integer, got {self.patch_size}")
+        for name in ("patch_size", "context"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
 
     def with_(self, **changes: Any) -> Shape:
         return replace(self, **changes)
@@ -31,4 +35,4 @@ class Shape:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Shape:
         return cls(width=int(d["width"]), depth=int(d["depth"]),
-                   patch_size=None if d.get("patch_size") is None else int(d["patch_size"]))
+                   **{name: None if d.get(name) is None else int(d[name]) for name in ("patch_size", "context")})

@@ -39,6 +39,8 @@ class ShapeSpec(Strict):
     width: int = Field(ge=1, le=65_536)
     depth: int = Field(ge=1, le=1024, description="residual blocks; planning deeper targets is not supported")
     patch_size: int | None = Field(None, ge=1, le=1024)
+    context: int | None = Field(None, ge=1, le=1_000_000, description="gpt: the tokens attention spans (a divisor of "
+                                                                       "the dataset's seq_len; unset: all of them)")
 
 
 class ModelSpec(Strict):
@@ -299,18 +301,21 @@ class TransferCheckSpec(GridSpec):
         return (len(self.sizes) * len(self.multipliers_log2()) + len(self.extensions)) * self.seeds
 
 
+ScheduleAxis = Literal["patch_size", "context", "width", "depth"]
+
+
 class ShapeScheduleSpec(GridSpec):
     """Train shapes along one axis at several compute budgets, to fit per-shape laws and plan a schedule."""
 
     kind: Literal["shape_schedule"]
-    axis: Literal["patch_size", "width", "depth"]
+    axis: ScheduleAxis
     values: list[int] = Field(min_length=2, max_length=16, description="the shapes along the axis")
     sizes: list[float] = Field([1.0], min_length=1, max_length=8,
                                description="proxy size multipliers of the base width (depth when axis is width); "
                                            ">= 3 allow a tier-A projection to a target")
     budgets: list[int] = Field(min_length=2, max_length=16,
                                description="training steps, log-spaced; each run has its own WSD cooldown")
-    second_axis: Literal["patch_size", "width", "depth"] | None = Field(
+    second_axis: ScheduleAxis | None = Field(
         None, description="a second axis for a joint schedule over the product of both axes' values (one proxy "
                           "size); a switch may change both axes at once")
     second_values: list[int] | None = Field(None, min_length=2, max_length=8,

@@ -34,9 +34,14 @@ def image_shape(family: str, data: DataSpec) -> tuple[int, int, int]:
     return channels, height, width
 
 
-def check_no_patch_size(family: str, shape: Shape) -> None:
-    if shape.patch_size is not None:
-        raise ValueError(f"patch_size applies only to the 'vit' family; remove it from the {family!r} shape")
+SHAPE_FIELD_OWNERS = {"patch_size": "vit", "context": "gpt"}  # shape fields only one family reads
+
+
+def check_shape_fields(family: str, shape: Shape) -> None:
+    """Refuse a patch size or context on a family that would silently ignore it."""
+    for name, owner in SHAPE_FIELD_OWNERS.items():
+        if getattr(shape, name) is not None and family != owner:
+            raise ValueError(f"{name} applies only to the {owner!r} family; remove it from the {family!r} shape")
 
 
 def positive_int_arg(family: str, args: dict[str, Any], key: str, default: int) -> int:

@@ -14,7 +14,7 @@ from scaletune.models.checks import (
     ACTIVATIONS,
     activation_arg,
     check_known_args,
-    check_no_patch_size,
+    check_shape_fields,
     check_task,
     positive_int_arg,
 )
@@ -37,7 +37,7 @@ class MLPConfig:
 def mlp_config(shape: Shape, data: DataSpec, args: dict[str, Any]) -> MLPConfig:
     check_known_args(NAME, args, ALLOWED_ARGS)
     check_task(NAME, data, "classification")
-    check_no_patch_size(NAME, shape)
+    check_shape_fields(NAME, shape)
     return MLPConfig(
         features=math.prod(data.input_shape), width=shape.width, depth=shape.depth,
         hidden=positive_int_arg(NAME, args, "expansion", 1) * shape.width,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletune.data.base import DataSpec
-from scaletune.models.checks import check_known_args, check_no_patch_size, check_task, image_shape
+from scaletune.models.checks import check_known_args, check_shape_fields, check_task, image_shape
 from scaletune.shapes import Shape
 
 NAME = "resnet"
@@ -50,7 +50,7 @@ def _strides_arg(args: dict[str, Any]) -> tuple[int, ...]:
 def resnet_config(shape: Shape, data: DataSpec, args: dict[str, Any]) -> ResNetConfig:
     check_known_args(NAME, args, ALLOWED_ARGS)
     check_task(NAME, data, "classification")
-    check_no_patch_size(NAME, shape)
+    check_shape_fields(NAME, shape)
     channels, image_h, image_w = image_shape(NAME, data)
     return ResNetConfig(channels, image_h, image_w, shape.width, shape.depth, _strides_arg(args), data.num_outputs)
 

@@ -77,8 +77,13 @@ class TransformerBlock(nn.Module):
         return x + self.branch_mult * self.mlp(self.ln2(x))
 
 
-def transformer_blocks_forward_flops(tokens: int, width: int, depth: int, mlp_ratio: int) -> float:
-    """Forward FLOPs of ``depth`` blocks on one sequence: projections, QK^T and AV (full, causal or not)."""
+def transformer_blocks_forward_flops(tokens: int, width: int, depth: int, mlp_ratio: int,
+                                     span: int | None = None) -> float:
+    """Forward FLOPs of ``depth`` blocks on one sequence: projections, QK^T and AV (full, causal or not).
+
+    ``span``: each token attends within its block of ``span`` tokens (None: the whole sequence), so attention
+    costs ``tokens * span`` per layer instead of ``tokens ** 2``.
+    """
     projections = 2 * tokens * width * width * (3 + 1 + 2 * mlp_ratio)
-    attention = 2 * 2 * tokens * tokens * width
+    attention = 2 * 2 * tokens * (span or tokens) * width
     return float(depth * (projections + attention))

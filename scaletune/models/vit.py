@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletune.data.base import DataSpec
-from scaletune.models.checks import check_heads, check_known_args, check_task, image_shape, positive_int_arg
+from scaletune.models.checks import (
+    check_heads,
+    check_known_args,
+    check_shape_fields,
+    check_task,
+    image_shape,
+    positive_int_arg,
+)
 from scaletune.models.patch_embed import FlexiPatchEmbed, patch_embed_forward_flops
 from scaletune.models.transformer import TransformerBlock, transformer_blocks_forward_flops
 from scaletune.shapes import Shape
@@ -54,6 +61,7 @@ def check_patch_divides(patch_size: int, image_h: int, image_w: int, what: str =
 def vit_config(shape: Shape, data: DataSpec, args: dict[str, Any]) -> ViTConfig:
     check_known_args(NAME, args, ALLOWED_ARGS)
     check_task(NAME, data, "classification")
+    check_shape_fields(NAME, shape)
     channels, image_h, image_w = image_shape(NAME, data)
     base_patch = positive_int_arg(NAME, args, "base_patch", default_base_patch(image_h, image_w))
     check_patch_divides(base_patch, image_h, image_w, what="base_patch")

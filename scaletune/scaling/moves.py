@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from scaletune.shapes import Shape
 
-AXES = ("patch_size", "width", "depth")
+AXES = ("patch_size", "context", "width", "depth")
 
 
 def product_shapes(base: Shape, axes: Mapping[str, Sequence[int]]) -> dict[str, Shape]:
@@ -24,8 +24,8 @@ def surgery_moves(shapes: Mapping[str, Shape], max_axes: int = 2,
                   max_width_factor: int | None = None) -> Callable[[str, str], bool]:
     """The moves surgery can make between named shapes, for ``ScheduleConstraints.allowed``.
 
-    A move changes between 1 and ``max_axes`` axes at once; patch size may change either way (FlexiViT
-    resize), width only grows by a whole factor (at most ``max_width_factor``), depth only grows.
+    A move changes between 1 and ``max_axes`` axes at once; patch size and context may change either way (both
+    in place), width only grows by a whole factor (at most ``max_width_factor``), depth only grows.
     """
     if max_axes < 1:
         raise ValueError(f"max_axes must be at least 1, got {max_axes}")

@@ -27,6 +27,7 @@ CASES: list[tuple[str, Shape, DataSpec, dict[str, Any]]] = [
     ("vit", Shape(32, 2), DIGITS, {}),
     ("vit", Shape(48, 3, patch_size=4), CIFAR_LIKE, {"base_patch": 2, "mlp_ratio": 2}),
     ("gpt", Shape(32, 2), PYTEXT, {}),
+    ("gpt", Shape(32, 2, context=16), PYTEXT, {}),
     ("gpt", Shape(48, 3), DataSpec("lm", (128,), 512), {"tie_embeddings": True, "head_dim": 8}),
 ]
 
@@ -44,7 +45,8 @@ def counted_train_flops_per_sample(name: str, shape: Shape, data: DataSpec, args
 
 
 @pytest.mark.parametrize(("name", "shape", "data", "args"), CASES,
-                         ids=[f"{c[0]}-{c[1].width}x{c[1].depth}" for c in CASES])
+                         ids=[f"{c[0]}-{c[1].width}x{c[1].depth}{f'-ctx{c[1].context}' if c[1].context else ''}"
+                              for c in CASES])
 def test_analytic_flops_match_the_flop_counter(name: str, shape: Shape, data: DataSpec, args: dict[str, Any]) -> None:
     analytic = get_family(name).train_flops_per_sample(shape, data, args)
     assert analytic == pytest.approx(counted_train_flops_per_sample(name, shape, data, args), rel=0.02)

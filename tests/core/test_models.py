@@ -202,6 +202,9 @@ def test_mlp_flattens_images_into_features() -> None:
     ("mlp", SMALL, VECTORS, {"expansion": 0}, "'expansion' of model family 'mlp' must be a positive integer"),
     ("resnet", SMALL, DIGITS, {"strides": [1, 2]}, "'strides' of model family 'resnet' must be 3 positive integers"),
     ("resnet", Shape(32, 2, patch_size=2), DIGITS, {}, "patch_size applies only to the 'vit' family"),
+    ("vit", Shape(32, 2, context=4), DIGITS, {}, "context applies only to the 'gpt' family"),
+    ("gpt", Shape(32, 2, context=24), PYTEXT, {},
+     r"context 24 does not divide the dataset's sequence length 64; choose one of \[1, 2, 4, 8, 16, 32, 64\]"),
     ("gpt", SMALL, PYTEXT, {"tie_embeddings": "yes"}, "must be true or false"),
 ])
 def test_validate_explains_what_to_change(name: str, shape: Shape, data: DataSpec, args: dict[str, Any],

@@ -63,7 +63,7 @@ def test_ask_hands_out_params_under_a_lease_with_the_shapes_to_build(client: Tes
                           "proxy", "options"}
     assert set(trial["params"]) == {"lr", "output_mult"} and 1e-4 <= trial["params"]["lr"] <= 1e-1
     assert (trial["lease_seconds"], trial["parametrization"], trial["optimizer"]) == (30, "mup", "adamw")
-    assert trial["base"] == {"width": 64, "depth": 2, "patch_size": None} and trial["proxy"]["width"] == 64
+    assert trial["base"] == {"width": 64, "depth": 2, "patch_size": None, "context": None} and trial["proxy"]["width"] == 64
     assert trial["options"]["weight_decay_rule"] == "lr_wd_product"
     study = client.get(f"/v1/studies/{study_id}").json()
     assert study["status"] == "running" and study["trial_counts"]["running"] == 1

@@ -303,3 +303,37 @@ def test_a_joint_schedule_is_planned_shown_and_run(client: TestClient, ctx: Work
     [done] = [t for t in client.get(f"/v1/studies/{study.id}/trials?limit=100").json()["items"]
               if t["params"].get("schedule_run") == run["id"]]
     assert done["state"] == "complete" and done["intermediate"][-1]["shape"] == last
+
+
+CONTEXT_SPEC: dict[str, Any] = {
+    **SCHEDULE_SPEC, "name": "schedule-context",
+    "model": {"family": "gpt", "base": {"width": 16, "depth": 1}, "args": {"head_dim": 8}},
+    "dataset": {"name": "pytext", "args": {"max_bytes": 100_000, "seq_len": 16, "eval_windows": 16}},
+    "budget": {"steps": 4, "batch_size": 8, "eval_every": 4}, "axis": "context", "values": [4, 16], "budgets": [2, 4],
+}
+
+
+def test_a_context_schedule_trains_the_same_gpt_at_each_context_and_pays_attention_for_its_span(
+        client: TestClient, ctx: WorkerContext, storage: Any, migrated: Settings) -> None:
+    spec = parse_spec(copy.deepcopy(CONTEXT_SPEC), migrated)
+    assert isinstance(spec, ShapeScheduleSpec) and [spec.point_label(i) for i in range(2)] == ["context=4", "context=16"]
+    assert executable_moves(spec).allowed("context=4", "context=16")
+    study = create_study(ctx.session_factory, storage, spec)
+    assert set(run_all(ctx, study.id)) == {"complete"}
+    flops = {(t["params"]["value_index"], t["params"]["budget_index"], t["params"]["seed"]): t["flops"]
+             for t in client.get(f"/v1/studies/{study.id}/trials").json()["items"]}
+    # Same weights and projections; attention over 4 instead of 16 keys per token: (16 - 4) x 4 x 16 x 16 FLOPs
+    # per layer and sequence, x 3 for training, x 8 sequences x 2 steps.
+    assert flops[(1, 0, 0)] - flops[(0, 0, 0)] == pytest.approx(3 * 4 * 16 * 12 * 16 * 8 * 2)
+
+
+@pytest.mark.parametrize(("change", "loc", "says"), [
+    ({"values": [6, 16]}, ("values", 0, "sizes", 0), "context 6 does not divide the dataset's sequence length 16"),
+    ({"model": SCHEDULE_SPEC["model"], "dataset": SCHEDULE_SPEC["dataset"]}, ("values", 0, "sizes", 0),
+     "context applies only to the 'gpt' family"),
+])
+def test_bad_context_specs_are_refused_with_the_field(migrated: Settings, change: dict[str, Any],
+                                                     loc: tuple[Any, ...], says: str) -> None:
+    with pytest.raises(SpecError) as error:
+        parse_spec({**CONTEXT_SPEC, **change}, migrated)
+    assert any(p.loc == loc and says in p.msg for p in error.value.problems), error.value.problems
