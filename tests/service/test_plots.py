@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 from matplotlib.image import imread
 from sqlalchemy import update
 
-from test_shape_schedule import ctx, finished_study, few_replicates  # noqa: F401  (fixtures: a shape_schedule study run
-# in-process, planned with few bootstrap refits)
+from test_shape_schedule import (  # noqa: F401  (fixtures: a trained shape_schedule study, planned with few refits)
+    ctx, few_replicates, finished_study, migrated, trained_schedule,
+)
 from test_transfer_check_study import CHECK_SPEC, run_all
 
 from scaletune.coord_check import coord_check

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import sqlite3
+from contextlib import closing
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +16,7 @@ from test_transfer_check_study import run_all
 import workers.trial_task
 from scaletune.adaptive import CHECKPOINT
 from scaletune.runner import prepare_trial
-from service.db import write_session
+from service.db import create_db_engine, make_session_factory, upgrade_database, write_session
 from service.kinds import shape_schedule
 from service.kinds.shape_schedule import KIND as SCHEDULE
 from service.kinds.shape_schedule import executable_moves
@@ -21,8 +24,10 @@ from service.models import TrialAttempt, TrialState, utcnow
 from service.reconcile import reconcile_once
 from service.settings import Settings
 from service.kinds.registry import STUDY_SPEC, parse_spec
+from service.optuna_study import get_storage
 from service.spec import ShapeScheduleSpec, SpecError
 from service.studies import create_study
+from tests.service.conftest import SentTasks
 from workers.trial_task import WorkerContext, run_attempt
 
 SCHEDULE_SPEC: dict[str, Any] = {
@@ -46,13 +51,43 @@ def ctx(migrated: Settings, session_factory: Any, sent: Any) -> WorkerContext:
     return WorkerContext(migrated, session_factory, sent)
 
 
-@pytest.fixture
-def finished_study(ctx: WorkerContext, storage: Any) -> str:
-    """Four grid points in flight, so each worker claim is a pack of one curve's four budgets."""
-    spec = copy.deepcopy(SCHEDULE_SPEC) | {"parallelism": 4}
-    study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(spec))
+def sqlite_path(settings: Settings) -> Path:
+    return Path(settings.DATABASE_URL.removeprefix("sqlite:///"))
+
+
+@pytest.fixture(scope="session")
+def trained_schedule(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """SCHEDULE_SPEC's study trained once per session, in its own database: its database file and the study id.
+
+    Four grid points in flight, so each worker claim is a pack of one curve's four budgets."""
+    folder = tmp_path_factory.mktemp("trained-schedule")
+    settings = Settings(HOME=folder / "home", DATABASE_URL=f"sqlite:///{folder / 'st.db'}", DATA_ROOT=folder / "data")
+    settings.ensure_dirs()
+    upgrade_database(settings.DATABASE_URL)
+    engine = create_db_engine(settings.DATABASE_URL)
+    ctx = WorkerContext(settings, make_session_factory(engine), SentTasks())
+    study = create_study(ctx.session_factory, get_storage(settings.DATABASE_URL),
+                         STUDY_SPEC.validate_python(copy.deepcopy(SCHEDULE_SPEC) | {"parallelism": 4}))
     assert set(run_all(ctx, study.id)) == {"complete"}
-    return study.id
+    engine.dispose()
+    return sqlite_path(settings), study.id
+
+
+@pytest.fixture
+def migrated(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """The migrated database; a test that reads ``finished_study`` starts from a copy of the trained one."""
+    if "finished_study" in request.fixturenames:
+        trained, _ = request.getfixturevalue("trained_schedule")
+        with closing(sqlite3.connect(trained)) as source, closing(sqlite3.connect(sqlite_path(settings))) as target:
+            source.backup(target)  # WAL-safe: the copy holds every committed write
+    upgrade_database(settings.DATABASE_URL)
+    return settings
+
+
+@pytest.fixture
+def finished_study(migrated: Settings, trained_schedule: tuple[Path, str]) -> str:
+    """SCHEDULE_SPEC's completed study (16 trials) in this test's database, trained once per session."""
+    return trained_schedule[1]
 
 
 def test_the_grid_is_shapes_x_sizes_x_seeds_x_budgets_each_a_wsd_run_to_its_budget() -> None:
@@ -164,7 +199,7 @@ def test_the_detail_of_a_finished_study_summarises_its_schedule(client: TestClie
 
 
 def test_three_proxy_sizes_project_by_tier_a(client: TestClient, ctx: WorkerContext, storage: Any) -> None:
-    spec = {**SCHEDULE_SPEC, "values": [8, 16], "sizes": [1, 2, 4]}
+    spec = {**SCHEDULE_SPEC, "values": [8, 16], "sizes": [1, 2, 4], "parallelism": 4}  # packs of one curve
     study = create_study(ctx.session_factory, storage, STUDY_SPEC.validate_python(spec))
     assert set(run_all(ctx, study.id)) == {"complete"}
     loss = sorted(t["value"] for t in client.get(f"/v1/studies/{study.id}/trials?limit=100").json()["items"])[30]
@@ -260,7 +295,7 @@ def test_a_schedule_run_whose_message_was_lost_is_resent_by_the_reconciler(
     assert run_attempt(ctx, run_id) == "complete"
 
 
-JOINT_SPEC = {**SCHEDULE_SPEC, "values": [2, 16], "second_axis": "depth", "second_values": [1, 2]}
+JOINT_SPEC = {**SCHEDULE_SPEC, "values": [2, 16], "second_axis": "depth", "second_values": [1, 2], "parallelism": 4}
 
 
 def test_a_joint_spec_trains_the_product_of_both_axes() -> None:
