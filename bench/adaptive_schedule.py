@@ -1,19 +1,23 @@
 """Does an adaptive (joint) shape schedule reach a fixed eval loss E* with fewer FLOPs than the best static shape?
 
-Issue 14's protocol, fixed here before the first run. Task: the generated `scales` images (32x32, a coarse
-blob and a fine 5x5 glyph, 16 classes), ViT over the product patch size {16, 8} x width {32, 64} (depth 2,
-muP, AdamW, constant LR after a 2 % warm-up). (1) Proxy runs: every shape, 2 seeds, to CAP_FLOPS, give
+Issue 14's protocol, fixed here before the first run of each case. Cases: (a) the generated `scales` images
+(32x32, a coarse blob and a fine 5x5 glyph, 16 classes), ViT over the product patch size {16, 8} x width
+{32, 64} (depth 2); (b) byte-level text (pytext, 128-byte windows), GPT over the product context {16, 128} x
+depth {1, 2} (width 32); both muP, AdamW, constant LR after a 2 % warm-up. (1) Proxy runs: every shape, 2
+seeds, to CAP_FLOPS, give
 (FLOPs, eval loss) curves; scaletune.scaling fits one law per shape (with bootstrap) and the DP plans the
 schedule to E* over moves surgery can make (one or two axes at once), predicting the saving. (2) Real runs,
 3 seeds each, stop at the first eval where the mean of the last 3 eval losses is <= E* (FLOPs and wall
 seconds there) or at CAP_FLOPS ("not reached"): the DP schedule with duplication + noise growth, the DP
-schedule with the seed paper's growth rule (new units randomly initialised) when the schedule grows, and
-the static shapes the schedule uses plus the predicted best static and the pilot's best. (3) Saving =
+schedule with the seed paper's growth rule (new units randomly initialised) when the schedule grows (when it
+does not, a naive schedule from the cheapest to the reference shape at half the cheapest shape's predicted
+FLOPs to E*, under both growth rules, so the two rules are still measured), and the static shapes the schedule uses plus
+the predicted best static and the reference shape. (3) Saving =
 1 - FLOPs(arm) / FLOPs(best static arm), with a seed-bootstrap 90 % interval; predicted vs realised; wall
 seconds; the proxy sweep charged on its own line with its break-even. Writes its section of
-docs/benchmarks.md (earlier results of the previous protocol are kept below the new ones).
+docs/benchmarks.md (cases not rerun and earlier results of the previous protocol are kept).
 
-    .venv/bin/python bench/adaptive_schedule.py
+    .venv/bin/python bench/adaptive_schedule.py [vit-scales] [gpt-text]   (default: both)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -63,12 +68,13 @@ class Case:
     hparams: HParams
     batch: int
     cap_flops: float
-    target_loss: float  # E*, fixed before the proxy and real runs
+    target_loss: float | None  # E*, fixed before the proxy and real runs; None: by TARGET_RULE from the proxies
     start_loss: float
     e0: float
-    pilot_best: str
+    pilot_best: str  # the reference static shape (the pilot's best, or the shape a user would train)
     pilot: str
     family: str = "vit"
+    dataset: str = "scales"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,6 +88,17 @@ CASE = Case(
           "the blob by ~1.5e10 (loss ~1.45, near ln 4: quadrant known, glyph not); p16w32 then descends to 1.25 at "
           "4.4e10 and 1.1 at 7e10, p16w64 reaches 1.3 at ~8e10, p8w32 and p8w64 stay near 1.45 to 1e11. E* = 1.35 is "
           "the round level below the blob plateau that p16w32 reaches well inside the 5e10 cap")
+TEXT_CASE = Case(
+    "context {16, 128} x depth {1, 2} (GPT, byte-level Python text)",
+    dataset_args={"max_bytes": 2_000_000, "seq_len": 128, "eval_windows": 64}, args={"head_dim": 8},
+    shapes=product_shapes(Shape(32, 1), {"context": [16, 128], "depth": [1, 2]}), base=Shape(32, 2),
+    hparams=HParams(lr=1e-2, warmup_frac=0.02), batch=16, cap_flops=1.2e11, target_loss=None,
+    start_loss=4.0, e0=math.log(256), pilot_best="context=128,depth=2", family="gpt", dataset="pytext",
+    pilot="no pilot (2 shared cores); the rule, fixed before the first run: E* = the mean over proxy seeds of "
+          "the reference shape context=128,depth=2 (what a user would train) smoothed eval loss at the eval "
+          "nearest 60 % of the cap, so that shape reaches E* inside the cap")
+CASES = {"vit-scales": CASE, "gpt-text": TEXT_CASE}
+TARGET_AT = 0.6  # TARGET_RULE: E* is the reference shape's smoothed proxy loss at this fraction of the cap
 
 
 class StopAtTarget:
@@ -99,14 +116,14 @@ class StopAtTarget:
 def eval_every(case: Case, shape: Shape) -> int:
     """Steps between evals so that every shape is evaluated about every cap / EVALS_PER_CAP FLOPs."""
     per_step = case.batch * get_family(case.family).train_flops_per_sample(
-        shape, dataset_spec("scales", case.dataset_args), case.args)
+        shape, dataset_spec(case.dataset, case.dataset_args), case.args)
     return max(1, round(case.cap_flops / EVALS_PER_CAP / per_step))
 
 
 def config(case: Case, shape: Shape, seed: int, evals_at: Shape | None = None) -> TrialConfig:
     """``evals_at``: the shape whose step cost sets the eval cadence (a schedule's last shape, where E* is met)."""
     return TrialConfig(family=case.family, args=case.args, base=case.base, shape=shape, parametrization="mup",
-                       optimizer="adamw", dataset="scales", dataset_args=case.dataset_args, hparams=case.hparams,
+                       optimizer="adamw", dataset=case.dataset, dataset_args=case.dataset_args, hparams=case.hparams,
                        seed=seed, budget=Budget(steps=1, batch_size=case.batch,
                                                 eval_every=eval_every(case, evals_at or shape),
                                                 schedule="wsd", decay_frac=0.0))
@@ -139,6 +156,22 @@ def schedule_phases(case: Case, schedule) -> list[Phase]:
     return phases_from_schedule(schedule, case.shapes, case.cap_flops)
 
 
+def target_by_rule(case: Case, runs: dict[str, list[Run]]) -> float:
+    """TARGET_RULE: the reference shape's smoothed eval loss at the eval nearest TARGET_AT x cap, mean over seeds."""
+    levels = []
+    for run in runs[case.pilot_best]:
+        flops = [f for f, _ in run.points]
+        i = int(np.argmin([abs(f - TARGET_AT * case.cap_flops) for f in flops]))
+        levels.append(float(np.mean([loss for _, loss in run.points[max(0, i - SMOOTH + 1):i + 1]])))
+    return round(float(np.mean(levels)), 3)
+
+
+def grows(case: Case, names: list[str]) -> bool:
+    """Whether a sequence of shapes ever changes width or depth (where the two growth rules differ)."""
+    return any(case.shapes[a].width != case.shapes[b].width or case.shapes[a].depth != case.shapes[b].depth
+               for a, b in zip(names, names[1:]))
+
+
 def run_case(case: Case, pool) -> dict[str, Any]:
     started = time.perf_counter()
     names = list(case.shapes)
@@ -150,6 +183,7 @@ def run_case(case: Case, pool) -> dict[str, Any]:
             for i, n in enumerate(names)}
     proxy_flops = sum(r["total_flops"] for r in proxy)
     proxy_seconds = time.perf_counter() - started
+    case = replace(case, target_loss=case.target_loss or target_by_rule(case, runs))
     fits = fit_shapes(runs, e0=case.e0, n_bootstrap=N_BOOT)
     replicates = [{n: f.bootstrap[i] for n, f in fits.items()} for i in range(N_BOOT)]
     replicates = [r for r in replicates if all(law.flops_to_reach(case.target_loss) > 0 for law in r.values())]
@@ -162,9 +196,16 @@ def run_case(case: Case, pool) -> dict[str, Any]:
     arms: dict[str, tuple[list[Phase], str]] = {}
     if len(used) > 1:
         arms["DP schedule (duplicate + noise)"] = (planned, "duplicate")
-        if any(case.shapes[a].width != case.shapes[b].width or case.shapes[a].depth != case.shapes[b].depth
-               for a, b in zip(used, used[1:])):
+        if grows(case, used):
             arms["DP schedule (paper rule: random init)"] = (planned, "random")
+    if not grows(case, used):
+        cheapest = min(names, key=lambda n: get_family(case.family).train_flops_per_sample(
+            case.shapes[n], dataset_spec(case.dataset, case.dataset_args), case.args))
+        half = fits[cheapest].law.flops_to_reach(case.target_loss) / 2  # grow before the cheapest reaches E*
+        if cheapest != case.pilot_best and 0 < half < case.cap_flops:
+            naive = [Phase(case.shapes[cheapest], half), Phase(case.shapes[case.pilot_best], case.cap_flops)]
+            arms[f"naive {cheapest} -> {case.pilot_best} at half (duplicate + noise)"] = (naive, "duplicate")
+            arms[f"naive {cheapest} -> {case.pilot_best} at half (paper rule: random init)"] = (naive, "random")
     for name in dict.fromkeys([*used, sched.static_shape, case.pilot_best]):
         arms[f"static {name}"] = ([Phase(case.shapes[name], case.cap_flops)], "duplicate")
     keys = [(arm, s) for arm in arms for s in SEEDS]
@@ -223,14 +264,15 @@ def summary(out: dict[str, Any]) -> str:
                             f"FLOPs saving vs {out['best']}", "90% CI (seed bootstrap)", "wall saving"], rows)
     switch_lines = [f"{arm}: " + "; ".join(
         ", ".join(f"at {f:.2g} FLOPs eval {a:.3f} -> {b:.3f}" for f, a, b in per_seed) or "no switch"
-        for per_seed in sw) for arm, sw in out["switches"].items() if arm.startswith("DP")]
+        for per_seed in sw) for arm, sw in out["switches"].items() if not arm.startswith("static")]
     dp_arms = [a for a in out["arms"] if a.startswith("DP")]
     dp = min(dp_arms, key=lambda a: np.mean(out["reach"][a]))
     gain = np.mean(out["reach"][out["best"]]) - np.mean(out["reach"][dp])
     break_even = (f"{math.ceil(out['proxy_flops'] / gain)} target runs" if math.isfinite(gain) and gain > 0
                   else "never (no realised gain)")
     with_proxy = (1 - (np.mean(out["reach"][dp]) + out["proxy_flops"]) / np.mean(out["reach"][out["best"]]))
-    return (f"### {case.name}\n\n{case.family} on scales ({', '.join(f'{k}={v}' for k, v in case.dataset_args.items())}), "
+    return (f"### {case.name}\n\n{case.family} on {case.dataset} "
+            f"({', '.join(f'{k}={v}' for k, v in case.dataset_args.items())}), "
             f"muP, AdamW lr {case.hparams.lr} constant after {case.hparams.warmup_frac:.0%} warm-up, batch "
             f"{case.batch}, eval about every {case.cap_flops / EVALS_PER_CAP:.2g} FLOPs; **E* = {case.target_loss}** (chance {case.e0:.2f}); "
             f"cap {case.cap_flops:.2g} FLOPs per run; how E* was fixed: {case.pilot}.\n\n"
@@ -244,32 +286,35 @@ def summary(out: dict[str, Any]) -> str:
             f"{break_even}. Case total {out['seconds'] / 60:.1f} min.\n")
 
 
-def earlier_results() -> str:
-    """The section's earlier results, kept verbatim under one heading."""
+def kept_results(rerun: list[Case]) -> str:
+    """The section's results of cases not rerun now and its earlier results, kept verbatim."""
     text = BENCHMARKS_MD.read_text()
     match = re.search(rf"^## {re.escape(HEADER)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
     if not match:
         return ""
     body = match.group(1)
-    if EARLIER in body:
-        return body[body.index(EARLIER):].strip()
-    return EARLIER + "\n\n" + re.sub(r"^### ", "#### ", body.strip(), flags=re.M)
+    if EARLIER not in body:
+        return EARLIER + "\n\n" + re.sub(r"^### ", "#### ", body.strip(), flags=re.M)
+    current, earlier = body[:body.index(EARLIER)], body[body.index(EARLIER):].strip()
+    blocks = re.findall(r"^### .*?(?=^### |\Z)", current, re.S | re.M)
+    names = {f"### {case.name}" for case in rerun}
+    return "\n".join(b.strip() + "\n" for b in blocks if b.splitlines()[0] not in names) + "\n" + earlier
 
 
 def main() -> None:
-    started = time.perf_counter()
-    earlier = earlier_results()
+    cases = [CASES[name] for name in sys.argv[1:]] or list(CASES.values())
+    kept = kept_results(cases)
     with make_pool() as pool:
-        out = run_case(CASE, pool)
-    body = summary(out)
-    intro = (f"`bench/adaptive_schedule.py` (issue 14 protocol, fixed in the file before the first run): "
+        bodies = [summary(run_case(case, pool)) for case in cases]
+    body = "\n".join(bodies)
+    intro = (f"`bench/adaptive_schedule.py` (issue 14 protocol, fixed in the file before the first run of each case): "
              f"{len(SEEDS)} seeds per arm, {len(PROXY_SEEDS)} proxy seeds per shape, every run at constant LR and "
              f"stopped at the first eval where the mean of the last {SMOOTH} eval losses is <= E* (FLOPs-to-E* and "
              f"wall seconds there; 'not reached' by the cap). Saving = 1 - FLOPs(arm)/FLOPs(best static arm), proxy "
-             f"FLOPs charged on their own line. Duplicate growth adds noise {GROWTH_NOISE} x init std. Total "
-             f"{(time.perf_counter() - started) / 60:.1f} min on 2 CPU processes of a loaded 2-core machine shared "
-             f"with other engineers' jobs (wall seconds are pessimistic and noisy).\n")
-    write_section(HEADER, intro + "\n" + body + ("\n" + earlier if earlier else ""))
+             f"FLOPs charged on their own line. Duplicate growth adds noise {GROWTH_NOISE} x init std. Each case "
+             f"ran on 2 CPU processes of a loaded 2-core machine shared with other engineers' jobs (wall seconds are "
+             f"pessimistic and noisy).\n")
+    write_section(HEADER, intro + "\n" + body + ("\n" + kept if kept else ""))
     print(body)
 
 
