@@ -9,11 +9,11 @@ gpt (two-layer blocks); does alpha = 1/2 hold on the paper's architecture and op
 
 Protocol reduced before the first full run, to fit about an hour on 2 CPU cores shared with four other jobs: depth 8
 is left out (2, 4, 16 still span 8x, as in the per-hyperparameter study), and budgets are 40 steps (80 at first; that
-start was stopped unfinished, no result seen, when the machine's load rose to ~12). The SGD grid
+start was stopped unfinished, no result seen, when the machine's load rose to ~12; --steps 80 runs it). The SGD grid
 starts at 2^-2 rather than 2^-3 because the --quick smoke run (20 steps, depths 2 and 4) put the SGD optimum near
 2^-1, at the far end of what three extensions from 2^-3 could reach; the extension rule would find it either way.
 
-    .venv/bin/python bench/depth_transfer.py [--quick]
+    .venv/bin/python bench/depth_transfer.py [--quick] [--steps N]
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ STARTS = {"sgd": -2.0, "adamw": -5.0}  # log2 LR; 1-octave grid +- 1 around it, 
 PARAMETRIZATIONS = ("depth_mup", "completep")
 
 
-def ladders(quick: bool) -> list[Ladder]:
+def ladders(quick: bool, steps: int) -> list[Ladder]:
     depths = (2, 4) if quick else (2, 4, 16)
     return [Ladder(family="resnet", args={"strides": [1, 2, 2]}, dataset="digits", dataset_args={}, axis="depth",
                    shapes=tuple(Shape(8, d) for d in depths), parametrizations=PARAMETRIZATIONS,
-                   budget=Budget(steps=20 if quick else 40, batch_size=32, eval_every=10_000),
+                   budget=Budget(steps=20 if quick else steps, batch_size=32, eval_every=10_000),
                    seeds=(0, 1, 2), start_log2=STARTS[optimizer], start_halfwidth=1, optimizer=optimizer)
             for optimizer in ("sgd", "adamw")]
 
@@ -86,8 +86,9 @@ the --quick smoke run put its optimum near 2^-1 (the bench's docstring).
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes to a temp dir")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per run (the protocol's 40, or more)")
     opts = parser.parse_args()
-    all_ladders = ladders(opts.quick)
+    all_ladders = ladders(opts.quick, opts.steps)
     sweep = AdaptiveSweep(all_ladders, MAX_EXTENSIONS)
     started = time.perf_counter()
     runs = run_sweep(sweep, refine=False)
@@ -97,7 +98,8 @@ def main() -> None:
     raw = {"|".join(key): {str(x): [o.loss for o in outs] for x, outs in per_x.items()}
            for key, per_x in sweep.results.items()}
     (img_dir / "depth_transfer_losses.json").write_text(json.dumps(raw, indent=1))
-    timing = (f"Command: `.venv/bin/python bench/depth_transfer.py{' --quick' if opts.quick else ''}` ({runs} training "
+    timing = (f"Command: `.venv/bin/python bench/depth_transfer.py{' --quick' if opts.quick else ''}"
+              f"{'' if opts.steps == 40 else f' --steps {opts.steps}'}` ({runs} training "
               f"runs, {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min, 2 processes at nice 5 on 2 CPU cores shared "
               "with 4 other jobs and a CI run: wall time is inflated by load)")
     body = report(all_ladders, sweep, img_dir, timing)
