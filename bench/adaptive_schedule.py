@@ -3,8 +3,8 @@
 Issue 14's protocol, fixed here before the first run of each case. Cases: (a) the generated `scales` images
 (32x32, a coarse blob and a fine 5x5 glyph, 16 classes), ViT over the product patch size {16, 8} x width
 {32, 64} (depth 2); (b) byte-level text (pytext, 128-byte windows), GPT over the product context {16, 128} x
-depth {1, 2} (width 32); both muP, AdamW, constant LR after a 2 % warm-up. (1) Proxy runs: every shape, 2
-seeds, to CAP_FLOPS, give
+depth {1, 2} (width 32); (c) the same text in 32-byte windows, GPT over width {32, 64} x depth {1, 2}; all
+muP, AdamW, constant LR after a 2 % warm-up. (1) Proxy runs: every shape, 2 seeds, to CAP_FLOPS, give
 (FLOPs, eval loss) curves; scaletune.scaling fits one law per shape (with bootstrap) and the DP plans the
 schedule to E* over moves surgery can make (one or two axes at once), predicting the saving. (2) Real runs,
 3 seeds each, stop at the first eval where the mean of the last 3 eval losses is <= E* (FLOPs and wall
@@ -17,7 +17,7 @@ the predicted best static and the reference shape. (3) Saving =
 seconds; the proxy sweep charged on its own line with its break-even. Writes its section of
 docs/benchmarks.md (cases not rerun and earlier results of the previous protocol are kept).
 
-    .venv/bin/python bench/adaptive_schedule.py [vit-scales] [gpt-text]   (default: both)
+    .venv/bin/python bench/adaptive_schedule.py [vit-scales] [gpt-text] [gpt-text-width-depth]   (default: all)
 """
 
 from __future__ import annotations
@@ -88,16 +88,25 @@ CASE = Case(
           "the blob by ~1.5e10 (loss ~1.45, near ln 4: quadrant known, glyph not); p16w32 then descends to 1.25 at "
           "4.4e10 and 1.1 at 7e10, p16w64 reaches 1.3 at ~8e10, p8w32 and p8w64 stay near 1.45 to 1e11. E* = 1.35 is "
           "the round level below the blob plateau that p16w32 reaches well inside the 5e10 cap")
-TEXT_CASE = Case(
-    "context {16, 128} x depth {1, 2} (GPT, byte-level Python text)",
-    dataset_args={"max_bytes": 2_000_000, "seq_len": 128, "eval_windows": 64}, args={"head_dim": 8},
-    shapes=product_shapes(Shape(32, 1), {"context": [16, 128], "depth": [1, 2]}), base=Shape(32, 2),
-    hparams=HParams(lr=1e-2, warmup_frac=0.02), batch=16, cap_flops=1.2e11, target_loss=None,
-    start_loss=4.0, e0=math.log(256), pilot_best="context=128,depth=2", family="gpt", dataset="pytext",
-    pilot="no pilot (2 shared cores); the rule, fixed before the first run: E* = the mean over proxy seeds of "
-          "the reference shape context=128,depth=2 (what a user would train) smoothed eval loss at the eval "
-          "nearest 60 % of the cap, so that shape reaches E* inside the cap")
-CASES = {"vit-scales": CASE, "gpt-text": TEXT_CASE}
+
+
+def text_case(name: str, seq_len: int, eval_windows: int, axes: dict[str, list[int]], reference: str) -> Case:
+    """A GPT case on byte-level Python text (pytext); E* by TARGET_AT from the reference shape's proxies."""
+    return Case(
+        name, dataset_args={"max_bytes": 2_000_000, "seq_len": seq_len, "eval_windows": eval_windows},
+        args={"head_dim": 8}, shapes=product_shapes(Shape(32, 1), axes), base=Shape(32, 2),
+        hparams=HParams(lr=1e-2, warmup_frac=0.02), batch=16, cap_flops=1.2e11, target_loss=None, start_loss=4.0,
+        e0=math.log(256), pilot_best=reference, family="gpt", dataset="pytext",
+        pilot=f"no pilot (2 shared cores); the rule, fixed before the first run: E* = the mean over proxy seeds of "
+              f"the reference shape {reference} (what a user would train) smoothed eval loss at the eval nearest "
+              "60 % of the cap, so that shape reaches E* inside the cap")
+
+
+TEXT_CASE = text_case("context {16, 128} x depth {1, 2} (GPT, byte-level Python text)", 128, 64,
+                      {"context": [16, 128], "depth": [1, 2]}, "context=128,depth=2")
+WIDTH_DEPTH_CASE = text_case("width {32, 64} x depth {1, 2} (GPT, byte-level Python text)", 32, 256,
+                             {"width": [32, 64], "depth": [1, 2]}, "width=64,depth=2")
+CASES = {"vit-scales": CASE, "gpt-text": TEXT_CASE, "gpt-text-width-depth": WIDTH_DEPTH_CASE}
 TARGET_AT = 0.6  # TARGET_RULE: E* is the reference shape's smoothed proxy loss at this fraction of the cap
 
 
