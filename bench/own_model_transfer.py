@@ -11,9 +11,10 @@ CompleteP, which at fixed depth is muP) and depth ladder 2 -> 8 at width 64 (Com
 that round's LRs: 1-octave steps around a start, extended while the minimum sits at an edge, then the
 half-octave neighbours of the minimum; the optimum is the transfer check's parabola. Then a width coordinate
 check of the same model (CompleteP, widths 64..512), in-process as `scaletune coord-check --factory` runs it.
-Writes its section of docs/benchmarks.md and plots to docs/img/; ``--quick`` checks the pipeline at small size.
+Writes its section of docs/benchmarks.md and plots to docs/img/; ``--quick`` checks the pipeline at small size;
+``--seeds N`` runs every LR point with N seeds (init and data order; the seed is the studies' own hyperparameter).
 
-    .venv/bin/python bench/own_model_transfer.py [--quick]
+    .venv/bin/python bench/own_model_transfer.py [--quick] [--seeds N]
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import math
 import os
 import time
 from dataclasses import dataclass
+
+import torch
 
 from api_load import free_port, fresh_database, start_api  # also puts the checkout on sys.path
 from common import IMG, PARAM_OPTIONS, make_pool, markdown_table, single_thread, write_section
@@ -89,20 +92,26 @@ def start_of(parametrization: str, shape: Shape) -> float:
 
 
 def run_trial(trial: Trial, budget: Budget) -> None:
-    """One asked trial, as a user's script runs it: build through the study, train, tell the final eval loss."""
+    """One asked trial, as a user's script runs it: build through the study (init from the trial's seed), train,
+    tell the final eval loss."""
     with trial:
+        seed = int(trial.params["seed"])
+        torch.manual_seed(seed)
         built = trial.build(gpt2)
         hp = HParams(lr=trial.params["lr"], warmup_frac=WARMUP_FRAC)
-        result = train(built.model, built.param_groups, pytext(), budget, hp, "adamw", flops_per_sample=0.0, seed=0)
+        result = train(built.model, built.param_groups, pytext(), budget, hp, "adamw", flops_per_sample=0.0,
+                       seed=seed)
         trial.tell(result.final_eval_loss if result.status == "completed" else math.nan)  # NaN: recorded diverged
 
 
-def run_round(client: Client, parametrization: str, shape: Shape, xs: list[float], budget: Budget
-              ) -> dict[float, float | None]:
-    """One study whose grid is these log2 LRs, drained by asking; {log2 lr: loss recorded, None if diverged}."""
+def run_round(client: Client, parametrization: str, shape: Shape, xs: list[float], seeds: list[int],
+              budget: Budget) -> dict[tuple[float, int], float | None]:
+    """One study whose grid is these log2 LRs x seeds (the seed is the study's own hyperparameter), drained by
+    asking; {(log2 lr, seed): loss recorded, None if diverged}."""
     spec = {"name": f"own-gpt2-{parametrization}-w{shape.width}-d{shape.depth}", "kind": "external",
-            "search_space": {"lr": {"type": "categorical", "choices": [2.0 ** x for x in xs]}},
-            "objective": {"direction": "minimize"}, "n_trials": len(xs), "parallelism": 1,
+            "search_space": {"lr": {"type": "categorical", "choices": [2.0 ** x for x in xs]},
+                             "seed": {"type": "categorical", "choices": seeds}},
+            "objective": {"direction": "minimize"}, "n_trials": len(xs) * len(seeds), "parallelism": 1,
             "sampler": {"name": "grid", "seed": 0}, "pruner": {"name": "none"},
             "parametrization": parametrization, "optimizer": "adamw", "parametrization_options": PARAM_OPTIONS,
             "model": {"base": BASE.to_dict(), "proxy": shape.to_dict()}}
@@ -113,26 +122,28 @@ def run_round(client: Client, parametrization: str, shape: Shape, xs: list[float
         except Conflict:  # nothing left to ask: every grid point told
             break
         run_trial(trial, budget)
-    recorded = {round(math.log2(t.params["lr"]), 6): t.value if t.state == "complete" else None
-                for t in client.trials(study_id, limit=len(xs)).items if t.params is not None}
-    if sorted(recorded) != sorted(xs):  # each grid point handed out exactly once
-        raise RuntimeError(f"study {study_id} recorded log2 LRs {sorted(recorded)}, asked for {sorted(xs)}")
+    recorded = {(round(math.log2(t.params["lr"]), 6), int(t.params["seed"])): t.value if t.state == "complete"
+                else None for t in client.trials(study_id, limit=len(xs) * len(seeds)).items if t.params is not None}
+    asked = sorted((x, seed) for x in xs for seed in seeds)
+    if sorted(recorded) != asked:  # each grid point handed out exactly once
+        raise RuntimeError(f"study {study_id} recorded (log2 LR, seed) {sorted(recorded)}, asked for {asked}")
     return recorded
 
 
-def sweep(task: tuple[str, str, Shape, Budget]) -> list[tuple[float, float | None]]:
-    """Adaptive log2-LR sweep of one (parametrization, size) through the service: [(log2 lr, loss)]."""
-    url, parametrization, shape, budget = task
-    done: dict[float, float | None] = {}
+def sweep(task: tuple[str, str, Shape, list[int], Budget]) -> list[tuple[float, int, float | None]]:
+    """Adaptive log2-LR sweep of one (parametrization, size) through the service: [(log2 lr, seed, loss)]."""
+    url, parametrization, shape, seeds, budget = task
+    done: dict[float, list[float | None]] = {}
 
     def loss(x: float) -> float:
-        value = done[x]
-        return math.inf if value is None else value
+        losses = done[x]
+        return math.inf if any(v is None for v in losses) else sum(losses) / len(losses)  # type: ignore[misc]
 
     with Client(url, retries=8) as client:
         def run(xs: list[float]) -> None:
             if new := [x for x in xs if x not in done]:
-                done.update(run_round(client, parametrization, shape, new, budget))
+                recorded = run_round(client, parametrization, shape, new, seeds, budget)
+                done.update({x: [recorded[(x, seed)] for seed in seeds] for x in new})
 
         start = start_of(parametrization, shape)
         run([start + k for k in range(-START_HALFWIDTH, START_HALFWIDTH + 1)])
@@ -147,7 +158,7 @@ def sweep(task: tuple[str, str, Shape, Budget]) -> list[tuple[float, float | Non
                 break
         best = min(done, key=loss)
         run([best - 0.5, best + 0.5])
-    return sorted(done.items())
+    return [(x, seed, value) for x, losses in sorted(done.items()) for seed, value in zip(seeds, losses)]
 
 
 def label(axis: str, shape: Shape) -> str:
@@ -163,7 +174,7 @@ def target_met(target: str, result: TransferCheckResult) -> str:
     return f"{target}: {'met' if met else 'NOT met'}"
 
 
-def landscape(swept: dict[tuple[str, Shape], list[tuple[float, float | None]]],
+def landscape(swept: dict[tuple[str, Shape], list[tuple[float, int, float | None]]],
               ladders: dict[str, dict[str, tuple[Shape, ...]]]) -> tuple[list[list[str]], object]:
     """The table rows (one per ladder and parametrization) and the figure with one landscape panel each."""
     import matplotlib
@@ -175,8 +186,8 @@ def landscape(swept: dict[tuple[str, Shape], list[tuple[float, float | None]]],
     panels = [(axis, pz) for axis, ladder in ladders.items() for pz in ladder]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for (axis, pz), ax in zip(panels, axes[0]):
-        records = [TrialRecord(label(axis, shape), shape, x, 0, loss) for shape in ladders[axis][pz]
-                   for x, loss in swept[(pz, shape)]]
+        records = [TrialRecord(label(axis, shape), shape, x, seed, loss) for shape in ladders[axis][pz]
+                   for x, seed, loss in swept[(pz, shape)]]
         result = analyse(records)
         draw(result, ax, f"HF GPT-2 {axis}, {pz}: {result.verdict}")
         optima = "<br>".join(f"{s.size}: {s.optimum_log2:+.2f}" if s.optimum_log2 is not None
@@ -192,7 +203,9 @@ def landscape(swept: dict[tuple[str, Shape], list[tuple[float, float | None]]],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="widths 64,128, depths 2,4, 4 steps; print, no docs")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per LR point (init and data order)")
     args = parser.parse_args()
+    seeds = list(range(args.seeds))
     protocol = QUICK if args.quick else FULL
     ladders, budget = protocol.ladders(), protocol.budget
     started, load = time.perf_counter(), os.getloadavg()[0]
@@ -205,7 +218,7 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             with make_pool() as pool:  # mup/completep at the base shape is SP exactly (PARAM_OPTIONS): run once
-                tasks = [(url, pz, shape, budget) for pz, shape in keys]
+                tasks = [(url, pz, shape, seeds, budget) for pz, shape in keys]
                 swept = dict(zip(keys, pool.map(sweep, tasks, chunksize=1)))
         finally:
             api.terminate()
@@ -232,13 +245,13 @@ def main() -> None:
     coord_wall = time.perf_counter() - coord_started
 
     body = "\n".join([
-        "Command: `nice -n 5 .venv/bin/python bench/own_model_transfer.py`. Protocol fixed before the run: "
+        f"Command: `nice -n 5 .venv/bin/python bench/own_model_transfer.py --seeds {args.seeds}`. Protocol: "
         f"`transformers` GPT2LMHeadModel from a GPT2Config (no weights; dropout 0; untied readout; {HEADS} heads at "
         "every width, so the head dimension grows with width), found by class by scaletune's preset (Conv1D read as "
         "(in, out); branches at `transformer.h.*.attn.c_proj` / `transformer.h.*.mlp.c_proj`; logit scale via "
         f"`attn.scaling`). pytext {DATA_ARGS}, AdamW, {budget.steps} steps, batch {budget.batch_size}, cosine, "
-        f"warmup {WARMUP_FRAC:.0%}, one seed, parametrization options {PARAM_OPTIONS}, base shape {BASE.width} x "
-        f"{BASE.depth}. **Through the agent path**: every run is a trial of an external study on a real `scaletune "
+        f"warmup {WARMUP_FRAC:.0%}, seeds {seeds} (init and data order), parametrization options "
+        f"{PARAM_OPTIONS}, base shape {BASE.width} x {BASE.depth}. **Through the agent path**: every run is a trial of an external study on a real `scaletune "
         "api` (own process, fresh PostgreSQL database), asked with `scaletune.Client`, built with `Trial.build` (the "
         "study's proxy shape and parametrization, the trial's LR), trained with scaletune's loop and told; the "
         "landscape is read back from the trials the service recorded. Adaptive sweep, one study per round (grid "
