@@ -1,7 +1,8 @@
 """A pack of attempts end to end: one Optuna load, K asks, one batched training, each member recorded as its own trial.
 
 Members whose configs differ only in values, seed and length (every trial of a tune study; a transfer check's values
-and seeds at one size; a shape-schedule grid's budgets and seeds of one shape and size) share one computation (``scaletune.packs``); the others form groups trained one after another.
+and seeds at one size; a shape-schedule grid's budgets and seeds of one shape and size) share one computation
+(``scaletune.packs``); the others form groups trained one after another.
 An exception fails every member; each is then retried on its own, with its own params, like any failed attempt.
 Packs do not checkpoint: ``train_pack`` keeps no resumable state per member, and a pack's retries need not meet
 again in one pack, so a lost pack's members start over (a study whose trials must resume sets ``pack: 1``).

@@ -16,14 +16,14 @@ import torch
 
 from scaletune.shapes import Shape
 from scaletune.surgery.depth import grow_depth, output_projections
-from scaletune.surgery.patch import change_context, change_in_place, change_patch_size
+from scaletune.surgery.patch import change_in_place, change_patch_size
 from scaletune.surgery.recipe import Recipe, Trainee
 from scaletune.surgery.width import grow_width, grow_width_random
 
 Growth = Literal["duplicate", "random"]
 GROWTH_RULES: tuple[Growth, ...] = ("duplicate", "random")
 
-__all__ = ["GROWTH_RULES", "Growth", "Recipe", "Trainee", "change_context", "change_patch_size", "grow_depth",
+__all__ = ["GROWTH_RULES", "Growth", "Recipe", "Trainee", "change_in_place", "change_patch_size", "grow_depth",
            "grow_width", "grow_width_random", "output_projections", "reshape"]
 
 

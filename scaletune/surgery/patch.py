@@ -35,7 +35,3 @@ def change_in_place(recipe: Recipe, trainee: Trainee, axis: str, value: int) -> 
 
 def change_patch_size(recipe: Recipe, trainee: Trainee, patch_size: int) -> Trainee:
     return change_in_place(recipe, trainee, "patch_size", patch_size)
-
-
-def change_context(recipe: Recipe, trainee: Trainee, context: int) -> Trainee:
-    return change_in_place(recipe, trainee, "context", context)
