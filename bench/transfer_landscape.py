@@ -12,9 +12,16 @@ depth, three seeds, 1-octave grids extended at edges; the same run sweeps the wi
 relative clipping rule, for a second section (with the global gradient norm at init per size: why a fixed
 clipping norm confounds a transfer).
 
+``--study hparams-long``: the rows of ``--study hparams`` that drifted at its 40-80 steps, again at the LR
+study's budgets (its steps per family and axis), to see whether TP5's claim fails or the budget was too short.
+Protocol fixed 2026-12-03 before the run: the ``hparams`` ladders (sizes, seeds, parametrizations, held LR,
+starts) with only the steps changed (mlp width 300, mlp depth 600, gpt width 150, gpt depth 300) and up to
+three edge extensions instead of two; rows, in the order they are kept if the CPU does not allow all:
+mlp width lr and output_mult, gpt width output_mult, gpt depth attn_mult, mlp depth weight_decay.
+
 Each study writes its own sections of docs/benchmarks.md and its plots into docs/img/.
 
-    .venv/bin/python bench/transfer_landscape.py [--study lr|hparams] [--quick]
+    .venv/bin/python bench/transfer_landscape.py [--study lr|hparams|hparams-long] [--quick]
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -175,6 +183,21 @@ def hparam_ladders(quick: bool) -> list[Ladder]:
                 continue  # no attention in the mlp
             out.append(replace(lr_ladder, hparam=hparam, start_log2=start, fixed=(("lr", 2.0 ** log2_lr),)))
     return out
+
+
+# --study hparams-long: the drifting rows, in the order they are kept, at the LR study's steps per ladder
+LONG_ROWS = (("mlp", "width", "lr"), ("mlp", "width", "output_mult"), ("gpt", "width", "output_mult"),
+             ("gpt", "depth", "attn_mult"), ("mlp", "depth", "weight_decay"))
+LONG_STEPS = {("mlp", "width"): 300, ("mlp", "depth"): 600, ("gpt", "width"): 150, ("gpt", "depth"): 300}
+LONG_EXTENSIONS = 3
+
+
+def long_hparam_ladders(quick: bool) -> list[Ladder]:
+    """The ``hparams`` ladders of LONG_ROWS with the LR study's steps (20 when quick, as there)."""
+    by_row = {(ld.family, ld.axis, ld.hparam): ld for ld in hparam_ladders(quick) if not ld.tag}
+    return [by_row[row] if quick else replace(by_row[row], budget=replace(by_row[row].budget,
+                                                                          steps=LONG_STEPS[row[:2]]))
+            for row in LONG_ROWS]
 
 
 Key = tuple[str, str, str]  # (ladder name, parametrization, size label)
@@ -335,6 +358,7 @@ muP family and along depth for depth_mup/completep; SP drifts >= 1.5 along width
 
 
 HPARAM_SECTION = "Transfer landscape per hyperparameter: does every tuned value hold across width and depth?"
+HPARAM_LONG_SECTION = "Transfer landscape per hyperparameter at the LR study's budgets: the rows that drifted"
 CLIP_SECTION = "Transfer landscape with and without gradient clipping"
 
 
@@ -353,7 +377,8 @@ def result_cells(result: TransferCheckResult) -> list[str]:
     return ["<br>".join(fmt_optimum(s) for s in result.sizes), drift, losses, result.verdict, met]
 
 
-def hparam_report(all_ladders: list[Ladder], sweep: AdaptiveSweep, img_dir: Path, timing: str) -> str:
+def hparam_report(all_ladders: list[Ladder], sweep: AdaptiveSweep, img_dir: Path, timing: str,
+                  long: bool = False) -> str:
     rows, images = [], []
     groups: dict[str, list[tuple[str, TransferCheckResult]]] = {}
     for ladder in all_ladders:
@@ -365,16 +390,37 @@ def hparam_report(all_ladders: list[Ladder], sweep: AdaptiveSweep, img_dir: Path
                      *result_cells(result)])
         groups.setdefault(f"{ladder.family}-{ladder.axis}", []).append((ladder.hparam, result))
     for name, panels in groups.items():
-        images.append(figure(panels, img_dir / f"transfer_landscape_hparams_{name}.png"))
+        stem = "transfer_landscape_hparams_long" if long else "transfer_landscape_hparams"
+        images.append(figure(panels, img_dir / f"{stem}_{name}.png"))
     table = markdown_table(["family", "axis", "parametrization", "value swept", "LR held", "optimum log2 value "
                             "per size [bootstrap 95%]", "drift (oct) [95%]", "best loss per size", "verdict",
                             "drift <= 0.5"], rows)
+    pictures = "\n".join(f"![{p.stem}](img/{p.name})" for p in images)
+    if long:
+        ladders_run = "\n".join(
+            f"- `{ld.family}-{ld.axis}` {ld.hparam}: sizes {', '.join(ld.label(s) for s in ld.shapes)}, "
+            f"{ld.parametrizations[0]}, {ld.budget.steps} steps, batch {ld.budget.batch_size}, {len(ld.seeds)} seeds"
+            for ld in all_ladders)
+        return f"""{timing}.
+
+Protocol, fixed before the run: the rows of the per-hyperparameter section that drifted (or moved by more
+than the tolerance) at its 40-80 steps, again with that section's ladders, seeds, held LR and starts, but at
+the LR study's steps per family and axis, and with up to {LONG_EXTENSIONS} edge extensions (was {HPARAM_EXTENSIONS}).
+Grid: log2 of the value, 1-octave steps, the start +- 1 octave; no half-octave refinement. The verdict is the
+transfer check's (`holds` needs every drift's 95% interval within +-0.5 octave); the target, TP5's claim, is
+|drift| <= 0.5 octave.
+
+{ladders_run}
+
+{table}
+
+{pictures}
+"""
     setup = "\n".join(
         f"- `{ld.family}-{ld.axis}`: {ld.dataset} {ld.dataset_args or ''}, args {ld.args or '{}'}, sizes "
         f"{', '.join(ld.label(s) for s in ld.shapes)}, {ld.parametrizations[0]}, AdamW, {ld.budget.steps} steps, "
         f"batch {ld.budget.batch_size}, cosine, {len(ld.seeds)} seeds"
         for ld in all_ladders if ld.hparam == "lr" and not ld.tag)
-    pictures = "\n".join(f"![{p.stem}](img/{p.name})" for p in images)
     return f"""{timing}.
 
 Protocol, fixed before the run: every value a transfer check can vary, one row each, on each family's
@@ -465,25 +511,29 @@ def run_sweep(sweep: AdaptiveSweep, refine: bool) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", choices=("lr", "hparams"), default="lr")
+    parser.add_argument("--study", choices=("lr", "hparams", "hparams-long"), default="lr")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (~1-2 min); writes to a temp dir")
     opts = parser.parse_args()
-    hparams = opts.study == "hparams"
-    all_ladders = hparam_ladders(opts.quick) if hparams else ladders(opts.quick)
-    sweep = AdaptiveSweep(all_ladders, HPARAM_EXTENSIONS if hparams else MAX_EXTENSIONS)
+    hparams, long = opts.study == "hparams", opts.study == "hparams-long"
+    all_ladders = (hparam_ladders(opts.quick) if hparams else long_hparam_ladders(opts.quick) if long
+                   else ladders(opts.quick))
+    sweep = AdaptiveSweep(all_ladders, HPARAM_EXTENSIONS if hparams else LONG_EXTENSIONS if long else MAX_EXTENSIONS)
     started = time.perf_counter()
-    runs = run_sweep(sweep, refine=not hparams)
+    runs = run_sweep(sweep, refine=not (hparams or long))
     wall = time.perf_counter() - started
     cpu = sum(o.cpu_seconds for per_x in sweep.results.values() for outs in per_x.values() for o in outs)
     img_dir = Path(tempfile.mkdtemp(prefix="transfer_landscape_")) if opts.quick else IMG
     raw = {"|".join(key): {str(x): [o.loss for o in outs] for x, outs in per_x.items()}
            for key, per_x in sweep.results.items()}
     (img_dir / f"transfer_landscape_{opts.study}_losses.json").write_text(json.dumps(raw, indent=1))
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     timing = (f"Command: `.venv/bin/python bench/transfer_landscape.py --study {opts.study}"
               f"{' --quick' if opts.quick else ''}` ({runs} training runs, {wall / 60:.1f} min wall, "
-              f"{cpu / 60:.1f} CPU-min, 2 processes at nice 5 on 2 CPU cores shared with 4 other jobs and a CI run: "
-              "wall time is inflated by load)")
-    if hparams:
+              f"{cpu / 60:.1f} CPU-min, 2 processes at nice {os.nice(0)} on 2 CPU cores shared with other jobs, load "
+              f"average (1/5/15 min) {load} at the end: wall time is inflated by load)")
+    if long:
+        sections = {HPARAM_LONG_SECTION: hparam_report(all_ladders, sweep, img_dir, timing, long=True)}
+    elif hparams:
         sections = {HPARAM_SECTION: hparam_report(all_ladders, sweep, img_dir, timing),
                     CLIP_SECTION: clipping_report(all_ladders, sweep, img_dir, timing)}
     else:
