@@ -101,7 +101,8 @@ on digits (8x8, 10 classes), depths {', '.join(map(str, depths))} blocks per sta
 {ladder.budget.batch_size}, cosine, warmup 5%, 3 seeds. depth_mup multiplies each residual branch by (L/2)^-1/2
 (Bordelon et al.'s 1/sqrt(L); residual constant beta_0 = 1) and completep by (L/2)^-1; SGD LR has depth factor
 r^(2 alpha - 1) (1 for alpha = 1/2, the paper's constant SGD LR), Adam r^(alpha - 1).
-SGD momentum 0.9. Options {PARAM_OPTIONS}; block readouts not zeroed; no gradient clipping. Grid: log2 LR, 1-octave steps, start 2^{STARTS['sgd']:g} (SGD) / 2^{STARTS['adamw']:g} (Adam)
+SGD momentum 0.9. Options {PARAM_OPTIONS}; block readouts not zeroed; no gradient clipping.
+Grid: log2 LR, 1-octave steps, start 2^{STARTS['sgd']:g} (SGD) / 2^{STARTS['adamw']:g} (Adam)
 +- 1 octave, extended by an octave (up to {MAX_EXTENSIONS}) while the seed-mean minimum sits at an edge.
 Target: |drift| <= 0.5 octave over {depths[-1] // depths[0]}x depth; the verdict is the transfer check's. Reduced \
 before the first full run to fit the shared machine: {reduced} an octave higher than first written because
