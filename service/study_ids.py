@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,8 +57,12 @@ def short_ids(session: Session, ids: Sequence[str], tenant: str | None) -> dict[
     heads = {study_id[:SHORT_ID_LENGTH] for study_id in ids}
     near = session.scalars(_visible(select(Study.id).where(func.substr(Study.id, 1, SHORT_ID_LENGTH).in_(heads)),
                                     tenant)).all()
+    by_head: dict[str, list[str]] = defaultdict(list)
+    for other in near:
+        by_head[other[:SHORT_ID_LENGTH]].append(other)
     shortest = {}
     for study_id in ids:
-        shared = [len(os.path.commonprefix([study_id, other])) for other in near if other != study_id]
+        shared = [len(os.path.commonprefix([study_id, other]))
+                  for other in by_head[study_id[:SHORT_ID_LENGTH]] if other != study_id]
         shortest[study_id] = study_id[:max([SHORT_ID_LENGTH - 1, *shared]) + 1]
     return shortest
