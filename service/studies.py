@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from service.db import SessionFactory, write_session
 from service.models import UNFINISHED_STUDY, Event, EventType, Study, StudyStatus, TrialAttempt, TrialState, new_id, utcnow
 from service.optuna_study import NAME_PREFIX, create_optuna_study, delete_optuna_study, optuna_study_name
 from service.quotas import check_concurrent_studies
-from service.kinds.registry import StudySpec, kind_of
+from service.kinds.registry import STUDY_SPEC, StudySpec, kind_of
 
 DEFAULT_TENANT = "default"
 # Optuna's own tables, in our database
@@ -164,9 +165,16 @@ def cancel_study(session_factory: SessionFactory, study_id: str, tenant: str | N
 
 def spec_warnings(spec: Any, data_root: Path | None) -> list[str]:
     """The core's warnings about a resolved spec's parametrization (depth_mup on multi-layer blocks)."""
+    return list(_warnings_of_spec(spec.model_dump_json(), data_root))
+
+
+@lru_cache(maxsize=256)
+def _warnings_of_spec(spec_json: str, data_root: Path | None) -> tuple[str, ...]:
+    """Memoised by the spec's JSON: the check builds and classifies a model (~10 ms), and every study GET asks."""
+    spec = STUDY_SPEC.validate_json(spec_json)
     model, dataset = getattr(spec, "model", None), getattr(spec, "dataset", None)
     if model is None or dataset is None or getattr(spec, "parametrization", None) is None:
-        return []
-    return parametrization_warnings(model.family, dataset_spec(dataset.name, dataset.args, data_root), model.args,
-                                    Shape(**model.base.model_dump()), spec.parametrization,
-                                    spec.parametrization_options)
+        return ()
+    return tuple(parametrization_warnings(model.family, dataset_spec(dataset.name, dataset.args, data_root),
+                                          model.args, Shape(**model.base.model_dump()), spec.parametrization,
+                                          spec.parametrization_options))
