@@ -3,14 +3,18 @@
 The model is `transformers`' GPT2LMHeadModel built from a GPT2Config (no weights), 4 heads at every width
 (so the head dimension grows 16 -> 128 and the preset's 1/d logit scale matters), on pytext. Every training run
 is a trial of an external study served by a real `scaletune api` (its own process, a fresh PostgreSQL database),
-taken as a user's code takes it: `scaletune.Client.ask`, `Trial.build` (the study's proxy shape, parametrization
-and the trial's LR; scaletune finds the preset by the model's class), scaletune's training loop, `Trial.tell`;
-the landscape is read back from the trials the service recorded. Width ladder 64 -> 512 at depth 2 (SP and
+run through the agent path as a user runs their own code: `scaletune agent STUDY_ID -- python
+bench/own_model_trial.py ...` asks the trial and starts the trial script in a fresh process, which takes it with
+`scaletune.current_trial()`, builds with `Trial.build` (the study's proxy shape, parametrization and the trial's
+LR; scaletune finds the preset by the model's class), trains with scaletune's loop, reports its eval losses and
+tells; the landscape is read back from the trials the service recorded. Width ladder 64 -> 512 at depth 2 (SP and
 CompleteP, which at fixed depth is muP) and depth ladder 2 -> 8 at width 64 (CompleteP), all from base shape
 64 x 2. Per (parametrization, size) an adaptive log2-LR sweep, each round one study whose grid sampler hands out
-that round's LRs: 1-octave steps around a start, extended while the minimum sits at an edge, then the
-half-octave neighbours of the minimum; the optimum is the transfer check's parabola. Then a width coordinate
-check of the same model (CompleteP, widths 64..512), in-process as `scaletune coord-check --factory` runs it.
+that round's LRs, served by one agent: 1-octave steps around a start, extended while the minimum sits at an
+edge, then the half-octave neighbours of the minimum; the optimum is the transfer check's parabola. Two sweeps
+run at a time. The agent path's overhead is measured from the agents' output: each trial's wall time from ask
+to end against the build-and-train time its script prints. Then a width coordinate check of the same model
+(CompleteP, widths 64..512), in-process as `scaletune coord-check --factory` runs it.
 Writes its section of docs/benchmarks.md and plots to docs/img/; ``--quick`` checks the pipeline at small size;
 ``--seeds N`` runs every LR point with N seeds (init and data order; the seed is the studies' own hyperparameter).
 
@@ -20,37 +24,41 @@ Writes its section of docs/benchmarks.md and plots to docs/img/; ``--quick`` che
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
+import re
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
-
-import torch
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from api_load import free_port, fresh_database, start_api  # also puts the checkout on sys.path
-from common import IMG, PARAM_OPTIONS, make_pool, markdown_table, single_thread, write_section
+from common import IMG, PARAM_OPTIONS, PROCESSES, ROOT, markdown_table, single_thread, write_section
+from own_model_trial import DATA_ARGS, HEADS, WARMUP_FRAC, gpt2
 
-from scaletune.client import Client, Conflict
+from scaletune.client import Client
 from scaletune.coord_check import FLAT_SLOPE, coord_check_factory
-from scaletune.data.base import Dataset
-from scaletune.data.registry import dataset_spec, get_dataset
-from scaletune.hparams import HParams
 from scaletune.shapes import Shape
-from scaletune.train import Budget, train
+from scaletune.train import Budget
 from scaletune.transfer_check import TransferCheckResult, TrialRecord, analyse, draw
-from scaletune.trial import Trial
 from service.db import upgrade_database
 
 SECTION = "Own model: Hugging Face GPT-2 through the preset"
-SEQ_LEN, HEADS = 32, 4
-DATA_ARGS = {"seq_len": SEQ_LEN, "max_bytes": 2_000_000, "eval_windows": 256}
-WARMUP_FRAC = 0.05
+TRIAL_SCRIPT = Path(__file__).resolve().with_name("own_model_trial.py")
 START_LOG2_LR, START_HALFWIDTH, MAX_EXTENSIONS = -6.0, 1, 4
 BASE = Shape(64, 2)
 TARGETS = {("width", "sp"): "drift >= 1.5", ("width", "completep"): "drift <= 0.5",
            ("depth", "completep"): "drift <= 0.5"}
 COORD_SEEDS, COORD_STEPS = 3, 4
+LOAD_EVERY_S = 30.0
+# What the agent prints when it hands a trial to the command and when the trial has ended (service/cli/agent.py),
+# and the trial script's own line.
+ASKED = re.compile(r"^trial (\d+): \{")
+ENDED = re.compile(r"^trial (\d+) ended: (\w+)$")
+TRAINED = re.compile(r"^trial (\d+): eval loss \S+; start-up ([\d.]+) CPU-s, setup ([\d.]+) s, build and train "
+                     r"([\d.]+) s$")
 
 
 @dataclass(frozen=True)
@@ -71,18 +79,77 @@ FULL = Protocol((64, 256, 512), (2, 8), Budget(steps=40, batch_size=8, eval_ever
 QUICK = Protocol((64, 128), (2, 4), Budget(steps=4, batch_size=8, eval_every=10_000))
 
 
-def gpt2(width: int, depth: int):  # noqa: ANN201 - transformers is a dev dependency, imported on use
-    from transformers import GPT2Config, GPT2LMHeadModel
+@dataclass
+class AgentTimes:
+    """Where the agent path's time went, in seconds: per agent (one per round), its start-up (process start to
+    its first trial handed out) and its whole life; per trial, ask to end as the agent saw it, and what the trial
+    script measured of it: the CPU time of its start-up (interpreter and imports), setup (`current_trial()` and loading the data, after its imports) and building and
+    training the model (the work an in-process loop would do too)."""
 
-    vocab = dataset_spec("pytext", DATA_ARGS).num_outputs
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=SEQ_LEN, n_embd=width, n_layer=depth,
-                                      n_head=HEADS, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False))
+    agent_walls: list[float] = field(default_factory=list)
+    agent_startups: list[float] = field(default_factory=list)
+    trial_walls: list[float] = field(default_factory=list)
+    startup_cpus: list[float] = field(default_factory=list)
+    setups: list[float] = field(default_factory=list)
+    trainings: list[float] = field(default_factory=list)
+
+    def add(self, other: AgentTimes) -> None:
+        for name in vars(self):
+            getattr(self, name).extend(getattr(other, name))
+
+    def summary(self) -> str:
+        n = len(self.trial_walls)
+        if n == 0 or len(self.trainings) != n:
+            return "Agent path overhead: not measured (the agents' output did not give every trial's times)."
+        wall, train, setup = sum(self.trial_walls) / n, sum(self.trainings) / n, sum(self.setups) / n
+        startup_cpu = sum(self.startup_cpus) / n
+        overhead = sum(self.agent_walls) - sum(self.trainings)
+        return (f"Agent path overhead, measured ({n} trials, {len(self.agent_walls)} agents, one per round): a trial "
+                f"took {wall:.2f} s from ask to end on average, of which its script built and trained the model for "
+                f"{train:.2f} s: {wall - train:.2f} s overhead per trial, {setup:.2f} s of it the script's "
+                f"`current_trial()` and data loading and {wall - train - setup:.2f} s starting the interpreter, "
+                f"importing (torch, transformers, scaletune: {startup_cpu:.2f} CPU-s of it), telling and exiting. An "
+                "agent took "
+                f"{sum(self.agent_startups) / len(self.agent_startups):.2f} s from its start to its first trial. "
+                f"All told {overhead / n:.2f} s per trial, {100 * overhead / sum(self.agent_walls):.0f} % of the "
+                "agents' wall time.")
 
 
-@functools.cache
-def pytext() -> Dataset:
-    return get_dataset("pytext", DATA_ARGS)
+def agent_env(url: str) -> dict[str, str]:
+    """The agent's (and so its commands') environment: this checkout's code, the API's URL, one torch thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCALETUNE_")}
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return {**env, "PYTHONPATH": path, "SCALETUNE_URL": url, "OMP_NUM_THREADS": "1"}
+
+
+def run_agent(url: str, study_id: str, budget: Budget) -> AgentTimes:
+    """`scaletune agent STUDY_ID -- python own_model_trial.py ...` until the study has nothing left to ask."""
+    command = [sys.executable, "-m", "service.cli", "agent", study_id, "--", sys.executable, str(TRIAL_SCRIPT),
+               "--steps", str(budget.steps), "--batch-size", str(budget.batch_size),
+               "--eval-every", str(budget.eval_every)]
+    times, asked = AgentTimes(), {}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=agent_env(url), stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        now, line = time.perf_counter(), line.rstrip("\n")
+        if match := TRAINED.match(line):
+            times.startup_cpus.append(float(match[2]))
+            times.setups.append(float(match[3]))
+            times.trainings.append(float(match[4]))
+            print(f"{study_id[:8]} {line}", flush=True)
+        elif match := ASKED.match(line):
+            if not times.agent_startups:
+                times.agent_startups.append(now - started)
+            asked[int(match[1])] = now
+        elif match := ENDED.match(line):
+            times.trial_walls.append(now - asked.pop(int(match[1])))
+            if match[2] != "complete":
+                raise RuntimeError(f"study {study_id}: trial {match[1]} ended {match[2]}")
+    if code := process.wait():
+        raise RuntimeError(f"the agent for study {study_id} exited with code {code}")
+    times.agent_walls.append(time.perf_counter() - started)
+    return times
 
 
 def start_of(parametrization: str, shape: Shape) -> float:
@@ -91,23 +158,10 @@ def start_of(parametrization: str, shape: Shape) -> float:
     return START_LOG2_LR - (math.log2(shape.width / BASE.width) if parametrization == "sp" else 0.0)
 
 
-def run_trial(trial: Trial, budget: Budget) -> None:
-    """One asked trial, as a user's script runs it: build through the study (init from the trial's seed), train,
-    tell the final eval loss."""
-    with trial:
-        seed = int(trial.params["seed"])
-        torch.manual_seed(seed)
-        built = trial.build(gpt2)
-        hp = HParams(lr=trial.params["lr"], warmup_frac=WARMUP_FRAC)
-        result = train(built.model, built.param_groups, pytext(), budget, hp, "adamw", flops_per_sample=0.0,
-                       seed=seed)
-        trial.tell(result.final_eval_loss if result.status == "completed" else math.nan)  # NaN: recorded diverged
-
-
 def run_round(client: Client, parametrization: str, shape: Shape, xs: list[float], seeds: list[int],
-              budget: Budget) -> dict[tuple[float, int], float | None]:
-    """One study whose grid is these log2 LRs x seeds (the seed is the study's own hyperparameter), drained by
-    asking; {(log2 lr, seed): loss recorded, None if diverged}."""
+              budget: Budget, times: AgentTimes) -> dict[tuple[float, int], float | None]:
+    """One study whose grid is these log2 LRs x seeds (the seed is the study's own hyperparameter), served by one
+    agent; {(log2 lr, seed): loss recorded, None if diverged}."""
     spec = {"name": f"own-gpt2-{parametrization}-w{shape.width}-d{shape.depth}", "kind": "external",
             "search_space": {"lr": {"type": "categorical", "choices": [2.0 ** x for x in xs]},
                              "seed": {"type": "categorical", "choices": seeds}},
@@ -116,24 +170,24 @@ def run_round(client: Client, parametrization: str, shape: Shape, xs: list[float
             "parametrization": parametrization, "optimizer": "adamw", "parametrization_options": PARAM_OPTIONS,
             "model": {"base": BASE.to_dict(), "proxy": shape.to_dict()}}
     study_id = client.submit(spec).id
-    while True:
-        try:
-            trial = client.ask(study_id)
-        except Conflict:  # nothing left to ask: every grid point told
-            break
-        run_trial(trial, budget)
-    recorded = {(round(math.log2(t.params["lr"]), 6), int(t.params["seed"])): t.value if t.state == "complete"
-                else None for t in client.trials(study_id, limit=len(xs) * len(seeds)).items if t.params is not None}
+    times.add(run_agent(client.url, study_id, budget))
+    trials = client.trials(study_id, limit=len(xs) * len(seeds) + 10).items
+    if failed := [t for t in trials if t.state != "complete"]:
+        raise RuntimeError(f"study {study_id}: trials not complete: {[(t.number, t.state) for t in failed]}")
+    recorded = {(round(math.log2(t.params["lr"]), 6), int(t.params["seed"])): t.value
+                for t in trials if t.params is not None}
     asked = sorted((x, seed) for x in xs for seed in seeds)
-    if sorted(recorded) != asked:  # each grid point handed out exactly once
+    if sorted(recorded) != asked or len(trials) != len(asked):  # each grid point handed out exactly once
         raise RuntimeError(f"study {study_id} recorded (log2 LR, seed) {sorted(recorded)}, asked for {asked}")
     return recorded
 
 
-def sweep(task: tuple[str, str, Shape, list[int], Budget]) -> list[tuple[float, int, float | None]]:
-    """Adaptive log2-LR sweep of one (parametrization, size) through the service: [(log2 lr, seed, loss)]."""
+def sweep(task: tuple[str, str, Shape, list[int], Budget]) -> tuple[list[tuple[float, int, float | None]], AgentTimes]:
+    """Adaptive log2-LR sweep of one (parametrization, size) through the service: [(log2 lr, seed, loss)] and the
+    agents' times."""
     url, parametrization, shape, seeds, budget = task
     done: dict[float, list[float | None]] = {}
+    times = AgentTimes()
 
     def loss(x: float) -> float:
         losses = done[x]
@@ -142,7 +196,7 @@ def sweep(task: tuple[str, str, Shape, list[int], Budget]) -> list[tuple[float, 
     with Client(url, retries=8) as client:
         def run(xs: list[float]) -> None:
             if new := [x for x in xs if x not in done]:
-                recorded = run_round(client, parametrization, shape, new, seeds, budget)
+                recorded = run_round(client, parametrization, shape, new, seeds, budget, times)
                 done.update({x: [recorded[(x, seed)] for seed in seeds] for x in new})
 
         start = start_of(parametrization, shape)
@@ -158,7 +212,7 @@ def sweep(task: tuple[str, str, Shape, list[int], Budget]) -> list[tuple[float, 
                 break
         best = min(done, key=loss)
         run([best - 0.5, best + 0.5])
-    return [(x, seed, value) for x, losses in sorted(done.items()) for seed, value in zip(seeds, losses)]
+    return [(x, seed, value) for x, losses in sorted(done.items()) for seed, value in zip(seeds, losses)], times
 
 
 def label(axis: str, shape: Shape) -> str:
@@ -208,7 +262,7 @@ def main() -> None:
     seeds = list(range(args.seeds))
     protocol = QUICK if args.quick else FULL
     ladders, budget = protocol.ladders(), protocol.budget
-    started, load = time.perf_counter(), os.getloadavg()[0]
+    started, loads = time.perf_counter(), [os.getloadavg()[0]]
     keys = sorted({(pz, shape) for ladder in ladders.values() for pz, shapes in ladder.items() for shape in shapes
                    if not (pz == "sp" and shape == BASE)}, key=lambda k: -k[1].width ** 2 * k[1].depth)
     with fresh_database() as (db_url, name):
@@ -217,13 +271,20 @@ def main() -> None:
         api = start_api(db_url, port, home=f"/tmp/{name}")
         try:
             url = f"http://127.0.0.1:{port}"
-            with make_pool() as pool:  # mup/completep at the base shape is SP exactly (PARAM_OPTIONS): run once
-                tasks = [(url, pz, shape, seeds, budget) for pz, shape in keys]
-                swept = dict(zip(keys, pool.map(sweep, tasks, chunksize=1)))
+            with ThreadPoolExecutor(PROCESSES) as pool:  # mup/completep at the base shape is SP exactly: run once
+                futures = [pool.submit(sweep, (url, pz, shape, seeds, budget)) for pz, shape in keys]
+                while wait(futures, timeout=LOAD_EVERY_S).not_done:
+                    loads.append(os.getloadavg()[0])
+                results = [f.result() for f in futures]
         finally:
             api.terminate()
             api.wait(timeout=30)
     sweep_wall = time.perf_counter() - started
+    loads.append(os.getloadavg()[0])
+    swept = {key: points for key, (points, _) in zip(keys, results)}
+    times = AgentTimes()
+    for _, each in results:
+        times.add(each)
     swept[("sp", BASE)] = swept[("completep", BASE)]
     runs = sum(len(v) for k, v in swept.items() if k != ("sp", BASE))
 
@@ -245,22 +306,25 @@ def main() -> None:
     coord_wall = time.perf_counter() - coord_started
 
     body = "\n".join([
-        f"Command: `nice -n 5 .venv/bin/python bench/own_model_transfer.py --seeds {args.seeds}`. Protocol: "
-        f"`transformers` GPT2LMHeadModel from a GPT2Config (no weights; dropout 0; untied readout; {HEADS} heads at "
-        "every width, so the head dimension grows with width), found by class by scaletune's preset (Conv1D read as "
-        "(in, out); branches at `transformer.h.*.attn.c_proj` / `transformer.h.*.mlp.c_proj`; logit scale via "
-        f"`attn.scaling`). pytext {DATA_ARGS}, AdamW, {budget.steps} steps, batch {budget.batch_size}, cosine, "
-        f"warmup {WARMUP_FRAC:.0%}, seeds {seeds} (init and data order), parametrization options "
-        f"{PARAM_OPTIONS}, base shape {BASE.width} x {BASE.depth}. **Through the agent path**: every run is a trial of an external study on a real `scaletune "
-        "api` (own process, fresh PostgreSQL database), asked with `scaletune.Client`, built with `Trial.build` (the "
-        "study's proxy shape and parametrization, the trial's LR), trained with scaletune's loop and told; the "
-        "landscape is read back from the trials the service recorded. Adaptive sweep, one study per round (grid "
+        f"Command: `nice -n {os.nice(0)} .venv/bin/python bench/own_model_transfer.py --seeds {args.seeds}`. "
+        f"Protocol: `transformers` GPT2LMHeadModel from a GPT2Config (no weights; dropout 0; untied readout; {HEADS} "
+        "heads at every width, so the head dimension grows with width), found by class by scaletune's preset "
+        "(Conv1D read as (in, out); branches at `transformer.h.*.attn.c_proj` / `transformer.h.*.mlp.c_proj`; logit "
+        f"scale via `attn.scaling`). pytext {DATA_ARGS}, AdamW, {budget.steps} steps, batch {budget.batch_size}, "
+        f"cosine, warmup {WARMUP_FRAC:.0%}, seeds {seeds} (init and data order), parametrization options "
+        f"{PARAM_OPTIONS}, base shape {BASE.width} x {BASE.depth}. **Through the agent path**: every run is a trial "
+        "of an external study on a real `scaletune api` (own process, fresh PostgreSQL database), run by `scaletune "
+        "agent STUDY_ID -- python bench/own_model_trial.py` (one agent per study, each trial a fresh process): the "
+        "trial script takes its trial with `scaletune.current_trial()`, builds with `Trial.build` (the study's proxy "
+        "shape and parametrization, the trial's LR), trains with scaletune's loop, reports its eval loss and tells; "
+        "the landscape is read back from the trials the service recorded. Adaptive sweep, one study per round (grid "
         f"sampler over that round's LRs): start 2^{START_LOG2_LR:g} (SP: 2^{START_LOG2_LR:g} / (width/{BASE.width}), "
         f"its expected 1/width rule) +- {START_HALFWIDTH} octave in 1-octave steps, extended up to "
         f"{MAX_EXTENSIONS} times while the minimum is at an edge, then +-0.5 octave around the minimum; optimum = "
         "parabola through the minimum and its neighbours (scaletune.transfer_check). "
-        f"2 worker processes, 1 torch thread each, on 2 cores shared with other jobs (load average "
-        f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end).",
+        f"{PROCESSES} sweeps at a time (so {PROCESSES} agents, each running one trial process with 1 torch thread), "
+        f"on 2 cores shared with other jobs (load average {loads[0]:.1f} at the start, {loads[-1]:.1f} at the end, "
+        f"{min(loads):.1f}-{max(loads):.1f} sampled every {LOAD_EVERY_S:g} s).",
         "",
         markdown_table(["axis", "parametrization", "optimum log2 LR", "drift (octaves)", "best loss per size",
                         "at grid edge", "target"], rows),
@@ -271,6 +335,8 @@ def main() -> None:
         f"{'met' if coord.max_abs_slope <= FLAT_SLOPE else 'NOT met'}.",
         "",
         f"{runs} training runs in {sweep_wall / 60:.1f} min wall; coordinate check {coord_wall / 60:.1f} min.",
+        "",
+        times.summary(),
         "",
         *(f"![{p.stem}](img/{p.name})" for p in figures),
     ])
