@@ -119,7 +119,7 @@ class TrialOut(BaseModel):
     def of(cls, attempt: TrialAttempt) -> TrialOut:
         return cls(id=attempt.id, number=attempt.number, attempt=attempt.attempt, retry_of=attempt.retry_of,
                    state=attempt.state, params=attempt.params, value=attempt.value,
-                   intermediate=[EvalPointOut.model_validate(p) for p in attempt.intermediate],
+                   intermediate=attempt.intermediate,
                    failure_reason=attempt.failure_reason, worker=attempt.worker, queued_at=attempt.queued_at,
                    started_at=attempt.started_at, finished_at=attempt.finished_at, duration_s=attempt.seconds,
                    flops=attempt.flops)
