@@ -30,7 +30,7 @@ class ScheduleConstraints:
     ``allowed``: None (any shape may follow any other), a predicate ``allowed(src, dst)`` or a graph
     ``{src: {dst, ...}}`` (e.g. grow only, width <= 2x per step, patch size decreasing).
     ``switch_flops``: measured overhead kappa per move (missing moves cost 0).
-    ``min_segment_flops``: every segment of a schedule that switches must use at least this much compute.
+    ``min_segment_flops``: every segment of a schedule that switches must use more than this much compute.
     ``no_switch_below``: no switch at losses below this level (the lowest loss the proxies observed).
     """
 
@@ -173,8 +173,10 @@ def _optimal_path(g: np.ndarray, grid: np.ndarray, move_cost: np.ndarray,
     bounded = cons.max_switches is not None
     n_layers = (cons.max_switches + 1) if bounded else 2
     finite = np.isfinite(g)
-    # Last grid start j < k such that a segment j -> k in s uses at least min_segment_flops.
-    last_start = np.stack([np.searchsorted(g[:, s], g[:, s] - cons.min_segment_flops, side="right") - 1
+    # Last grid start j < k such that a segment j -> k in s uses more than min_segment_flops: never none, since
+    # a law reaches the losses above its value at zero compute for free, and a free phase would grow the
+    # untrained model at step 0.
+    last_start = np.stack([np.searchsorted(g[:, s], g[:, s] - cons.min_segment_flops, side="left") - 1
                            for s in range(n_shapes)], axis=1)
     last_start = np.minimum(last_start, np.arange(n)[:, None] - 1)
     enter = np.full((n, n_layers, n_shapes), np.inf)

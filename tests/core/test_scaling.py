@@ -206,6 +206,17 @@ def test_max_switches_and_minimum_segment_length_are_respected():
     assert all(s.c_exit - s.c_enter >= minimum for s in long.segments)
 
 
+def test_no_phase_of_a_schedule_costs_no_compute():
+    """A law whose value at zero compute lies below the start loss reaches the first losses 'for free'. A phase
+    that ends there would grow the untrained small model at step 0 (a worse init for the large one), so a
+    schedule that switches spends compute in every phase (before this rule, this plan began with a free phase)."""
+    laws = {"small": SaturatingPowerLaw(e_inf=2.0, a=0.5, b=0.5, d=4.0),  # E(0) = 2.25, plateaus at 2.0
+            "large": SaturatingPowerLaw(e_inf=0.5, a=1.0, b=0.5)}
+    assert laws["small"].flops_to_reach(2.3) == 0.0
+    schedule = plan_schedule(laws, 1.0, start_loss=2.5)
+    assert all(s.c_exit > s.c_enter for s in schedule.segments), schedule.segments
+
+
 def test_budget_mode_inverts_target_mode():
     laws = {"coarse": COARSE, "fine": FINE}
     by_target = plan_schedule(laws, 1.08, 3.0)
