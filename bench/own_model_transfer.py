@@ -83,8 +83,8 @@ QUICK = Protocol((64, 128), (2, 4), Budget(steps=4, batch_size=8, eval_every=10_
 class AgentTimes:
     """Where the agent path's time went, in seconds: per agent (one per round), its start-up (process start to
     its first trial handed out) and its whole life; per trial, ask to end as the agent saw it, and what the trial
-    script measured of it: the CPU time of its start-up (interpreter and imports), setup (`current_trial()` and loading the data, after its imports) and building and
-    training the model (the work an in-process loop would do too)."""
+    script measured of it: the CPU time of its start-up (interpreter and imports), setup (`current_trial()` and
+    loading the data) and building and training the model (the work an in-process loop would do too)."""
 
     agent_walls: list[float] = field(default_factory=list)
     agent_startups: list[float] = field(default_factory=list)
@@ -108,9 +108,9 @@ class AgentTimes:
                 f"took {wall:.2f} s from ask to end on average, of which its script built and trained the model for "
                 f"{train:.2f} s: {wall - train:.2f} s overhead per trial, {setup:.2f} s of it the script's "
                 f"`current_trial()` and data loading and {wall - train - setup:.2f} s starting the interpreter, "
-                f"importing (torch, transformers, scaletune: {startup_cpu:.2f} CPU-s of it), telling and exiting. An "
-                "agent took "
-                f"{sum(self.agent_startups) / len(self.agent_startups):.2f} s from its start to its first trial. "
+                f"importing (torch, transformers, scaletune: {startup_cpu:.2f} CPU-s of it), telling and exiting. "
+                f"An agent took {sum(self.agent_startups) / len(self.agent_startups):.2f} s from its start to its "
+                "first trial. "
                 f"All told {overhead / n:.2f} s per trial, {100 * overhead / sum(self.agent_walls):.0f} % of the "
                 "agents' wall time.")
 
