@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +37,7 @@ from service.spec import Loc, ResolvedShapeSchedule, ShapeScheduleSpec
 
 N_BOOTSTRAP = 30  # refits per shape: a coarse 90% interval, but a GET must answer in seconds on a CPU
 FIT_CACHE_SIZE = 64  # sets of runs whose fits are kept (a few KB each)
+PLAN_CACHE_SIZE = 64  # planned schedules kept, one per (spec, runs, query)
 GRID_AXES = ("value_index", "size_index", "seed", "budget_index")
 CURVE_POINTS = 60  # samples along a fitted curve
 PATH_POINTS = 24  # samples along one schedule segment
@@ -105,7 +106,7 @@ def executable_moves(spec: ResolvedShapeSchedule) -> ScheduleConstraints:
 
 
 def _project(spec: ResolvedShapeSchedule, query: ScheduleQuery, runs: dict[str, dict[float, list[Run]]],
-             fits: dict[str, FitResult], start_loss: float, data: DataSpec) -> Projection:
+             fits: dict[str, FitResult], start_loss: float, data: DataSpec, n_bootstrap: int) -> Projection:
     """Tier A (a Chinchilla law per shape over >= 3 proxy sizes) or tier B (one compute factor, heuristic)."""
     family, args = get_family(spec.model.family), spec.model.args
     targets = _target_shapes(spec, query)
@@ -127,7 +128,7 @@ def _project(spec: ResolvedShapeSchedule, query: ScheduleQuery, runs: dict[str, 
                          target_index: family.train_flops_per_sample(targets[label], data, args)}
                  for label, i in labels.items()}
         return project_tier_a(by_index, table, target_index, start_loss, query.target_loss, query.budget_flops,
-                              constraints=moves, n_bootstrap=N_BOOTSTRAP)
+                              constraints=moves, n_bootstrap=n_bootstrap)
     first = next(iter(fits))
     proxy = spec.point_shape(base_shape(spec), 0, sizes[0])
     kappa = family.train_flops_per_sample(targets[first], data, args) / family.train_flops_per_sample(proxy, data, args)
@@ -156,22 +157,45 @@ class Plan:
     projection: Projection | None
 
 
+@dataclass(frozen=True)
+class _StoredSpec:
+    """A spec hashed and compared by its stored JSON (pydantic models are not hashable), so it can key a cache."""
+
+    json: str
+    spec: ResolvedShapeSchedule = field(compare=False)
+
+
+FrozenRuns = tuple[tuple[str, tuple[tuple[float, tuple[Run, ...]], ...]], ...]
+
+
 def plan(spec: ResolvedShapeSchedule, attempts: Iterable[TrialAttempt], query: ScheduleQuery, data: DataSpec) -> Plan:
     """Fit a law per shape and plan the cheapest schedule surgery can execute.
 
-    Raises NotEnoughRuns before two shapes have runs, ValueError when the target cannot be reached.
+    The plan is kept per (spec, completed proxy runs, query, data): repeated GETs on a finished sweep reuse it
+    instead of redoing the DP (or projection); a newly finished run changes the runs, so the key, and the plan
+    is recomputed. Raises NotEnoughRuns before two shapes have runs, ValueError when the target cannot be reached.
     """
     runs = runs_by_shape(spec, attempts)
+    frozen = tuple((label, tuple((size, tuple(size_runs)) for size, size_runs in by_size.items()))
+                   for label, by_size in runs.items())
+    return _plan_of(_StoredSpec(spec.model_dump_json(), spec), frozen, query, data, N_BOOTSTRAP)
+
+
+@lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _plan_of(stored: _StoredSpec, frozen: FrozenRuns, query: ScheduleQuery, data: DataSpec,
+             n_bootstrap: int) -> Plan:
+    spec = stored.spec
+    runs = {label: {size: list(size_runs) for size, size_runs in by_size} for label, by_size in frozen}
     at_proxy = {label: by_size[spec.sizes[0]] for label, by_size in runs.items() if spec.sizes[0] in by_size}
     if len(at_proxy) < 2:
         raise NotEnoughRuns(f"need completed runs of at least two shapes at size {spec.sizes[0]}, have {len(at_proxy)}")
-    fits = cached_fits(at_proxy, N_BOOTSTRAP)
+    fits = cached_fits(at_proxy, n_bootstrap)
     start_loss = max(fit.loss_range[1] for fit in fits.values())
     if query.target_width is None and query.target_depth is None:
         report = schedule_from_fits(fits, start_loss, query.target_loss, query.budget_flops,
                                     constraints=executable_moves(spec))
         return Plan(fits, start_loss, report, None)
-    projection = _project(spec, query, runs, fits, start_loss, data)
+    projection = _project(spec, query, runs, fits, start_loss, data, n_bootstrap)
     return Plan(fits, start_loss, projection.report, projection)
 
 

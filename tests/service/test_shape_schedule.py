@@ -170,6 +170,27 @@ def test_the_fits_are_kept_until_a_finished_trial_changes_the_runs(
     assert again == first and other.status_code == 200 and len(fitted) == 1
 
 
+def test_the_schedule_is_kept_until_a_finished_trial_changes_the_runs(
+        client: TestClient, ctx: WorkerContext, finished_study: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    planned: list[float] = []
+    dp = shape_schedule.schedule_from_fits
+    monkeypatch.setattr(shape_schedule, "schedule_from_fits",
+                        lambda fits, start, target, budget, **kw: planned.append(budget) or dp(fits, start, target,
+                                                                                             budget, **kw))
+    trials = client.get(f"/v1/studies/{finished_study}/trials").json()["items"]
+    budget = sorted(t["flops"] for t in trials)[len(trials) // 2] * 1.003  # a query no other test plans
+    url = f"/v1/studies/{finished_study}/schedule"
+    first = client.get(url, params={"budget_flops": budget}).json()
+    again = client.get(url, params={"budget_flops": budget}).json()
+    assert planned == [budget] and again == first and first["fits"]["width=8"]["n_runs"] == 2
+    with write_session(ctx.session_factory) as session:  # a third seed of width 8 finishes: new runs, a new plan
+        session.add_all(TrialAttempt(study_id=finished_study, number=200 + i, state=TrialState.complete,
+                                     params={**t["params"], "seed": 2}, value=t["value"] * 1.02, flops=t["flops"])
+                        for i, t in enumerate(trials) if t["params"]["value_index"] == 0 and t["params"]["seed"] == 0)
+    after = client.get(url, params={"budget_flops": budget}).json()
+    assert planned == [budget, budget] and after["fits"]["width=8"]["n_runs"] == 3
+
+
 BAD_QUERIES: list[tuple[dict[str, Any], str]] = [
     ({}, "exactly one of"), ({"target_loss": 1.0, "budget_flops": 1e9}, "exactly one of"),
     ({"target_loss": 1.0, "target_width": 64}, "the schedule's to choose"),
