@@ -114,6 +114,37 @@ def test_scales_labels_name_the_blob_quadrant_and_the_glyph() -> None:
         dataset_spec("scales", {"size": 16})
 
 
+def test_scales_texture_is_deterministic_labelled_and_nearly_invisible_to_patch_16_over_base_8() -> None:
+    """fine='texture': the label's fine part is a period-2 texture that a PI-resized 16x16 kernel barely sees."""
+    from scaletune.data.scales import ScalesArgs, scales_images
+    from scaletune.data.teacher import derived_generator
+    from scaletune.models.patch_embed import pi_resize_matrix
+
+    args = ScalesArgs(noise=0.0, fine="texture", glyph=1.0)
+    x, y = scales_images(args, 64, derived_generator(5))
+    again, y_again = scales_images(args, 64, derived_generator(5))
+    assert x.shape == (64, 1, 32, 32) and torch.equal(x, again) and torch.equal(y, y_again)
+    assert not torch.equal(x, scales_images(args, 64, derived_generator(6))[0]) and len(torch.unique(y)) == 16
+    quadrants = x[:, 0].reshape(64, 2, 16, 2, 16).sum(dim=(2, 4)).reshape(64, 4)
+    assert torch.equal(quadrants.argmax(dim=1), y // 4)
+    i = torch.arange(32)
+    rows, cols = torch.meshgrid(i, i, indexing="ij")
+    patterns = torch.stack([(-1.0) ** (rows + cols), (-1.0) ** cols, (-1.0) ** rows])  # checker, stripes |, stripes -
+    scores = torch.einsum("nhw,khw->nk", x[:, 0], patterns)  # a 16x16 square scores 256, the smooth blob ~0
+    kinds = torch.where(scores.amax(dim=1) > 128, scores.argmax(dim=1), 3)
+    assert torch.equal(kinds, y % 4)
+
+    span, _ = torch.linalg.qr(pi_resize_matrix(8, 16))  # what every patch-16 kernel over an 8x8 base can see
+
+    def visible(fine: str) -> float:
+        """Fraction of the fine cue's energy (amplitude 2 minus amplitude 1, same draws) a patch-16 kernel sees."""
+        one, two = (scales_images(ScalesArgs(fine=fine, glyph=a), 256, derived_generator(5))[0] for a in (1.0, 2.0))
+        cue = (two - one)[:, 0].reshape(256, 2, 16, 2, 16).permute(0, 1, 3, 2, 4).reshape(-1, 256).double()
+        return float(((cue @ span) ** 2).sum() / (cue**2).sum())
+
+    assert visible("texture") < 0.05 and visible("glyph") > 0.3
+
+
 def test_pytext_eval_is_whole_files_held_out_by_path() -> None:
     corpus = load_corpus(SMALL_PYTEXT["max_bytes"])
     assert corpus.eval_files and not set(corpus.eval_files) & set(corpus.train_files)
