@@ -3,7 +3,9 @@
 Issue 14's protocol, fixed here before the first run of each case. Cases: (a) the generated `scales` images
 (32x32, a coarse blob and a fine 5x5 glyph, 16 classes), ViT over the product patch size {16, 8} x width
 {32, 64} (depth 2); (b) byte-level text (pytext, 128-byte windows), GPT over the product context {16, 128} x
-depth {1, 2} (width 32); (c) the same text in 32-byte windows, GPT over width {32, 64} x depth {1, 2}; all
+depth {1, 2} (width 32); (c) the same text in 32-byte windows, GPT over width {32, 64} x depth {1, 2}; (d) the
+`scales` images with fine='texture' (the 5x5 glyph replaced by a period-2 texture on a random 16x16 square, which a
+patch-16 kernel PI-resized from the 8x8 base barely sees), ViT over patch size {16, 8} x width {32, 64}; all
 muP, AdamW, constant LR after a 2 % warm-up. (1) Proxy runs: every shape, 2 seeds, to CAP_FLOPS, give
 (FLOPs, eval loss) curves; scaletune.scaling fits one law per shape (with bootstrap) and the DP plans the
 schedule to E* over moves surgery can make (one or two axes at once), predicting the saving. (2) Real runs,
@@ -17,7 +19,8 @@ the predicted best static and the reference shape. (3) Saving =
 seconds; the proxy sweep charged on its own line with its break-even. Writes its section of
 docs/benchmarks.md (cases not rerun and earlier results of the previous protocol are kept).
 
-    .venv/bin/python bench/adaptive_schedule.py [vit-scales] [gpt-text] [gpt-text-width-depth]   (default: all)
+    .venv/bin/python bench/adaptive_schedule.py [vit-scales] [gpt-text] [gpt-text-width-depth] [vit-texture]
+    (default: all)
 """
 
 from __future__ import annotations
@@ -89,6 +92,22 @@ CASE = Case(
           "4.4e10 and 1.1 at 7e10, p16w64 reaches 1.3 at ~8e10, p8w32 and p8w64 stay near 1.45 to 1e11. E* = 1.35 is "
           "the round level below the blob plateau that p16w32 reaches well inside the 5e10 cap")
 
+TEXTURE_CASE = replace(
+    CASE, name="patch {16, 8} x width {32, 64} (ViT, scales 32x32 with a period-2 texture as the fine cue)",
+    dataset_args={"eval_size": 1024, "fine": "texture", "glyph": 1.0, "noise": 0.5, "texture": 16},
+    cap_flops=1.5e11, target_loss=0.3, pilot_best="patch_size=8,width=32",
+    pilot="pilots before the first run, each 1 seed (training seed 0, one run per shape or schedule, constant LR), "
+          "that chose the task and E*: (1) the texture in the square's own phase (amplitude 1, noise 0.5) to 3e10 "
+          "FLOPs: p16w32 1.39 and p8w32 1.45 at 3e10, both still on the blob plateau (ln 4), so the texture was "
+          "put in the image grid's phase, which an 8x8 kernel can detect linearly; (2) that task to 1e11-1.2e11: "
+          "p16w32 0.93 at 1.3e10, then a plateau near 0.65-0.69 to 1e11 (the ~3 % of the texture it sees); p16w64 "
+          "0.89 at 3.5e10, 0.65-0.80 to 1.2e11; p8w32 1.45 at 1.3e10, 0.94 at 4e10, 0.56 at 7.1e10, 0.21 at 8.1e10, "
+          "0.04 at 9.1e10; p8w64 1.10 at 5e10, 0.36 at 7.5e10, 0.10 at 1e11; a switch p16w32 -> p8w32 at 2e10 (duplicate "
+          "rule, no width change) reached 0.13 at 3e10 and 0.02 at 4.1e10, one at 4e10 reached 0.36 at 4.7e10 (eval "
+          "0.71 -> 1.29 at the switch). E* = 0.3 is the round level well below the patch-16 plateaus that the best "
+          "static shape (p8w32) reached at ~8e10; the cap of 1.5e11 leaves it about 2x that. The reference shape is "
+          "the pilot's best static shape, p8w32")
+
 
 def text_case(name: str, seq_len: int, eval_windows: int, axes: dict[str, list[int]], reference: str) -> Case:
     """A GPT case on byte-level Python text (pytext); E* by TARGET_AT from the reference shape's proxies."""
@@ -106,7 +125,8 @@ TEXT_CASE = text_case("context {16, 128} x depth {1, 2} (GPT, byte-level Python 
                       {"context": [16, 128], "depth": [1, 2]}, "context=128,depth=2")
 WIDTH_DEPTH_CASE = text_case("width {32, 64} x depth {1, 2} (GPT, byte-level Python text)", 32, 256,
                              {"width": [32, 64], "depth": [1, 2]}, "width=64,depth=2")
-CASES = {"vit-scales": CASE, "gpt-text": TEXT_CASE, "gpt-text-width-depth": WIDTH_DEPTH_CASE}
+CASES = {"vit-scales": CASE, "gpt-text": TEXT_CASE, "gpt-text-width-depth": WIDTH_DEPTH_CASE,
+         "vit-texture": TEXTURE_CASE}
 TARGET_AT = 0.6  # TARGET_RULE: E* is the reference shape's smoothed proxy loss at this fraction of the cap
 
 
