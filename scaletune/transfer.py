@@ -122,9 +122,10 @@ def multilayer_depth_warning(classification: Classification, parametrization: st
             "layers: with two-layer blocks the optimal LR drifted upward in every mlp and gpt measurement (+0.56 "
             "octave on mlp, +0.60 on gpt over depth 2 -> 16; docs/benchmarks.md, transfer landscape), where TP6 "
             "warns alpha = 1/2 has no clean limit, and 'completep' (alpha = 1) held there (-0.25, +0.22). On the "
-            "resnet family (BatchNorm conv blocks) neither rule drifted upward, but neither is settled: with SGD at 40 "
-            "steps alpha = 1/2 moved -0.32 and completep -0.77, at 80 steps -0.95 and -1.65, all with wide intervals "
-            "(docs/benchmarks.md, depthwise transfer on ResNets). Prefer "
+            "resnet family (BatchNorm conv blocks, SGD) neither is settled: over depth 2 -> 16 alpha = 1/2 moved "
+            "-0.32, -0.95 and +0.44 octave at 40, 80 and 160 steps, completep -0.77, -1.65 and -1.41, alpha = 1/2 "
+            "less at every budget but in no stable direction, neither within the tolerance (docs/benchmarks.md, "
+            "depthwise transfer on ResNets). Prefer "
             "'completep' for mlp- and transformer-like blocks, and check either with a transfer_check study")
 
 

@@ -225,7 +225,7 @@ def test_depth_mup_with_two_layer_blocks_warns_with_the_measurement_and_points_t
     (warning,) = [w for w in plan_for("depth_mup").warnings if "depth^-1/2" in w]
     assert "+0.56" in warning and "+0.60" in warning and "docs/benchmarks.md" in warning
     assert "'completep'" in warning and "2 layers" in warning
-    assert "-0.32" in warning and "-0.77" in warning  # the 40-step ResNet measurement, cited beside the 80-step one
+    assert "-0.32" in warning and "-0.77" in warning and "+0.44" in warning  # the ResNet at 40, 80, 160 steps
     assert not any("depth^-1/2" in w for w in plan_for("completep").warnings)
     same_depth = transfer_plan("mlp", SPEC, {}, BASE, Shape(64, 2), "depth_mup", HP)
     assert not any("depth^-1/2" in w for w in same_depth.warnings)  # no depth transfer, nothing to warn about
