@@ -4,7 +4,9 @@ model grows?
 Pure analysis over raw trial results (one record per size x value x seed). Per size, the optimum log2 value
 is the vertex of the parabola through the grid minimum of the seed-mean loss and its two neighbours;
 its uncertainty is a bootstrap over seeds. Drift is measured in octaves against the smallest size, and
-its interval comes from the same bootstrap (each size resampled on its own).
+its interval comes from the same bootstrap (each size resampled on its own). With few seeds the bootstrap is
+exact: every distinct resample with its probability, so an interval, and the verdict, do not depend on a
+random stream or on which other sizes the check holds.
 
 The verdict claims no more than the data shows: ``holds`` needs every drift's 95% interval inside the
 tolerance, ``drifts`` needs one wholly outside it; an optimum at the grid edge (only a bound), too few
@@ -14,7 +16,9 @@ where seeds would settle it, how many.
 
 from __future__ import annotations
 
+import itertools
 import math
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +29,8 @@ import numpy as np
 from scaletune.shapes import Shape
 
 DRIFT_TOLERANCE_OCTAVES = 0.5
-BOOTSTRAP_RESAMPLES = 200
+BOOTSTRAP_RESAMPLES = 200  # Monte Carlo resamples per size, past EXACT_BOOTSTRAP_MAX distinct ones
+EXACT_BOOTSTRAP_MAX = 1000  # up to 6 seeds (462 distinct resamples) the bootstrap is enumerated exactly
 MIN_SEEDS = 3  # 2 seeds give 3 distinct resamples (each single-seed one with chance 1/4): no 95% interval
 MAX_SEEDS_ADVISED = 32  # past this the tolerance, not the noise, is the problem
 Verdict = Literal["holds", "drifts", "not_monotone", "inconclusive"]
@@ -162,39 +167,60 @@ def parabola_optimum(xs: Sequence[float], ys: Sequence[float]) -> tuple[float | 
     return min(max(-b / (2 * a), x0), x2), False
 
 
-def _bootstrap_optima(grid: list[float], table: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The optimum of each resample over seeds (NaN where every point of the resample diverged)."""
-    optima = np.full(BOOTSTRAP_RESAMPLES, np.nan)
-    for k in range(BOOTSTRAP_RESAMPLES):
-        columns = rng.integers(0, table.shape[1], table.shape[1])
-        x, _ = parabola_optimum(grid, list(_seed_mean(table[:, columns])))
+def _resamples(n_seeds: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Resamples of the seed columns and the probability of each: all distinct ones exactly when they are few
+    (a random draw of 200 put 3-seed percentiles on whichever atom it happened to hit), else a random draw."""
+    if math.comb(2 * n_seeds - 1, n_seeds) <= EXACT_BOOTSTRAP_MAX:
+        columns = np.array(list(itertools.combinations_with_replacement(range(n_seeds), n_seeds)))
+        ways = [math.factorial(n_seeds) / math.prod(math.factorial(c) for c in np.bincount(row, minlength=n_seeds))
+                for row in columns]
+        return columns, np.array(ways) / n_seeds ** n_seeds
+    columns = rng.integers(0, n_seeds, (BOOTSTRAP_RESAMPLES, n_seeds))
+    return columns, np.full(BOOTSTRAP_RESAMPLES, 1.0 / BOOTSTRAP_RESAMPLES)
+
+
+def _bootstrap_optima(grid: list[float], table: np.ndarray, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The optimum of each resample over seeds (NaN where every point of the resample diverged), with its
+    probability."""
+    columns, weights = _resamples(table.shape[1], rng)
+    optima = np.full(len(columns), np.nan)
+    for k, chosen in enumerate(columns):
+        x, _ = parabola_optimum(grid, list(_seed_mean(table[:, chosen])))
         if x is not None:
             optima[k] = x
-    return optima
+    return optima, weights
 
 
-def _interval(samples: np.ndarray) -> tuple[float, float] | None:
-    finite = samples[np.isfinite(samples)]
-    if finite.size == 0:
+def _interval(samples: np.ndarray, weights: np.ndarray) -> tuple[float, float] | None:
+    """The weighted 2.5th and 97.5th percentiles of the finite samples."""
+    finite = np.isfinite(samples)
+    if not finite.any():
         return None
-    low, high = np.percentile(finite, [2.5, 97.5])
+    order = np.argsort(samples[finite])
+    values, cumulative = samples[finite][order], np.cumsum(weights[finite][order])
+    cumulative /= cumulative[-1]
+    last = len(values) - 1
+    low, high = (values[min(int(np.searchsorted(cumulative, q - 1e-12)), last)] for q in (0.025, 0.975))
     return float(low), float(high)
 
 
-def _analyse_size(size: str, records: list[TrialRecord], rng: np.random.Generator
-                  ) -> tuple[SizeResult, np.ndarray]:
+def _analyse_size(size: str, records: list[TrialRecord], seed: int
+                  ) -> tuple[SizeResult, tuple[np.ndarray, np.ndarray]]:
     grid, seeds, table = _loss_table(records)
     mean = _seed_mean(table)
     optimum, at_edge = parabola_optimum(grid, list(mean))
     finite = [float(y) for y in mean if math.isfinite(y)]
-    optima = _bootstrap_optima(grid, table, rng)
+    rng = np.random.default_rng([seed, zlib.crc32(size.encode())])  # a size's own stream: others cannot shift it
+    optima, weights = _bootstrap_optima(grid, table, rng)
     return SizeResult(
         size=size, shape=records[0].shape.to_dict(), log2_values=grid,
         mean_loss=[float(y) if math.isfinite(y) else None for y in mean],
         diverged=[int(n) for n in np.isinf(table).sum(axis=1)],
-        optimum_log2=None if optimum is None else float(optimum), interval=_interval(optima), at_edge=at_edge,
+        optimum_log2=None if optimum is None else float(optimum), interval=_interval(optima, weights),
+        at_edge=at_edge,
         best_loss=min(finite) if finite else None, seeds=len(seeds),
-    ), optima
+    ), (optima, weights)
 
 
 def _seeds_for(drift: float, interval: tuple[float, float], seeds: int, tolerance: float) -> int:
@@ -215,15 +241,15 @@ def analyse(records: Iterable[TrialRecord | dict[str, Any]], tolerance: float = 
         by_size.setdefault(r.size, []).append(r)
     if len(by_size) < 2:
         raise ValueError(f"a transfer check needs at least two sizes, got {sorted(by_size)}")
-    rng = np.random.default_rng(seed)
     ordered = sorted(by_size, key=lambda s: _size_key(by_size[s][0].shape))
-    analysed = [_analyse_size(s, by_size[s], rng) for s in ordered]
+    analysed = [_analyse_size(s, by_size[s], seed) for s in ordered]
     sizes = [size for size, _ in analysed]
-    reference, reference_optima = sizes[0].optimum_log2, analysed[0][1]
-    for s, optima in analysed[1:]:
+    reference, (reference_optima, reference_weights) = sizes[0].optimum_log2, analysed[0][1]
+    for s, (optima, weights) in analysed[1:]:
         if reference is not None and s.optimum_log2 is not None:
             s.drift = s.optimum_log2 - reference
-            s.drift_interval = _interval(optima - reference_optima)
+            s.drift_interval = _interval((optima[:, None] - reference_optima[None, :]).ravel(),
+                                         (weights[:, None] * reference_weights[None, :]).ravel())
     if reference is not None:
         sizes[0].drift = 0.0
 

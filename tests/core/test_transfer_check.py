@@ -131,6 +131,16 @@ def test_holds_needs_the_drift_interval_inside_the_tolerance():
     assert all(-0.5 <= s.drift_interval[0] <= s.drift_interval[1] <= 0.5 for s in quiet.sizes[1:])
 
 
+def test_with_few_seeds_the_interval_depends_neither_on_the_random_stream_nor_on_the_other_sizes():
+    """3 seeds have 10 distinct resamples: the bootstrap is exact, so the verdict is the data's, not the draw's."""
+    rows = sweep(optima=[0.0, 0.3, 0.6], floors=[2.0, 1.8, 1.7], seeds=3, noise=0.05, rng_seed=3)
+    first = analyse(rows, seed=0)
+    assert [s.drift_interval for s in first.sizes] == [s.drift_interval for s in analyse(rows, seed=7).sizes]
+    without_middle = analyse([r for r in rows if r["size"] != "w64"], seed=0)
+    assert without_middle.sizes[-1].drift_interval == first.sizes[-1].drift_interval
+    assert without_middle.sizes[-1].interval == first.sizes[-1].interval
+
+
 def test_drifts_needs_the_drift_interval_beyond_the_tolerance():
     result = analyse(sweep(optima=[0.0, 1.0, 2.0], floors=[2.0, 1.8, 1.7], seeds=4, noise=0.01, rng_seed=2))
     assert result.verdict == "drifts" and result.direction == "higher"
