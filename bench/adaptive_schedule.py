@@ -20,7 +20,7 @@ seconds; the proxy sweep charged on its own line with its break-even. Writes its
 docs/benchmarks.md (cases not rerun and earlier results of the previous protocol are kept).
 
     .venv/bin/python bench/adaptive_schedule.py [vit-scales] [gpt-text] [gpt-text-width-depth] [vit-texture]
-    (default: all)
+        [vit-texture-rerun]   (default: all)
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class Case:
     family: str = "vit"
     dataset: str = "scales"
     extra: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = SEEDS  # of every arm's real runs
 
 
 CASE = Case(
@@ -125,8 +126,13 @@ TEXT_CASE = text_case("context {16, 128} x depth {1, 2} (GPT, byte-level Python 
                       {"context": [16, 128], "depth": [1, 2]}, "context=128,depth=2")
 WIDTH_DEPTH_CASE = text_case("width {32, 64} x depth {1, 2} (GPT, byte-level Python text)", 32, 256,
                              {"width": [32, 64], "depth": [1, 2]}, "width=64,depth=2")
+TEXTURE_RERUN = replace(
+    TEXTURE_CASE, name=TEXTURE_CASE.name + ", rerun with seeds 0-7", seeds=tuple(range(8)),
+    pilot="the first run's E* and protocol unchanged, on the first run's proxy runs (the same plan), with seeds "
+          "0-7 per arm (0-2 repeat the first run), fixed after the first run because its DP switched after ~30 "
+          "steps at patch 16, too early for the coarse phase to explain its saving; see its reading")
 CASES = {"vit-scales": CASE, "gpt-text": TEXT_CASE, "gpt-text-width-depth": WIDTH_DEPTH_CASE,
-         "vit-texture": TEXTURE_CASE}
+         "vit-texture": TEXTURE_CASE, "vit-texture-rerun": TEXTURE_RERUN}
 TARGET_AT = 0.6  # TARGET_RULE: E* is the reference shape's smoothed proxy loss at this fraction of the cap
 
 
@@ -172,8 +178,9 @@ def execute(job: tuple[TrialConfig, list[Phase], float | None, str]) -> dict[str
 
 
 def cached(case: Case, compute: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The proxy runs of this exact case from PROXY_CACHE, else computed and stored there."""
-    key = repr((case, PROXY_SEEDS, SMOOTH, EVALS_PER_CAP))
+    """The proxy runs of this exact case (name, pilot text and seeds of the real runs aside: a rerun with more
+    seeds plans on the same proxies) from PROXY_CACHE, else computed and stored there."""
+    key = repr((replace(case, name="", pilot="", seeds=SEEDS), PROXY_SEEDS, SMOOTH, EVALS_PER_CAP))
     stored = json.loads(PROXY_CACHE.read_text()) if PROXY_CACHE.exists() else {}
     if key not in stored:
         stored[key] = compute()
@@ -237,12 +244,13 @@ def run_case(case: Case, pool) -> dict[str, Any]:
             arms[f"naive {cheapest} -> {case.pilot_best} at half (paper rule: random init)"] = (naive, "random")
     for name in dict.fromkeys([*used, sched.static_shape, case.pilot_best]):
         arms[f"static {name}"] = ([Phase(case.shapes[name], case.cap_flops)], "duplicate")
-    keys = [(arm, s) for arm in arms for s in SEEDS]
+    seeds = case.seeds
+    keys = [(arm, s) for arm in arms for s in seeds]
     jobs = [(config(case, arms[arm][0][0].shape, s, arms[arm][0][-1].shape), arms[arm][0], case.target_loss,
              arms[arm][1]) for arm, s in keys]
     results = dict(zip(keys, pool.map(execute, jobs)))
-    reach = {arm: [results[(arm, s)]["flops"] for s in SEEDS] for arm in arms}
-    wall = {arm: [results[(arm, s)]["seconds"] for s in SEEDS] for arm in arms}
+    reach = {arm: [results[(arm, s)]["flops"] for s in seeds] for arm in arms}
+    wall = {arm: [results[(arm, s)]["seconds"] for s in seeds] for arm in arms}
     statics = [a for a in arms if a.startswith("static")]
     best = min(statics, key=lambda a: np.mean(reach[a]))
     if len(used) == 1:  # the DP plans one shape: its arm is that static arm, run once
@@ -250,17 +258,17 @@ def run_case(case: Case, pool) -> dict[str, Any]:
         reach["DP schedule (no switch planned)"] = reach[f"static {used[0]}"]
         wall["DP schedule (no switch planned)"] = wall[f"static {used[0]}"]
     rng = np.random.default_rng(0)
-    draws = [rng.integers(0, len(SEEDS), len(SEEDS)) for _ in range(2000)]
+    draws = [rng.integers(0, len(seeds), len(seeds)) for _ in range(2000)]
 
     def saving(values: dict[str, list[float]], arm: str, idx) -> float:
         ref = np.mean([values[best][i] for i in idx])
         return 1 - np.mean([values[arm][i] for i in idx]) / ref if math.isfinite(ref) else math.nan
 
     return dict(case=case, fits=fits, report=report, arms=list(arms), reach=reach, wall=wall, best=best,
-                saving={a: saving(reach, a, range(len(SEEDS))) for a in arms},
+                saving={a: saving(reach, a, range(len(seeds))) for a in arms},
                 boots={a: [saving(reach, a, i) for i in draws] for a in arms},
-                wall_saving={a: saving(wall, a, range(len(SEEDS))) for a in arms},
-                switches={a: [results[(a, s)]["switches"] for s in SEEDS] for a in arms if (a, 0) in results},
+                wall_saving={a: saving(wall, a, range(len(seeds))) for a in arms},
+                switches={a: [results[(a, s)]["switches"] for s in seeds] for a in arms if (a, seeds[0]) in results},
                 proxy_flops=proxy_flops, proxy_seconds=proxy_seconds, seconds=time.perf_counter() - started)
 
 
@@ -285,7 +293,7 @@ def summary(out: dict[str, Any]) -> str:
         is_ref = arm == out["best"]
         ci = "" if is_ref or not b.size or not all(map(math.isfinite, out["reach"][arm])) else (
             f"[{pct(np.percentile(b, 5))}, {pct(np.percentile(b, 95))}]")
-        rows.append([arm, f"{sum(map(math.isfinite, out['reach'][arm]))}/{len(SEEDS)}",
+        rows.append([arm, f"{sum(map(math.isfinite, out['reach'][arm]))}/{len(case.seeds)}",
                      mean_or_none(out["reach"][arm], ".3g"), mean_or_none(out["wall"][arm], ".0f"),
                      "(reference)" if is_ref else pct(out["saving"][arm]), ci,
                      "" if is_ref else pct(out["wall_saving"][arm])])
@@ -310,6 +318,8 @@ def summary(out: dict[str, Any]) -> str:
             f"(bootstrap 90%: {pct(rep.saving.lo)} to {pct(rep.saving.hi)}; low confidence: {rep.low_confidence}"
             f"{' - ' + '; '.join(rep.reasons) if rep.reasons else ''}).\n\n{table}\n\n"
             + ("Switches per seed: " + " | ".join(switch_lines) + "\n\n" if switch_lines else "")
+            + f"FLOPs to E* per seed ({', '.join(map(str, case.seeds))}): " + " | ".join(
+                f"{arm}: " + ", ".join(format(f, ".3g") for f in out["reach"][arm]) for arm in out["arms"]) + "\n\n"
             + f"Proxy sweep: {out['proxy_flops']:.3g} FLOPs ({len(out['fits'])} shapes x {len(PROXY_SEEDS)} seeds, "
             f"{out['proxy_seconds']:.0f} s wall); best DP arm's saving with it charged: {pct(with_proxy)}; break-even: "
             f"{break_even}. Case total {out['seconds'] / 60:.1f} min.\n")
@@ -337,7 +347,7 @@ def main() -> None:
         bodies = [summary(run_case(case, pool)) for case in cases]
     body = "\n".join(bodies)
     intro = (f"`bench/adaptive_schedule.py` (issue 14 protocol, fixed in the file before the first run of each case): "
-             f"{len(SEEDS)} seeds per arm, {len(PROXY_SEEDS)} proxy seeds per shape, every run at constant LR and "
+             f"{len(SEEDS)} seeds per arm (unless a case names more), {len(PROXY_SEEDS)} proxy seeds per shape, every run at constant LR and "
              f"stopped at the first eval where the mean of the last {SMOOTH} eval losses is <= E* (FLOPs-to-E* and "
              f"wall seconds there; 'not reached' by the cap). Saving = 1 - FLOPs(arm)/FLOPs(best static arm), proxy "
              f"FLOPs charged on their own line. Duplicate growth adds noise {GROWTH_NOISE} x init std. Each case "
