@@ -20,7 +20,7 @@ seconds; the proxy sweep charged on its own line with its break-even. Writes its
 docs/benchmarks.md (cases not rerun and earlier results of the previous protocol are kept).
 
     .venv/bin/python bench/adaptive_schedule.py [vit-scales] [gpt-text] [gpt-text-width-depth] [vit-texture]
-        [vit-texture-rerun]   (default: all)
+        [vit-texture-rerun] [vit-texture-switch]   (default: all)
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class Case:
     dataset: str = "scales"
     extra: dict[str, Any] = field(default_factory=dict)
     seeds: tuple[int, ...] = SEEDS  # of every arm's real runs
+    hand_arms: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)  # name: (shape, until FLOPs)...
 
 
 CASE = Case(
@@ -131,8 +132,16 @@ TEXTURE_RERUN = replace(
     pilot="the first run's E* and protocol unchanged, on the first run's proxy runs (the same plan), with seeds "
           "0-7 per arm (0-2 repeat the first run), fixed after the first run because its DP switched after ~30 "
           "steps at patch 16, too early for the coarse phase to explain its saving; see its reading")
+TEXTURE_SWITCH = replace(
+    TEXTURE_RERUN, name=TEXTURE_CASE.name + ", diagnostic: a hand-placed switch at 2e10 FLOPs, seeds 0-7",
+    hand_arms={"hand-placed patch_size=16,width=32 -> patch_size=8,width=32 at 2e10": (
+        ("patch_size=16,width=32", 2e10), ("patch_size=8,width=32", TEXTURE_CASE.cap_flops))},
+    pilot="the first run's E*, cap, proxies (so the same DP plan) and seeds 0-7 of the rerun, plus one arm the DP "
+          "did not plan: patch 16 (width 32) to 2e10 FLOPs, where pilot 2 had left the coarse plateau (~0.9), then "
+          "patch 8; fixed after the rerun, to tell whether a switch after the coarse cue is learnt (the crossing the "
+          "task was built for) pays more than the DP's switch after ~34 steps")
 CASES = {"vit-scales": CASE, "gpt-text": TEXT_CASE, "gpt-text-width-depth": WIDTH_DEPTH_CASE,
-         "vit-texture": TEXTURE_CASE, "vit-texture-rerun": TEXTURE_RERUN}
+         "vit-texture": TEXTURE_CASE, "vit-texture-rerun": TEXTURE_RERUN, "vit-texture-switch": TEXTURE_SWITCH}
 TARGET_AT = 0.6  # TARGET_RULE: E* is the reference shape's smoothed proxy loss at this fraction of the cap
 
 
@@ -178,9 +187,9 @@ def execute(job: tuple[TrialConfig, list[Phase], float | None, str]) -> dict[str
 
 
 def cached(case: Case, compute: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The proxy runs of this exact case (name, pilot text and seeds of the real runs aside: a rerun with more
-    seeds plans on the same proxies) from PROXY_CACHE, else computed and stored there."""
-    key = repr((replace(case, name="", pilot="", seeds=SEEDS), PROXY_SEEDS, SMOOTH, EVALS_PER_CAP))
+    """The proxy runs of this exact case (name, pilot text, seeds and hand-placed arms of the real runs aside: a
+    rerun plans on the same proxies) from PROXY_CACHE, else computed and stored there."""
+    key = repr((replace(case, name="", pilot="", seeds=SEEDS, hand_arms={}), PROXY_SEEDS, SMOOTH, EVALS_PER_CAP))
     stored = json.loads(PROXY_CACHE.read_text()) if PROXY_CACHE.exists() else {}
     if key not in stored:
         stored[key] = compute()
@@ -242,6 +251,8 @@ def run_case(case: Case, pool) -> dict[str, Any]:
             naive = [Phase(case.shapes[cheapest], half), Phase(case.shapes[case.pilot_best], case.cap_flops)]
             arms[f"naive {cheapest} -> {case.pilot_best} at half (duplicate + noise)"] = (naive, "duplicate")
             arms[f"naive {cheapest} -> {case.pilot_best} at half (paper rule: random init)"] = (naive, "random")
+    for name, hand in case.hand_arms.items():
+        arms[name] = ([Phase(case.shapes[shape], until) for shape, until in hand], "duplicate")
     for name in dict.fromkeys([*used, sched.static_shape, case.pilot_best]):
         arms[f"static {name}"] = ([Phase(case.shapes[name], case.cap_flops)], "duplicate")
     seeds = case.seeds
