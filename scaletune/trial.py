@@ -35,13 +35,18 @@ if TYPE_CHECKING:
 ENV_URL, ENV_TOKEN, ENV_STUDY, ENV_TRIAL, ENV_PARAMS = (
     "SCALETUNE_URL", "SCALETUNE_TOKEN", "SCALETUNE_STUDY", "SCALETUNE_TRIAL", "SCALETUNE_PARAMS")
 REASON_CHARS = 4000
+LEASE_EXPIRED = "lease_expired"  # the failure reason of a trial whose lease ran out
+TOLD_STATES = ("complete", "pruned", "failed")
 
 
 class LeaseKeeper:
-    """Renews a trial's lease in a thread, a third of the lease apart; ``lost`` is set once the server refuses."""
+    """Renews a trial's lease in a thread, a third of the lease apart, until the server refuses: then ``told`` is
+    set when the trial was told (the code may still be saving its work: let it finish), ``lost`` when its lease ran
+    out, its study was cancelled or the server no longer knows it (its params go to another: stop the work)."""
 
     def __init__(self, client: Client, study_id: str, number: int, lease_seconds: float) -> None:
         self.lost = threading.Event()
+        self.told = threading.Event()
         self._stop = threading.Event()
         self._interval = max(1.0, lease_seconds / 3)
         self._thread = threading.Thread(target=self._run, args=(client, study_id, number),
@@ -52,7 +57,7 @@ class LeaseKeeper:
             try:
                 client.heartbeat(study_id, number)
             except (Conflict, NotFound):
-                self.lost.set()
+                (self.told if _was_told(client, study_id, number) else self.lost).set()
                 return
             except ScaletuneError:  # the server may be restarting: the lease has slack for a missed renewal
                 continue
@@ -64,6 +69,15 @@ class LeaseKeeper:
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _was_told(client: Client, study_id: str, number: int) -> bool:
+    """Whether a trial whose renewal was refused ended by a tell, rather than by losing its lease."""
+    try:
+        record = client.trial(study_id, number)
+    except ScaletuneError:
+        return False
+    return record.state in TOLD_STATES and record.failure_reason != LEASE_EXPIRED
 
 
 @dataclass

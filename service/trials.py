@@ -13,12 +13,12 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from scaletune.trial import LEASE_EXPIRED
 from service.db import SessionFactory, write_session
 from service.models import EventType, Study, StudyStatus, TrialAttempt, TrialState, utcnow
 from service.studies import add_event
 
 WORKER_LOST = "worker_lost"
-LEASE_EXPIRED = "lease_expired"
 RETRYABLE_REASONS = (WORKER_LOST, LEASE_EXPIRED, "error")
 
 

@@ -2,6 +2,7 @@
 
 The loss depends on the trial's lr only, so tests can tell trials apart; TRAINER_STEP_S slows each step, and
 TRAINER_MARK_DIR gets a file per started trial (tests wait on it to act mid-trial). TRAINER_EXIT makes it crash.
+TRAINER_AFTER_S: seconds of work after telling (saving a checkpoint, say), then a "saved-N" file in the mark dir.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main() -> None:
                 trial.prune()
                 return
         trial.tell(final)
+    if os.environ.get("TRAINER_AFTER_S"):
+        time.sleep(float(os.environ["TRAINER_AFTER_S"]))
+        (Path(os.environ["TRAINER_MARK_DIR"]) / f"saved-{trial.number}").write_text("saved")
 
 
 if __name__ == "__main__":

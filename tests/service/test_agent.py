@@ -69,6 +69,18 @@ def test_a_failing_command_is_told_failed_with_the_tail_of_its_stderr(api: Clien
     assert api.study(study_id).status == "running"  # --count 1: the second trial is left for another agent
 
 
+def test_a_command_that_works_on_after_telling_is_left_to_finish(api: Client, live_url: str, token: str,
+                                                                  tmp_path: Path) -> None:
+    """The agent renews every 5/3 s; the command tells, then saves for 4 s: the renewals refused in between are
+    a told trial, not a lost one, so the command is not stopped and the trial ends as it was told."""
+    study_id = submit(api, n_trials=1, parallelism=1, lease_seconds=5)
+    done = run_agent(live_url, token, study_id, TRAINER_MARK_DIR=str(tmp_path), TRAINER_AFTER_S="4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    trial, = api.trials(study_id).items
+    assert (tmp_path / f"saved-{trial.number}").exists(), done.stdout + done.stderr
+    assert f"trial {trial.number} ended: complete" in done.stdout and trial.state == "complete"
+
+
 def test_each_gpu_slot_runs_its_own_trials_with_cuda_visible_devices(api: Client, live_url: str, token: str,
                                                                      tmp_path: Path) -> None:
     marks = tmp_path / "marks"
