@@ -10,7 +10,8 @@ from service.cli.coord import coord_check_command
 
 app = typer.Typer(
     name="scaletune",
-    help="Tune hyperparameters on small proxy models and transfer them to the large target.",
+    help="Tune hyperparameters on small proxy models and transfer them to the large target.\n\n"
+         "Example: scaletune up   (then: scaletune submit examples/mlp-digits.yaml)",
     no_args_is_help=True,
     add_completion=False,
 )

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="Create, list and revoke API tokens (the API needs one unless started with --no-auth).",
-                  no_args_is_help=True)
+app = typer.Typer(help="Create, list and revoke API tokens (the API needs one unless started with --no-auth).\n\n"
+                       "Example: scaletune token create --name alice", no_args_is_help=True)
 console = Console()
 error_console = Console(stderr=True)
 

@@ -45,6 +45,13 @@ def test_help_shows_an_example(command: str) -> None:
     assert re.search(rf"scaletune {command}\b", result.output.split("Example", 1)[1])
 
 
+@pytest.mark.parametrize("group", [[], ["token"]])
+def test_the_command_groups_help_shows_an_example_too(group: list[str]) -> None:
+    result = runner.invoke(app, [*group, "--help"], prog_name="scaletune")
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"Example: scaletune {' '.join(group)}\s*\w", " ".join(result.output.split()))
+
+
 def test_the_command_line_starts_without_importing_torch() -> None:
     """submit, status, agent and the other client commands start in a fraction of a second; torch's import (seconds)
     is paid only by the commands that run the core: coord-check, transfer --factory, worker, api."""
