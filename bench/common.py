@@ -60,11 +60,15 @@ def make_pool(processes: int = PROCESSES) -> Pool:
     return multiprocessing.get_context("spawn").Pool(processes, initializer=single_thread)
 
 
-def write_section(header: str, body: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace (or append) the ``## header`` section of a shared markdown file, leaving other sections intact."""
+def write_section(header: str, body: str, path: Path = BENCHMARKS_MD, level: int = 2) -> None:
+    """Replace (or append) the ``## header`` section of a shared markdown file, leaving other sections intact.
+
+    ``level`` 3 replaces a ``### header`` subsection up to the next ``##`` or ``###`` heading; a subsection is
+    placed by hand the first time (appended at the end otherwise).
+    """
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"## {header}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(header)}\n.*?(?=^## |\Z)", re.S | re.M)
+    section = f"{'#' * level} {header}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{'#' * level} {re.escape(header)}\n.*?(?=^#{{2,{level}}} |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
     else:

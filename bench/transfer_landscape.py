@@ -19,9 +19,17 @@ starts) with only the steps changed (mlp width 300, mlp depth 600, gpt width 150
 three edge extensions instead of two; rows, in the order they are kept if the CPU does not allow all:
 mlp width lr and output_mult, gpt width output_mult, gpt depth attn_mult, mlp depth weight_decay.
 
+``--study hparams-readout``: does the ``output_mult`` drift along width that ``hparams-long`` measured come from
+the normally initialised readout (its 1/m multiplier shrinks the logits at init like m^-1/2, so a finite run may
+prefer a larger multiplier at larger width)? Protocol fixed 2026-12-03 before the run: the ``hparams-long``
+width rows exactly (same ladders, steps, seeds, held LR, starts, grid rule with up to three edge extensions), with
+only ``zero_init_readout`` True (the product's default for the muP family; ``zero_init_query`` stays False);
+rows, in the order they are kept if the CPU does not allow all: gpt width output_mult, mlp width output_mult,
+and the LR rows of the same two ladders (gpt width, mlp width; the held LR was tuned with a normal readout).
+
 Each study writes its own sections of docs/benchmarks.md and its plots into docs/img/.
 
-    .venv/bin/python bench/transfer_landscape.py [--study lr|hparams|hparams-long] [--quick]
+    .venv/bin/python bench/transfer_landscape.py [--study lr|hparams|hparams-long|hparams-readout] [--quick]
 """
 
 from __future__ import annotations
@@ -192,12 +200,23 @@ LONG_STEPS = {("mlp", "width"): 300, ("mlp", "depth"): 600, ("gpt", "width"): 15
 LONG_EXTENSIONS = 3
 
 
-def long_hparam_ladders(quick: bool) -> list[Ladder]:
-    """The ``hparams`` ladders of LONG_ROWS with the LR study's steps (20 when quick, as there)."""
+def long_hparam_ladders(quick: bool, rows: tuple[tuple[str, str, str], ...] = LONG_ROWS) -> list[Ladder]:
+    """The ``hparams`` ladders of ``rows`` with the LR study's steps (20 when quick, as there)."""
     by_row = {(ld.family, ld.axis, ld.hparam): ld for ld in hparam_ladders(quick) if not ld.tag}
     return [by_row[row] if quick else replace(by_row[row], budget=replace(by_row[row].budget,
                                                                           steps=LONG_STEPS[row[:2]]))
-            for row in LONG_ROWS]
+            for row in rows]
+
+
+# --study hparams-readout: the width rows of hparams-long with the readout zero-initialised, in the order kept
+READOUT_ROWS = (("gpt", "width", "output_mult"), ("mlp", "width", "output_mult"), ("gpt", "width", "lr"),
+                ("mlp", "width", "lr"))
+ZERO_READOUT = tuple({**PARAM_OPTIONS, "zero_init_readout": True}.items())
+
+
+def readout_hparam_ladders(quick: bool) -> list[Ladder]:
+    """The ``hparams-long`` ladders of READOUT_ROWS with only ``zero_init_readout`` switched on."""
+    return [replace(ld, options=ZERO_READOUT) for ld in long_hparam_ladders(quick, READOUT_ROWS)]
 
 
 Key = tuple[str, str, str]  # (ladder name, parametrization, size label)
@@ -359,6 +378,7 @@ muP family and along depth for depth_mup/completep; SP drifts >= 1.5 along width
 
 HPARAM_SECTION = "Transfer landscape per hyperparameter: does every tuned value hold across width and depth?"
 HPARAM_LONG_SECTION = "Transfer landscape per hyperparameter at the LR study's budgets: the rows that drifted"
+HPARAM_READOUT_SECTION = "Rerun of the width rows with the readout zero-initialised"  # a ### under the LONG section
 CLIP_SECTION = "Transfer landscape with and without gradient clipping"
 
 
@@ -378,7 +398,7 @@ def result_cells(result: TransferCheckResult) -> list[str]:
 
 
 def hparam_report(all_ladders: list[Ladder], sweep: AdaptiveSweep, img_dir: Path, timing: str,
-                  long: bool = False) -> str:
+                  study: str = "hparams") -> str:
     rows, images = [], []
     groups: dict[str, list[tuple[str, TransferCheckResult]]] = {}
     for ladder in all_ladders:
@@ -390,17 +410,32 @@ def hparam_report(all_ladders: list[Ladder], sweep: AdaptiveSweep, img_dir: Path
                      *result_cells(result)])
         groups.setdefault(f"{ladder.family}-{ladder.axis}", []).append((ladder.hparam, result))
     for name, panels in groups.items():
-        stem = "transfer_landscape_hparams_long" if long else "transfer_landscape_hparams"
-        images.append(figure(panels, img_dir / f"{stem}_{name}.png"))
+        images.append(figure(panels, img_dir / f"transfer_landscape_{study.replace('-', '_')}_{name}.png"))
     table = markdown_table(["family", "axis", "parametrization", "value swept", "LR held", "optimum log2 value "
                             "per size [bootstrap 95%]", "drift (oct) [95%]", "best loss per size", "verdict",
                             "drift <= 0.5"], rows)
     pictures = "\n".join(f"![{p.stem}](img/{p.name})" for p in images)
-    if long:
-        ladders_run = "\n".join(
-            f"- `{ld.family}-{ld.axis}` {ld.hparam}: sizes {', '.join(ld.label(s) for s in ld.shapes)}, "
-            f"{ld.parametrizations[0]}, {ld.budget.steps} steps, batch {ld.budget.batch_size}, {len(ld.seeds)} seeds"
-            for ld in all_ladders)
+    ladders_run = "\n".join(
+        f"- `{ld.family}-{ld.axis}` {ld.hparam}: sizes {', '.join(ld.label(s) for s in ld.shapes)}, "
+        f"{ld.parametrizations[0]}, {ld.budget.steps} steps, batch {ld.budget.batch_size}, {len(ld.seeds)} seeds"
+        for ld in all_ladders)
+    if study == "hparams-readout":
+        return f"""{timing}.
+
+Protocol, fixed before the run: the width rows of the section above exactly (same ladders, steps, seeds, held LR,
+starts, grid rule with up to {LONG_EXTENSIONS} edge extensions, no half-octave refinement), with only the readout
+zero-initialised: options {dict(ZERO_READOUT)} (`zero_init_readout` is the product's default for the muP family).
+Rows: output_mult on both width ladders, and their LR rows (the held LR was tuned with a normal readout). The
+verdict is the transfer check's (`holds` needs every drift's 95% interval within +-0.5 octave); the target, TP5's
+claim, is |drift| <= 0.5 octave.
+
+{ladders_run}
+
+{table}
+
+{pictures}
+"""
+    if study == "hparams-long":
         return f"""{timing}.
 
 Protocol, fixed before the run: the rows of the per-hyperparameter section that drifted (or moved by more
@@ -511,15 +546,16 @@ def run_sweep(sweep: AdaptiveSweep, refine: bool) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", choices=("lr", "hparams", "hparams-long"), default="lr")
+    parser.add_argument("--study", choices=("lr", "hparams", "hparams-long", "hparams-readout"), default="lr")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (~1-2 min); writes to a temp dir")
     opts = parser.parse_args()
-    hparams, long = opts.study == "hparams", opts.study == "hparams-long"
+    hparams, long, readout = (opts.study == s for s in ("hparams", "hparams-long", "hparams-readout"))
     all_ladders = (hparam_ladders(opts.quick) if hparams else long_hparam_ladders(opts.quick) if long
-                   else ladders(opts.quick))
-    sweep = AdaptiveSweep(all_ladders, HPARAM_EXTENSIONS if hparams else LONG_EXTENSIONS if long else MAX_EXTENSIONS)
+                   else readout_hparam_ladders(opts.quick) if readout else ladders(opts.quick))
+    sweep = AdaptiveSweep(all_ladders, HPARAM_EXTENSIONS if hparams else LONG_EXTENSIONS if long or readout
+                          else MAX_EXTENSIONS)
     started = time.perf_counter()
-    runs = run_sweep(sweep, refine=not (hparams or long))
+    runs = run_sweep(sweep, refine=not (hparams or long or readout))
     wall = time.perf_counter() - started
     cpu = sum(o.cpu_seconds for per_x in sweep.results.values() for outs in per_x.values() for o in outs)
     img_dir = Path(tempfile.mkdtemp(prefix="transfer_landscape_")) if opts.quick else IMG
@@ -531,8 +567,10 @@ def main() -> None:
               f"{' --quick' if opts.quick else ''}` ({runs} training runs, {wall / 60:.1f} min wall, "
               f"{cpu / 60:.1f} CPU-min, 2 processes at nice {os.nice(0)} on 2 CPU cores shared with other jobs, load "
               f"average (1/5/15 min) {load} at the end: wall time is inflated by load)")
-    if long:
-        sections = {HPARAM_LONG_SECTION: hparam_report(all_ladders, sweep, img_dir, timing, long=True)}
+    levels = {HPARAM_READOUT_SECTION: 3}
+    if long or readout:
+        sections = {HPARAM_READOUT_SECTION if readout else HPARAM_LONG_SECTION:
+                    hparam_report(all_ladders, sweep, img_dir, timing, study=opts.study)}
     elif hparams:
         sections = {HPARAM_SECTION: hparam_report(all_ladders, sweep, img_dir, timing),
                     CLIP_SECTION: clipping_report(all_ladders, sweep, img_dir, timing)}
@@ -540,9 +578,9 @@ def main() -> None:
         sections = {SECTION: report(all_ladders, sweep, img_dir, runs, wall, cpu, opts.quick)}
     for header, body in sections.items():
         if opts.quick:
-            print(f"## {header}\n\n{body}")
+            print(f"{'#' * levels.get(header, 2)} {header}\n\n{body}")
         else:
-            write_section(header, body)
+            write_section(header, body, level=levels.get(header, 2))
             print(body)
     if opts.quick:
         print(f"(quick run: plots in {img_dir}; docs/benchmarks.md not touched)")
