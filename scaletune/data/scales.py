@@ -10,8 +10,8 @@ compression. The train stream is unlimited (fresh images from a seeded generator
 compute, not memorisation.
 
 ``fine="texture"`` swaps the glyph for a period-2 texture (checkerboard, vertical stripes, horizontal stripes or
-none) in the image grid's phase, filling a random ``texture x texture`` square: almost all of its energy lies above the frequencies a
-FlexiViT kernel upsampled from a smaller base patch can see (the PI-resized 16x16 kernel of an 8x8 base spans
+none) in the image grid's phase, filling a random ``texture x texture`` square: almost all of its energy lies above
+the frequencies a FlexiViT kernel upsampled from a smaller base patch can see (the PI-resized 16x16 kernel of an 8x8 base spans
 bilinear upsamplings, to which a period-2 pattern is nearly orthogonal), so at patch 16 over base 8 the fine cue
 is invisible and the loss cannot go below ln 4, while the base patch sees it in full.
 """
