@@ -122,9 +122,11 @@ def record_point(session_factory: SessionFactory, attempt_id: str, point: dict[s
 def record_points(session_factory: SessionFactory, points: list[tuple[str, dict[str, Any]]]) -> None:
     """``record_point`` for several attempts (a pack's eval) in one transaction."""
     with write_session(session_factory) as session:
+        attempts = {attempt.id: attempt for attempt in session.scalars(
+            select(TrialAttempt).where(TrialAttempt.id.in_({attempt_id for attempt_id, _ in points})))}
         for attempt_id, point in points:
             clean = {key: finite_or_none(value) if isinstance(value, float) else value for key, value in point.items()}
-            attempt = session.get_one(TrialAttempt, attempt_id)
+            attempt = attempts[attempt_id]
             attempt.intermediate = [*attempt.intermediate, clean]
             add_event(session, attempt.study_id, EventType.trial_reported, clean, trial_id=attempt_id)
 
@@ -160,28 +162,40 @@ def finish_attempt(session_factory: SessionFactory, attempt_id: str, outcome: Ou
 
     A retryable failure queues a retry attempt (same params) in the same transaction; the caller sends it.
     """
+    return finish_attempts(session_factory, [(attempt_id, outcome)], max_retries)[0]
+
+
+def finish_attempts(session_factory: SessionFactory, ended: list[tuple[str, Outcome]],
+                    max_retries: int) -> list[Finished | None]:
+    """``finish_attempt`` for each (attempt id, outcome) of one study (a pack's members), in one transaction."""
     now = utcnow()
     with write_session(session_factory) as session:
-        study_id = session.scalar(select(TrialAttempt.study_id).where(TrialAttempt.id == attempt_id))
+        study_id = session.scalar(select(TrialAttempt.study_id).where(TrialAttempt.id == ended[0][0]))
         if study_id is None:
-            return None
+            return [None] * len(ended)
         study = session.scalars(select(Study).where(Study.id == study_id).with_for_update()).one()
-        won = session.execute(
-            update(TrialAttempt).where(TrialAttempt.id == attempt_id, TrialAttempt.state == TrialState.running)
-            .values(state=outcome.state, value=finite_or_none(outcome.value), failure_reason=outcome.failure_reason,
-                    flops=outcome.flops, seconds=outcome.seconds, finished_at=now))
-        if won.rowcount != 1:  # type: ignore[attr-defined]
-            return None
-        attempt = session.get_one(TrialAttempt, attempt_id)
-        _update_best(session, study, attempt)
-        retry = None
-        if (outcome.state == TrialState.failed and outcome.failure_reason and is_retryable(outcome.failure_reason)
-                and study.status != StudyStatus.cancelled):
-            retry = _insert_retry(session, attempt, max_retries)
-        add_event(session, study_id, EventType.trial_finished,
-                  {"number": attempt.number, "attempt": attempt.attempt, "state": outcome.state,
-                   "value": attempt.value, "failure_reason": outcome.failure_reason,
-                   "retry": None if retry is None else retry.id}, trial_id=attempt_id)
+        return [_finish(session, study, attempt_id, outcome, max_retries, now) for attempt_id, outcome in ended]
+
+
+def _finish(session: Session, study: Study, attempt_id: str, outcome: Outcome, max_retries: int,
+            now: datetime) -> Finished | None:
+    won = session.execute(
+        update(TrialAttempt).where(TrialAttempt.id == attempt_id, TrialAttempt.study_id == study.id,
+                                   TrialAttempt.state == TrialState.running)
+        .values(state=outcome.state, value=finite_or_none(outcome.value), failure_reason=outcome.failure_reason,
+                flops=outcome.flops, seconds=outcome.seconds, finished_at=now))
+    if won.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    attempt = session.get_one(TrialAttempt, attempt_id)
+    _update_best(session, study, attempt)
+    retry = None
+    if (outcome.state == TrialState.failed and outcome.failure_reason and is_retryable(outcome.failure_reason)
+            and study.status != StudyStatus.cancelled):
+        retry = _insert_retry(session, attempt, max_retries)
+    add_event(session, study.id, EventType.trial_finished,
+              {"number": attempt.number, "attempt": attempt.attempt, "state": outcome.state,
+               "value": attempt.value, "failure_reason": outcome.failure_reason,
+               "retry": None if retry is None else retry.id}, trial_id=attempt_id)
     return Finished(attempt, retry)
 
 

@@ -1,5 +1,8 @@
 """A pack of attempts end to end: one Optuna load, K asks, one batched training, each member recorded as its own trial.
 
+Every database write is per pack, not per member: the K asks are sampled in memory and stored in one transaction
+(``ask_together``), each eval's points and Optuna reports in one each, the K ends and the K tells in one each.
+
 Members whose configs differ only in values, seed and length (every trial of a tune study; a transfer check's values
 and seeds at one size; a shape-schedule grid's budgets and seeds of one shape and size) share one computation
 (``scaletune.packs``); the others form groups trained one after another.
@@ -26,21 +29,22 @@ from service.dispatch import dispatch, send_all
 from service.kinds.base import StudyKind
 from service.kinds.registry import kind_of, spec_of
 from service.models import Study, TrialAttempt, TrialState
-from service.optuna_study import get_storage
+from service.optuna_study import ChangedTrialsStorage, ask_together, get_storage
 from service.studies import study_is_cancelled
-from service.trials import Outcome, finish_attempt, record_all_asked, record_points
-from workers.running import Heartbeat, WorkerContext, failure, outcome_of, tell
+from service.trials import Outcome, finish_attempts, record_all_asked, record_points
+from workers.running import Heartbeat, WorkerContext, failure, outcome_of, tell_all
 
 log = logging.getLogger(__name__)
 
 
 class PackProgress:
     """The members' training callbacks: each reports to its own Optuna trial and is pruned on its own; the eval
-    points of one eval are written in one transaction, and the study's cancellation is read once per eval."""
+    points of one eval are written in one transaction, the Optuna reports in another (deferred by the storage),
+    and the study's cancellation is read once per eval."""
 
-    def __init__(self, ctx: WorkerContext, study_id: str, beat: Heartbeat,
+    def __init__(self, ctx: WorkerContext, study_id: str, beat: Heartbeat, storage: ChangedTrialsStorage,
                  members: list[tuple[str, optuna.Trial]]) -> None:
-        self.ctx, self.study_id, self.beat, self.members = ctx, study_id, beat, members
+        self.ctx, self.study_id, self.beat, self.storage, self.members = ctx, study_id, beat, storage, members
         self.stop_reasons: list[TrialState | None] = [None] * len(members)
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._pending_step: int | None = None
@@ -53,6 +57,7 @@ class PackProgress:
         """Write the buffered eval points (members call in stack order, so after the last one of an eval)."""
         if self._pending:
             record_points(self.ctx.session_factory, self._pending)
+            self.storage.write_reports()
         self._pending, self._pending_step = [], None
 
     def _cancelled_at(self, step: int) -> bool:
@@ -77,12 +82,17 @@ class PackProgress:
         return self.stop_reasons[i] is not None
 
 
-def _ask(kind: StudyKind[Any], spec: Any, storage: BaseStorage, study: optuna.Study, study_row: Study,
-         attempt: TrialAttempt) -> tuple[optuna.Study, optuna.Trial]:
-    """The member's Optuna trial from the pack's study; a retry re-runs its params through a study of its own."""
-    if attempt.retry_of and attempt.params:
-        study = kind.load_optuna_study(storage, study_row.optuna_study_name, spec, retried_params=attempt.params)
-    return study, study.ask(kind.distributions(spec))
+def _ask_all(kind: StudyKind[Any], spec: Any, storage: BaseStorage, study_row: Study,
+             attempts: list[TrialAttempt]) -> list[tuple[optuna.Study, optuna.Trial]]:
+    """Each member's Optuna trial: the new ones asked together from the pack's study, a retry through a study of
+    its own that re-runs its params (as the kind re-runs them)."""
+    name = study_row.optuna_study_name
+    study = kind.load_optuna_study(storage, name, spec, retried_params=None)
+    retried = {i: kind.load_optuna_study(storage, name, spec, retried_params=a.params)
+               for i, a in enumerate(attempts) if a.retry_of and a.params}
+    fresh = iter(ask_together(study, kind.distributions(spec), len(attempts) - len(retried)))
+    return [(retried[i], retried[i].ask(kind.distributions(spec))) if i in retried else (study, next(fresh))
+            for i in range(len(attempts))]
 
 
 def _groups(configs: list[TrialConfig]) -> list[list[int]]:
@@ -103,37 +113,32 @@ def run_pack_attempts(ctx: WorkerContext, attempts: list[TrialAttempt], study_ro
     log.info("pack of %d attempts started: %s", len(attempts), [a.id for a in attempts])
     kind, spec = kind_of(study_row), spec_of(study_row)
     asked: list[tuple[optuna.Study, optuna.Trial]] = []
+    storage = get_storage(ctx.settings.DATABASE_URL)
     with Heartbeat(ctx.session_factory, [a.id for a in attempts], ctx.settings.HEARTBEAT_INTERVAL) as beat:
         try:
-            storage = get_storage(ctx.settings.DATABASE_URL)
-            study = kind.load_optuna_study(storage, study_row.optuna_study_name, spec, retried_params=None)
-            for attempt in attempts:  # asked together (TPE's constant liar spreads them), told one by one
-                asked.append(_ask(kind, spec, storage, study, study_row, attempt))
+            asked = _ask_all(kind, spec, storage, study_row, attempts)
             record_all_asked(ctx.session_factory, [(a.id, trial.number, trial.params)
                                                    for a, (_, trial) in zip(attempts, asked)])
             configs = [kind.trial_config(spec, trial.params) for _, trial in asked]
             ended: dict[int, Outcome] = {}
             for group in _groups(configs):  # members that differ only in values, seed and length train as one
-                progress = PackProgress(ctx, study_row.id, beat, [(attempts[i].id, asked[i][1]) for i in group])
-                results = run_pack([configs[i] for i in group], progress.callbacks(), data_root=ctx.settings.DATA_ROOT,
-                                   max_params=ctx.settings.MAX_PROXY_PARAMS)
-                progress.flush()
+                progress = PackProgress(ctx, study_row.id, beat, storage,
+                                        [(attempts[i].id, asked[i][1]) for i in group])
+                with storage.reports_deferred():
+                    results = run_pack([configs[i] for i in group], progress.callbacks(),
+                                       data_root=ctx.settings.DATA_ROOT, max_params=ctx.settings.MAX_PROXY_PARAMS)
+                    progress.flush()
                 for i, result, reason in zip(group, results, progress.stop_reasons):
                     ended[i] = outcome_of(result, reason)
             outcomes = [ended[i] for i in range(len(attempts))]
         except Exception as error:
             log.exception("pack of attempts %s failed", [a.id for a in attempts])
             outcomes = [failure(error)] * len(attempts)
-        finished = [finish_attempt(ctx.session_factory, a.id, outcome, ctx.settings.MAX_RETRIES)
-                    for a, outcome in zip(attempts, outcomes)]
-    retries = []
-    for i, (outcome, done) in enumerate(zip(outcomes, finished)):
-        if done is None:
-            continue
-        if i < len(asked):
-            tell(*asked[i], spec.objective.direction, outcome)
-        if done.retry is not None:
-            retries.append(done.retry.id)
+        finished = finish_attempts(ctx.session_factory, [(a.id, outcome) for a, outcome in zip(attempts, outcomes)],
+                                   ctx.settings.MAX_RETRIES)
+    tell_all(storage, [(*asked[i], outcomes[i]) for i, done in enumerate(finished) if done is not None and asked],
+             spec.objective.direction)
+    retries = [done.retry.id for done in finished if done is not None and done.retry is not None]
     send_all(ctx.enqueue, retries, spec.queue)
     dispatch(ctx.session_factory, study_row.id, ctx.enqueue)
     states = [None if done is None else outcome.state for outcome, done in zip(outcomes, finished)]

@@ -11,7 +11,7 @@ import optuna
 from scaletune.train import TrainResult
 from service.db import SessionFactory, create_db_engine, make_session_factory
 from service.models import TrialState
-from service.optuna_study import tell_outcome
+from service.optuna_study import ChangedTrialsStorage, tell_outcome
 from service.queue import Enqueue
 from service.settings import Settings
 from service.trials import Outcome, heartbeat
@@ -80,6 +80,18 @@ def tell(study: optuna.Study, trial: optuna.Trial, direction: str, outcome: Outc
         tell_outcome(study, trial, direction, outcome.state, outcome.value)
     except Exception:
         log.exception("could not tell Optuna how trial %s ended", trial.number)
+
+
+def tell_all(storage: ChangedTrialsStorage, told: list[tuple[optuna.Study, optuna.Trial, Outcome]],
+             direction: str) -> None:
+    """``tell`` for each of a pack's members, their new states written in one transaction; a failure to write
+    them is only logged, like a failed ``tell``."""
+    try:
+        with storage.told_together([trial._trial_id for _, trial, _ in told]):
+            for study, trial, outcome in told:
+                tell(study, trial, direction, outcome)
+    except Exception:
+        log.exception("could not tell Optuna how trials %s ended", [trial.number for _, trial, _ in told])
 
 
 def failure(error: Exception) -> Outcome:

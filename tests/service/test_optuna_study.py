@@ -1,5 +1,6 @@
 """Every sampler and pruner a spec may name maps to a working Optuna object that stays inside the search space;
-the process-wide trial cache sees every process's writes."""
+the process-wide trial cache sees every process's writes; a pack's asks, reports and tells, batched, store what
+Optuna's one-at-a-time calls store."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Any, get_args
 import optuna
 import pytest
 from optuna.storages import RDBStorage
+from sqlalchemy import event
 from optuna.trial import TrialState
 
 from service.kinds.registry import STUDY_SPEC
 from service.kinds.tune import distributions, make_pruner, make_sampler
-from service.optuna_study import ChangedTrialsStorage
+from service.optuna_study import ChangedTrialsStorage, ask_together, tell_outcome
 from service.spec import PrunerSpec, SamplerSpec
 
 
@@ -93,3 +95,106 @@ def test_two_processes_caches_see_each_others_writes_and_reread_only_written_tri
     seen.get_trials()
     assert reread[-1] == set(), "nothing written: nothing re-read"
     assert theirs.get_study_id_from_name("s") == mine.get_study_id_from_name("s")
+
+
+def _study_with_history(url: str, spec: Any, finished: int) -> optuna.Study:
+    """A study on its own database with ``finished`` completed trials and one running, the same in every call."""
+    storage = ChangedTrialsStorage(RDBStorage(url))
+    study = optuna.create_study(storage=storage, study_name="s")
+    space = distributions(spec)
+    for i in range(finished):
+        lr = 10 ** (-3 + 2 * ((i * 0.37) % 1))
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr}, distributions=space, value=(lr - 0.01) ** 2))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING, params={"lr": 0.05}, distributions=space))
+    return optuna.load_study(study_name="s", storage=storage, sampler=make_sampler(spec, finished + 1))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "gp"])
+def test_asking_together_hands_out_what_asking_one_by_one_does(tmp_path: Any, spec_dict: dict[str, Any],
+                                                                sampler: str) -> None:
+    """A pack's asks: the same points, numbers and sampler state as K asks in a row (TPE past its random start-up
+    sees the earlier ones running; QMC's point counter is kept in the study), and all of it stored."""
+    spec_dict["search_space"] = {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}}
+    spec_dict["sampler"] = {"name": sampler, "seed": 3}
+    spec = STUDY_SPEC.validate_python(spec_dict)
+    together = _study_with_history(f"sqlite:///{tmp_path / 'together.db'}", spec, finished=12)
+    one_by_one = _study_with_history(f"sqlite:///{tmp_path / 'one_by_one.db'}", spec, finished=12)
+
+    asked = ask_together(together, distributions(spec), 4) + ask_together(together, distributions(spec), 2)
+    expected = [one_by_one.ask(distributions(spec)) for _ in range(6)]
+
+    assert [(t.number, t.params) for t in asked] == [(t.number, t.params) for t in expected]
+    reread = optuna.load_study(study_name="s", storage=RDBStorage(f"sqlite:///{tmp_path / 'together.db'}"))
+    stored = reread.get_trials(states=(TrialState.RUNNING,))
+    assert [(t.number, t.params, t.system_attrs) for t in stored] == [
+        (t.number, t.params, t.system_attrs) for t in one_by_one.get_trials(states=(TrialState.RUNNING,))]
+    assert (reread._storage.get_study_system_attrs(reread._study_id)
+            == one_by_one._storage.get_study_system_attrs(one_by_one._study_id))
+
+
+def test_a_study_with_enqueued_points_hands_them_out_when_asked_together(tmp_path: Any,
+                                                                         spec_dict: dict[str, Any]) -> None:
+    spec = STUDY_SPEC.validate_python(spec_dict)
+    study = optuna.create_study(storage=ChangedTrialsStorage(RDBStorage(f"sqlite:///{tmp_path / 'q.db'}")))
+    study.enqueue_trial({"lr": 0.002})
+    study.enqueue_trial({"lr": 0.003})
+
+    asked = ask_together(study, distributions(spec), 3)
+
+    assert [t.params["lr"] for t in asked[:2]] == [0.002, 0.003] and [t.number for t in asked] == [0, 1, 2]
+    assert all(t.state == TrialState.RUNNING for t in study.get_trials())
+
+
+def _commits(storage: ChangedTrialsStorage) -> list[int]:
+    """Counts the transactions the storage commits from now on (one entry per commit)."""
+    commits: list[int] = []
+    event.listen(storage._backend.engine, "commit", lambda _connection: commits.append(1))
+    return commits
+
+
+def test_deferred_reports_are_written_in_one_transaction_and_spare_a_trial_finished_elsewhere(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    mine, theirs = (ChangedTrialsStorage(RDBStorage(url)) for _ in range(2))
+    study = optuna.create_study(storage=mine, study_name="s")
+    kept, taken = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), study.ask()
+    seen = optuna.load_study(study_name="s", storage=theirs)
+    commits = _commits(mine)
+
+    with mine.reports_deferred():
+        kept.report(0.5, 10)
+        taken.report(0.6, 10)
+        assert [t.intermediate_values for t in seen.get_trials()] == [{}, {}], "nothing written before the eval ends"
+        mine.write_reports()
+        assert [t.intermediate_values for t in seen.get_trials()] == [{10: 0.5}, {10: 0.6}]
+        seen.tell(taken.number, state=TrialState.FAIL)
+        kept.report(0.4, 20)
+        taken.report(0.3, 20)
+
+    assert len(commits) == 2, "one transaction per eval"
+    assert [t.intermediate_values for t in seen.get_trials()] == [{10: 0.5, 20: 0.4}, {10: 0.6}]
+
+
+def test_telling_together_writes_every_state_in_one_transaction_as_telling_one_by_one_would(tmp_path: Any) -> None:
+    """Completed with its value, pruned with its last reported value, and a trial already told elsewhere keeps
+    what it was told there."""
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    mine, theirs = (ChangedTrialsStorage(RDBStorage(url)) for _ in range(2))
+    study = optuna.create_study(storage=mine, study_name="s")
+    done, pruned, elsewhere = (study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}) for _ in range(3))
+    pruned.report(0.7, 10)
+    seen = optuna.load_study(study_name="s", storage=theirs)
+    seen.tell(elsewhere.number, state=TrialState.FAIL)
+    commits = _commits(mine)
+
+    with mine.told_together([done._trial_id, pruned._trial_id, elsewhere._trial_id]):
+        read = len(commits)  # the one refresh of the trials
+        tell_outcome(study, done, "minimize", "complete", 0.25)
+        tell_outcome(study, pruned, "minimize", "pruned", None)
+        tell_outcome(study, elsewhere, "minimize", "complete", 0.1)
+        assert [t.state for t in seen.get_trials()] == [TrialState.RUNNING, TrialState.RUNNING, TrialState.FAIL]
+
+    assert len(commits) == read + 1, "the states in one transaction"
+    told = seen.get_trials()
+    assert [(t.state, t.value) for t in told] == [(TrialState.COMPLETE, 0.25), (TrialState.PRUNED, 0.7),
+                                                  (TrialState.FAIL, None)]
+    assert all(t.datetime_complete is not None for t in told)
