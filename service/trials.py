@@ -109,9 +109,8 @@ def record_asked(session_factory: SessionFactory, attempt_id: str, number: int, 
 def record_all_asked(session_factory: SessionFactory, asked: list[tuple[str, int, dict[str, Any]]]) -> None:
     """Each attempt's Optuna trial number and params, in one transaction: (attempt id, number, params)."""
     with write_session(session_factory) as session:
-        for attempt_id, number, params in asked:
-            session.execute(update(TrialAttempt).where(TrialAttempt.id == attempt_id)
-                            .values(number=number, params=params))
+        session.execute(update(TrialAttempt), [{"id": attempt_id, "number": number, "params": params}
+                                               for attempt_id, number, params in asked])
 
 
 def record_point(session_factory: SessionFactory, attempt_id: str, point: dict[str, Any]) -> None:

@@ -74,8 +74,8 @@ def _run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> Tr
         found = session.execute(select(Study, TrialAttempt).join(TrialAttempt, TrialAttempt.study_id == Study.id)
                                 .where(TrialAttempt.id == attempt_id)).one_or_none()
     study_row = None if found is None else found[0]
-    claimed = [] if found is None else claim_pack(ctx.session_factory, attempt_id, worker, task_id,
-                                                  _pack_size(ctx, *found))
+    queued = found is not None and found[1].state == TrialState.queued  # else: a pack took it, or a duplicate
+    claimed = claim_pack(ctx.session_factory, attempt_id, worker, task_id, _pack_size(ctx, *found)) if queued else []
     if not claimed:
         log.info("attempt %s is not queued any more (duplicate delivery or cancelled); skipping", attempt_id)
         return None
