@@ -166,26 +166,31 @@ def finish_attempt(session_factory: SessionFactory, attempt_id: str, outcome: Ou
 
 def finish_attempts(session_factory: SessionFactory, ended: list[tuple[str, Outcome]],
                     max_retries: int) -> list[Finished | None]:
-    """``finish_attempt`` for each (attempt id, outcome) of one study (a pack's members), in one transaction."""
+    """``finish_attempt`` for each (attempt id, outcome) of one study (a pack's members), in one transaction.
+
+    The running attempts are read FOR UPDATE (on SQLite the transaction holds the writer lock), so each is
+    ended exactly once however many workers and reconcilers race for it.
+    """
     now = utcnow()
     with write_session(session_factory) as session:
         study_id = session.scalar(select(TrialAttempt.study_id).where(TrialAttempt.id == ended[0][0]))
         if study_id is None:
             return [None] * len(ended)
         study = session.scalars(select(Study).where(Study.id == study_id).with_for_update()).one()
-        return [_finish(session, study, attempt_id, outcome, max_retries, now) for attempt_id, outcome in ended]
+        running = {attempt.id: attempt for attempt in session.scalars(
+            select(TrialAttempt).where(TrialAttempt.id.in_([attempt_id for attempt_id, _ in ended]),
+                                       TrialAttempt.study_id == study_id, TrialAttempt.state == TrialState.running)
+            .with_for_update())}
+        return [None if attempt_id not in running else _finish(session, study, running[attempt_id], outcome,
+                                                                max_retries, now)
+                for attempt_id, outcome in ended]
 
 
-def _finish(session: Session, study: Study, attempt_id: str, outcome: Outcome, max_retries: int,
-            now: datetime) -> Finished | None:
-    won = session.execute(
-        update(TrialAttempt).where(TrialAttempt.id == attempt_id, TrialAttempt.study_id == study.id,
-                                   TrialAttempt.state == TrialState.running)
-        .values(state=outcome.state, value=finite_or_none(outcome.value), failure_reason=outcome.failure_reason,
-                flops=outcome.flops, seconds=outcome.seconds, finished_at=now))
-    if won.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    attempt = session.get_one(TrialAttempt, attempt_id)
+def _finish(session: Session, study: Study, attempt: TrialAttempt, outcome: Outcome, max_retries: int,
+            now: datetime) -> Finished:
+    attempt.state, attempt.value, attempt.failure_reason = outcome.state, finite_or_none(outcome.value), \
+        outcome.failure_reason
+    attempt.flops, attempt.seconds, attempt.finished_at = outcome.flops, outcome.seconds, now
     _update_best(session, study, attempt)
     retry = None
     if (outcome.state == TrialState.failed and outcome.failure_reason and is_retryable(outcome.failure_reason)
@@ -194,7 +199,7 @@ def _finish(session: Session, study: Study, attempt_id: str, outcome: Outcome, m
     add_event(session, study.id, EventType.trial_finished,
               {"number": attempt.number, "attempt": attempt.attempt, "state": outcome.state,
                "value": attempt.value, "failure_reason": outcome.failure_reason,
-               "retry": None if retry is None else retry.id}, trial_id=attempt_id)
+               "retry": None if retry is None else retry.id}, trial_id=attempt.id)
     return Finished(attempt, retry)
 
 
