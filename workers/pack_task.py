@@ -20,19 +20,17 @@ from functools import partial
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage
 
 from scaletune.packs import pack_key, run_pack
 from scaletune.runner import TrialConfig
 from scaletune.train import Callback, EvalPoint
 from service.dispatch import dispatch, send_all
-from service.kinds.base import StudyKind
 from service.kinds.registry import kind_of, spec_of
 from service.models import Study, TrialAttempt, TrialState
-from service.optuna_study import ChangedTrialsStorage, ask_together, get_storage
+from service.optuna_study import ChangedTrialsStorage, get_storage
 from service.studies import study_is_cancelled
 from service.trials import Outcome, finish_attempts, record_all_asked, record_points
-from workers.running import Heartbeat, WorkerContext, failure, outcome_of, tell_all
+from workers.running import Heartbeat, WorkerContext, ask_attempts, failure, outcome_of, tell_all
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +80,6 @@ class PackProgress:
         return self.stop_reasons[i] is not None
 
 
-def _ask_all(kind: StudyKind[Any], spec: Any, storage: BaseStorage, study_row: Study,
-             attempts: list[TrialAttempt]) -> list[tuple[optuna.Study, optuna.Trial]]:
-    """Each member's Optuna trial: the new ones asked together from the pack's study, a retry through a study of
-    its own that re-runs its params (as the kind re-runs them)."""
-    name = study_row.optuna_study_name
-    study = kind.load_optuna_study(storage, name, spec, retried_params=None)
-    retried = {i: kind.load_optuna_study(storage, name, spec, retried_params=a.params)
-               for i, a in enumerate(attempts) if a.retry_of and a.params}
-    fresh = iter(ask_together(study, kind.distributions(spec), len(attempts) - len(retried)))
-    return [(retried[i], retried[i].ask(kind.distributions(spec))) if i in retried else (study, next(fresh))
-            for i in range(len(attempts))]
-
-
 def _groups(configs: list[TrialConfig]) -> list[list[int]]:
     """The members' indices grouped by what a pack's members share (``pack_key``), in order of first appearance."""
     keys: list[TrialConfig] = []
@@ -116,7 +101,7 @@ def run_pack_attempts(ctx: WorkerContext, attempts: list[TrialAttempt], study_ro
     storage = get_storage(ctx.settings.DATABASE_URL)
     with Heartbeat(ctx.session_factory, [a.id for a in attempts], ctx.settings.HEARTBEAT_INTERVAL) as beat:
         try:
-            asked = _ask_all(kind, spec, storage, study_row, attempts)
+            asked = ask_attempts(kind, spec, storage, study_row.optuna_study_name, attempts)
             record_all_asked(ctx.session_factory, [(a.id, trial.number, trial.params)
                                                    for a, (_, trial) in zip(attempts, asked)])
             configs = [kind.trial_config(spec, trial.params) for _, trial in asked]

@@ -1,17 +1,21 @@
-"""What running one attempt and running a pack share: the worker's context, the heartbeat, outcomes, telling Optuna."""
+"""What running one attempt and running a pack share: the worker's context, the heartbeat, asking and telling Optuna,
+outcomes."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
+from optuna.storages import BaseStorage
 
 from scaletune.train import TrainResult
 from service.db import SessionFactory, create_db_engine, make_session_factory
-from service.models import TrialState
-from service.optuna_study import ChangedTrialsStorage, tell_outcome
+from service.kinds.base import StudyKind
+from service.models import TrialAttempt, TrialState
+from service.optuna_study import ChangedTrialsStorage, ask_together, tell_outcome
 from service.queue import Enqueue
 from service.settings import Settings
 from service.trials import Outcome, heartbeat
@@ -72,6 +76,18 @@ def outcome_of(result: TrainResult, stop_reason: TrialState | None) -> Outcome:
     if result.status == "stopped":
         return Outcome(stop_reason or TrialState.cancelled, **common)
     return Outcome(TrialState.complete, value=result.final_eval_loss, **common)
+
+
+def ask_attempts(kind: StudyKind[Any], spec: Any, storage: BaseStorage, name: str,
+                 attempts: list[TrialAttempt]) -> list[tuple[optuna.Study, optuna.Trial]]:
+    """Each attempt's Optuna trial: new ones asked together from the study (``ask_together``), a retry through a
+    study of its own that re-runs its params (as its kind re-runs them)."""
+    study = kind.load_optuna_study(storage, name, spec, retried_params=None)
+    retried = {i: kind.load_optuna_study(storage, name, spec, retried_params=a.params)
+               for i, a in enumerate(attempts) if a.retry_of and a.params}
+    fresh = iter(ask_together(study, kind.distributions(spec), len(attempts) - len(retried)))
+    return [(retried[i], retried[i].ask(kind.distributions(spec))) if i in retried else (study, next(fresh))
+            for i in range(len(attempts))]
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, direction: str, outcome: Outcome) -> None:

@@ -22,7 +22,7 @@ from service.optuna_study import get_storage
 from service.studies import study_is_cancelled
 from service.trials import claim_pack, finish_attempt, record_asked, record_point, trial_checkpoint
 from workers.pack_task import run_pack_attempts
-from workers.running import Heartbeat, WorkerContext, failure, outcome_of, tell
+from workers.running import Heartbeat, WorkerContext, ask_attempts, failure, outcome_of, tell
 
 __all__ = ["WorkerContext", "checkpointing", "run_attempt"]
 
@@ -102,7 +102,6 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
     kind = kind_of(study_row)
     spec = spec_of(study_row)
     storage = get_storage(ctx.settings.DATABASE_URL)
-    fixed = attempt.params if attempt.retry_of else None
     study: optuna.Study | None = None
     trial: optuna.Trial | None = None
     saves: Checkpointing | None = None
@@ -111,8 +110,7 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
             progress = _Progress(ctx, attempt_id, attempt.study_id, beat)
             result = kind.run_planned(spec, attempt, ctx.settings, progress.record)
             if result is None:  # a trial: Optuna says what to train
-                study = kind.load_optuna_study(storage, study_row.optuna_study_name, spec, retried_params=fixed)
-                trial = study.ask(kind.distributions(spec))
+                [(study, trial)] = ask_attempts(kind, spec, storage, study_row.optuna_study_name, [attempt])
                 record_asked(ctx.session_factory, attempt_id, trial.number, trial.params)
                 progress = _Progress(ctx, attempt_id, attempt.study_id, beat, trial)
                 config = kind.trial_config(spec, trial.params)
