@@ -1,4 +1,4 @@
-"""K same-shape models as one: parameters in one flat (K, N) leaf, forward by vmap over functional_call.
+"""K same-shape models as one: parameters in one flat (K, N) leaf, forward by vmap over a shared template module.
 
 Each member keeps its own initial values (stacked from its own model), its own BatchNorm statistics and
 its own forward multipliers, which become per-member 0-dim tensors inside the vmapped call.
@@ -11,9 +11,34 @@ import math
 
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state, vmap
 
 from scaletune.parametrize import MULTIPLIER_ATTRS
+
+
+Slot = tuple[dict[str, torch.Tensor], str]  # where a module holds one of its tensors: the dict and the key
+
+
+def _slots(model: nn.Module, template: nn.Module, names: list[str]) -> list[list[Slot]]:
+    """Per name (a parameter, buffer or multiplier of ``model``), every place in ``template`` holding that tensor.
+
+    A tied parameter (one tensor under two names) fills each of its places, as functional_call's tying would.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, tensor in (*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)):
+        owners.setdefault(id(tensor), []).append(name)
+    places = {name: (owners[id(_get(model, name))] if isinstance(_get(model, name), torch.Tensor) else [name])
+              for name in names}
+    out = []
+    for name in names:
+        slots = []
+        for place in places[name]:
+            module_name, _, attr = place.rpartition(".")
+            module = template.get_submodule(module_name)
+            slots.append((next((d for d in (module._parameters, module._buffers) if attr in d), module.__dict__), attr))
+        out.append(slots)
+    return out
 
 
 def _multiplier_names(model: nn.Module) -> list[str]:
@@ -47,8 +72,10 @@ class PackedModel:
         self.multipliers = {n: torch.tensor([float(_get(m, n)) for m in models], device=self.flat.device)
                             for n in names}
         self.template = copy.deepcopy(models[0]).to("meta")  # the members' own models stay usable on their own
-        for n in names:  # functional_call swaps tensors only: the template holds a tensor where members hold a float
+        for n in names:  # the call swaps tensors only: the template holds a tensor where members hold a float
             _set(self.template, n, torch.zeros((), device="meta"))
+        self.slots = _slots(models[0], self.template, [*self.names, *buffers, *names])
+        self.own = tuple(held[key] for (held, key), *_ in self.slots)  # the template's meta tensors, put back after a call
 
     def _views(self) -> dict[str, torch.Tensor]:
         out, offset = {}, 0
@@ -95,13 +122,23 @@ class PackedModel:
         self.template.train(mode)
 
     def map(self, fn, x: torch.Tensor, y: torch.Tensor, per_member_data: bool) -> torch.Tensor:
-        """``fn(model_output, y)`` for every member, vmapped: (K, ...) results."""
+        """``fn(model_output, y)`` for every member, vmapped: (K, ...) results.
+
+        Inside the vmapped call each member's tensors are put straight into the template's slots (what
+        functional_call does, without its per-call name lookups and pytree work, which cost more than the forward
+        of a small proxy) and the template's own tensors are put back afterwards.
+        """
         data_dim = 0 if per_member_data else None
+        tensors = (*self.leaves.values(), *self.buffers.values(), *self.multipliers.values())
 
-        def member(params, buffers, multipliers, xs, ys):
-            return fn(functional_call(self.template, (params, buffers, multipliers), (xs,)), ys)
+        def member(values: tuple[torch.Tensor, ...], xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+            _fill(self.slots, values)
+            try:
+                return fn(self.template(xs), ys)
+            finally:
+                _fill(self.slots, self.own)
 
-        return vmap(member, in_dims=(0, 0, 0, data_dim, data_dim))(self.leaves, self.buffers, self.multipliers, x, y)
+        return vmap(member, in_dims=(0, data_dim, data_dim))(tensors, x, y)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only the members at ``index`` (positions in the current stack), in that order."""
@@ -109,6 +146,13 @@ class PackedModel:
         self.leaves = self._views()
         self.buffers = {n: b[index] for n, b in self.buffers.items()}
         self.multipliers = {n: m[index] for n, m in self.multipliers.items()}
+
+
+def _fill(slots: list[list[Slot]], values: tuple[torch.Tensor, ...]) -> None:
+    """Put each value in every place of its slots."""
+    for places, value in zip(slots, values):
+        for held, key in places:
+            held[key] = value
 
 
 def _get(model: nn.Module, name: str) -> float:

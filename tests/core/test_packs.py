@@ -85,6 +85,14 @@ def test_members_sharing_a_seed_share_batches_and_still_match() -> None:
         assert_same_run(p, a)
 
 
+def test_a_model_with_tied_embeddings_packs_and_still_matches() -> None:
+    """One tensor under two names (gpt's readout tied to its embedding) is one parameter of every member."""
+    cfg = config("gpt", "adamw", "mup")
+    cfgs = members(replace(cfg, args={**cfg.args, "tie_embeddings": True}))
+    for p, a in zip(run_pack(cfgs), [run_trial(c) for c in cfgs]):
+        assert_same_run(p, a)
+
+
 def test_members_of_different_lengths_each_follow_their_own_budget() -> None:
     """A shape-schedule grid packs one shape's budgets: each member its own WSD cooldown, evals and last step."""
     cfg = config("mlp", "adamw", "mup")
