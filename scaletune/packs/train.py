@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from scaletune.clipping import RelativeClipper
-from scaletune.data.base import Dataset
+from scaletune.data.base import Dataset, Task
 from scaletune.hparams import HParams
 from scaletune.packs.optim import PackOptimizer, make_pack_optimizer, settings_by_name
 from scaletune.packs.stack import PackedModel
 from scaletune.parametrize import make_optimizer
 from scaletune.train import (
-    Budget, Callback, Loop, Progress, Status, TrainResult, _autocast, _to_device, loss_fn, lr_factor, resolve_device,
+    Budget, Callback, Loop, Progress, Status, TrainResult, _autocast, _to_device, lr_factor, resolve_device,
 )
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -77,11 +77,20 @@ class _Members:
         return self.streams[0 if self.shared_data else i]
 
 
+def member_loss(logits: torch.Tensor, targets: torch.Tensor, task: Task) -> torch.Tensor:
+    """``loss_fn``'s cross-entropy as log_softmax and gather: under vmap F.cross_entropy runs nll_loss's Python
+    decomposition, which made up a third of the mlp proxy's forward and backward."""
+    logits = logits.float()
+    if task == "lm":
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    return -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).mean()
+
+
 def _pack_eval_losses(packed: PackedModel, dataset: Dataset, budget: Budget, device: torch.device) -> list[float]:
     """Each member's mean loss per target over the held-out split (``evaluate`` for K members at once)."""
     packed.train(False)
     total, count = torch.zeros(packed.size, dtype=torch.float64, device=device), 0
-    loss = partial(loss_fn, task=dataset.spec.task)
+    loss = partial(member_loss, task=dataset.spec.task)
     with torch.no_grad():
         for batch in itertools.islice(dataset.eval_batches(budget.batch_size), budget.eval_batches):
             x, y = _to_device(batch, device)
@@ -110,7 +119,7 @@ def train_pack(members: list[PackMember], dataset: Dataset, optimizer: str, *,
     opt = make_pack_optimizer(optimizer, packed, settings, [m.hparams for m in members])
     budget = members[0].budget  # what the members' budgets share
     state = _Members(members, dataset, budget.batch_size)
-    loss = partial(loss_fn, task=dataset.spec.task)
+    loss = partial(member_loss, task=dataset.spec.task)
     flops_per_step = float(budget.batch_size * flops_per_sample)
 
     def drop(leaving: dict[int, Status]) -> None:
