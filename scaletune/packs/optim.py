@@ -77,17 +77,21 @@ class PackOptimizer(ABC):
 class PackAdamW(PackOptimizer):
     def initial_state(self, hparams: list[HParams]) -> dict[str, torch.Tensor]:
         flat = self.packed.flat
-        return {"beta1": self.column([h.beta1 for h in hparams]), "beta2": self.column([h.beta2 for h in hparams]),
-                "eps": self.packed.expand(self.group["eps"]),
+        betas = torch.cat([self.column([h.beta1 for h in hparams]), self.column([h.beta2 for h in hparams])], dim=1)
+        return {"betas": betas, "eps": self.packed.expand(self.group["eps"]),
+                # the betas' per-step casts to the parameters' dtype, made once
+                "one_minus_beta1": (1 - betas[:, :1]).to(flat.dtype), "beta2": betas[:, 1:].to(flat.dtype),
+                "one_minus_beta2": (1 - betas[:, 1:]).to(flat.dtype),
                 "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
 
     def update(self, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor) -> None:
-        s, expand, dtype = self.state, self.packed.expand, param.dtype
-        param.mul_(expand(1 - lr * self.group["weight_decay"]))
-        s["exp_avg"].lerp_(grad, (1 - s["beta1"]).to(dtype))
-        s["exp_avg_sq"].mul_(s["beta2"].to(dtype)).addcmul_(grad * (1 - s["beta2"]).to(dtype), grad)
-        step_size = expand(-lr / (1 - s["beta1"] ** self.steps))
-        denom = (s["exp_avg_sq"].sqrt() / ((1 - s["beta2"] ** self.steps) ** 0.5).to(dtype)).add_(s["eps"])
+        s, dtype = self.state, param.dtype
+        corrections = 1 - s["betas"] ** self.steps  # (K, 2) float64: the bias corrections of both moments
+        param.mul_(self.packed.expand(1 - lr * self.group["weight_decay"]))
+        step_size = self.packed.expand(-lr / corrections[:, :1])
+        s["exp_avg"].lerp_(grad, s["one_minus_beta1"])
+        s["exp_avg_sq"].mul_(s["beta2"]).addcmul_(grad * s["one_minus_beta2"], grad)
+        denom = (s["exp_avg_sq"].sqrt() / (corrections[:, 1:] ** 0.5).to(dtype)).add_(s["eps"])
         param.addcdiv_(s["exp_avg"] * step_size, denom)
 
     def state_of(self, pos: int) -> dict[str, dict[str, torch.Tensor]]:

@@ -66,6 +66,7 @@ class PackedModel:
         self.sizes = [math.prod(params[n].shape[1:]) for n in self.names]
         self.shapes = [tuple(params[n].shape[1:]) for n in self.names]
         self.flat = torch.cat([params[n].detach().reshape(len(models), -1) for n in self.names], dim=1)
+        self.repeats = torch.tensor(self.sizes, device=self.flat.device)  # ``expand``'s, made once
         self.leaves = self._views()
         self.buffers = buffers
         names = _multiplier_names(models[0])
@@ -95,8 +96,7 @@ class PackedModel:
 
     def expand(self, per_parameter: torch.Tensor) -> torch.Tensor:
         """(K, P) -> (K, N) in the parameters' dtype, each value repeated over its parameter's elements."""
-        sizes = torch.tensor(self.sizes, device=self.flat.device)
-        return per_parameter.to(self.flat.dtype).repeat_interleave(sizes, dim=1)
+        return per_parameter.to(self.flat.dtype).repeat_interleave(self.repeats, dim=1, output_size=self.flat.shape[1])
 
     def split(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
         """One member's (N,) row of a flat tensor as one tensor per parameter, by name, in its shape."""
