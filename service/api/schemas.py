@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from service.models import Study, TrialAttempt
 from service.kinds.registry import STUDY_SPEC, SUMMARY_KINDS, StudyResult, StudySpec
@@ -87,15 +88,17 @@ class StudyDetail(BaseModel):
                    result=result, links=study_links(study.id))
 
 
-class EvalPointOut(BaseModel):
+# A TypedDict, not a model (same schema, same JSON): a trials page validates 1,000 eval points, and a dict costs a
+# third of a model instance. A docstring here would become the schema's description.
+class EvalPointOut(TypedDict):
     step: int
-    samples: int | None = None
-    flops: float | None = None
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    value: float | None = Field(None, description="what an external trial's own code reported at this step")
-    phase: int | None = Field(None, description="a schedule run's phase at this eval")
-    shape: dict[str, int] | None = Field(None, description="a schedule run's shape at this eval")
+    samples: Annotated[int | None, Field(None)]
+    flops: Annotated[float | None, Field(None)]
+    train_loss: Annotated[float | None, Field(None)]
+    eval_loss: Annotated[float | None, Field(None)]
+    value: Annotated[float | None, Field(None, description="what an external trial's own code reported at this step")]
+    phase: Annotated[int | None, Field(None, description="a schedule run's phase at this eval")]
+    shape: Annotated[dict[str, int] | None, Field(None, description="a schedule run's shape at this eval")]
 
 
 class TrialOut(BaseModel):
