@@ -95,6 +95,13 @@ def get_study(session: Session, study_id: str, tenant: str | None = DEFAULT_TENA
     return study
 
 
+def study_visible(session: Session, study_id: str, tenant: str | None = DEFAULT_TENANT) -> bool:
+    """``get_study``'s check without loading the study (its spec is most of the row): for routes that need only
+    that it exists for ``tenant``."""
+    query = select(Study.id).where(Study.id == study_id)
+    return session.scalar(query if tenant is None else query.where(Study.tenant == tenant)) is not None
+
+
 def list_studies(session: Session, tenant: str | None = DEFAULT_TENANT, status: StudyStatus | None = None,
                  limit: int = 50, offset: int = 0) -> tuple[list[Study], int]:
     """Newest first; served by the (tenant, status, created_at) indexes. ``tenant`` None lists every tenant's."""

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
+from sqlalchemy import Row
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from service.models import Study, TrialAttempt
@@ -119,13 +120,21 @@ class TrialOut(BaseModel):
     flops: float | None
 
     @classmethod
-    def of(cls, attempt: TrialAttempt) -> TrialOut:
+    def of(cls, attempt: TrialAttempt | Row[Any]) -> TrialOut:
+        """From an attempt, or a row of its ``TRIAL_OUT_COLUMNS``."""
         return cls(id=attempt.id, number=attempt.number, attempt=attempt.attempt, retry_of=attempt.retry_of,
                    state=attempt.state, params=attempt.params, value=attempt.value,
                    intermediate=attempt.intermediate,
                    failure_reason=attempt.failure_reason, worker=attempt.worker, queued_at=attempt.queued_at,
                    started_at=attempt.started_at, finished_at=attempt.finished_at, duration_s=attempt.seconds,
                    flops=attempt.flops)
+
+
+# What TrialOut.of reads of an attempt: a page selects just these rather than whole ORM objects.
+TRIAL_OUT_COLUMNS = (TrialAttempt.id, TrialAttempt.number, TrialAttempt.attempt, TrialAttempt.retry_of,
+                     TrialAttempt.state, TrialAttempt.params, TrialAttempt.value, TrialAttempt.intermediate,
+                     TrialAttempt.failure_reason, TrialAttempt.worker, TrialAttempt.queued_at, TrialAttempt.started_at,
+                     TrialAttempt.finished_at, TrialAttempt.seconds, TrialAttempt.flops)
 
 
 class TrialPage(BaseModel):

@@ -9,8 +9,8 @@ from sqlalchemy.exc import IntegrityError
 
 from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.problems import InvalidField
-from service.api.schemas import (Problem, StudyCreated, StudyDetail, StudyPage, StudySummary, TrialOut,
-                                 TrialPage, study_links)
+from service.api.schemas import (Problem, StudyCreated, StudyDetail, StudyPage, StudySummary, TRIAL_OUT_COLUMNS,
+                                 TrialOut, TrialPage, study_links)
 from service.api.state import ServiceState, service_state
 from service.dispatch import dispatch
 from service.models import Study, StudyStatus, TrialState
@@ -20,7 +20,7 @@ from service.kinds.setup import SourceError
 from service.kinds.summary import finished_result
 from service.spec import SpecError, SpecProblem
 from service.studies import StudyAlreadyFinished, StudyNotFound, cancel_study, create_study, \
-    find_by_idempotency_key, get_study, list_studies, spec_fingerprint, spec_warnings, trial_counts
+    find_by_idempotency_key, get_study, list_studies, spec_fingerprint, spec_warnings, study_visible, trial_counts
 from service.study_ids import short_ids
 from service.trials import BadCursor, get_trial, list_trials
 
@@ -126,13 +126,11 @@ def get_trials(study_id: str, state: State, principal: CurrentPrincipal, state_:
         raise InvalidField(("query", "cursor"), "give offset or cursor, not both (a cursor already says where "
                                                 "the page starts)")
     with state.session_factory() as session:
-        try:
-            get_study(session, study_id, principal.tenant_scope)
-        except StudyNotFound:
-            raise _not_found(study_id) from None
+        if not study_visible(session, study_id, principal.tenant_scope):
+            raise _not_found(study_id)
         try:
             rows, total, next_cursor = list_trials(session, study_id, limit=limit, offset=offset, state=state_,
-                                                   cursor=cursor)
+                                                   cursor=cursor, columns=TRIAL_OUT_COLUMNS)
         except BadCursor as error:
             raise InvalidField(("query", "cursor"), str(error)) from None
         return TrialPage(items=[TrialOut.of(t) for t in rows], total=total, limit=limit, offset=offset,
