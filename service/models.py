@@ -125,7 +125,7 @@ class TrialAttempt(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
-        Index("ix_st_trials_study_queued", "study_id", "queued_at"),
+        Index("ix_st_trials_study_queued_id", "study_id", "queued_at", "id"),  # a listing's order, to the last key
         Index("ix_st_trials_study_state", "study_id", "state"),
         Index("ix_st_trials_study_number", "study_id", "number", unique=True),
         Index("ix_st_trials_state_heartbeat", "state", "heartbeat_at"),

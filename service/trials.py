@@ -244,8 +244,16 @@ def list_trials(session: Session, study_id: str, limit: int = 100, offset: int =
         queued_at, attempt_id = decode_cursor(cursor)
         where.append(or_(TrialAttempt.queued_at > queued_at,
                          and_(TrialAttempt.queued_at == queued_at, TrialAttempt.id > attempt_id)))
-    result = session.execute((select(*columns) if columns else select(TrialAttempt)).where(*where)
-                             .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(limit + 1).offset(offset))
+    order = (TrialAttempt.queued_at, TrialAttempt.id)
+    query = select(*columns) if columns else select(TrialAttempt)
+    if offset:
+        # The rows an offset skips are read from the (study_id, queued_at, id) index alone; only the page's rows
+        # are read from the table (a vacuumed table needs no heap visit for the skipped ones).
+        page = select(TrialAttempt.id).where(*where).order_by(*order).limit(limit + 1).offset(offset).subquery()
+        query = query.join(page, page.c.id == TrialAttempt.id)
+    else:
+        query = query.where(*where).limit(limit + 1)
+    result = session.execute(query.order_by(*order))
     rows = list(result if columns else result.scalars())
     return rows[:limit], total, encode_cursor(rows[limit - 1]) if len(rows) > limit else None
 
