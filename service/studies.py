@@ -11,7 +11,7 @@ from typing import Any
 
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState as OptunaState
-from sqlalchemy import DateTime, String, cast, column, exists, func, select, table, update
+from sqlalchemy import ColumnElement, DateTime, Row, String, cast, column, exists, func, select, table, update
 from sqlalchemy.orm import Session
 
 from scaletune.data.registry import dataset_spec
@@ -102,16 +102,16 @@ def study_visible(session: Session, study_id: str, tenant: str | None = DEFAULT_
     return session.scalar(query if tenant is None else query.where(Study.tenant == tenant)) is not None
 
 
-def list_studies(session: Session, tenant: str | None = DEFAULT_TENANT, status: StudyStatus | None = None,
-                 limit: int = 50, offset: int = 0) -> tuple[list[Study], int]:
-    """Newest first; served by the (tenant, status, created_at) indexes. ``tenant`` None lists every tenant's."""
-    query = select(Study)
-    if tenant is not None:
-        query = query.where(Study.tenant == tenant)
+def list_studies(session: Session, columns: tuple[ColumnElement[Any], ...], tenant: str | None = DEFAULT_TENANT,
+                 status: StudyStatus | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Row[Any]], int]:
+    """Rows of ``columns`` (no ORM objects to build), newest first; served by the (tenant, status, created_at)
+    indexes. ``tenant`` None lists every tenant's."""
+    where = [] if tenant is None else [Study.tenant == tenant]
     if status is not None:
-        query = query.where(Study.status == status)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Study.created_at.desc(), Study.id).limit(limit).offset(offset)).all()
+        where.append(Study.status == status)
+    total = session.scalar(select(func.count()).select_from(Study).where(*where)) or 0
+    rows = session.execute(select(*columns).where(*where).order_by(Study.created_at.desc(), Study.id).limit(limit)
+                           .offset(offset)).all()
     return list(rows), total
 
 

@@ -9,8 +9,8 @@ from sqlalchemy.exc import IntegrityError
 
 from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.problems import InvalidField
-from service.api.schemas import (Problem, StudyCreated, StudyDetail, StudyPage, StudySummary, TRIAL_OUT_COLUMNS,
-                                 TrialOut, TrialPage, study_links)
+from service.api.schemas import (STUDY_SUMMARY_COLUMNS, TRIAL_OUT_COLUMNS, Problem, StudyCreated, StudyDetail,
+                                 StudyPage, StudySummary, TrialOut, TrialPage, study_links)
 from service.api.state import ServiceState, service_state
 from service.dispatch import dispatch
 from service.models import Study, StudyStatus, TrialState
@@ -95,7 +95,8 @@ def get_studies(state: State, principal: CurrentPrincipal, status_: Annotated[St
                 limit: Annotated[int, Query(ge=1, le=500)] = 50,
                 offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> StudyPage:
     with state.session_factory() as session:
-        rows, total = list_studies(session, principal.tenant_scope, status=status_, limit=limit, offset=offset)
+        rows, total = list_studies(session, STUDY_SUMMARY_COLUMNS, principal.tenant_scope, status=status_,
+                                   limit=limit, offset=offset)
         short = short_ids(session, [s.id for s in rows], principal.tenant_scope)
         return StudyPage(items=[StudySummary.of(s, short[s.id]) for s in rows], total=total, limit=limit,
                          offset=offset)
