@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from service.models import Study
 
 MIN_PREFIX = 4
+ID_LENGTH: int = Study.__table__.c.id.type.length  # type: ignore[attr-defined]
 SHORT_ID_LENGTH = 8
 MAX_CANDIDATES = 10
 _ID_CHARS = re.compile(r"[0-9a-f-]+")
@@ -40,6 +41,8 @@ def _visible(query: Select[Any], tenant: str | None) -> Select[Any]:
 
 def resolve_study_id(session: Session, ref: str, tenant: str | None) -> str:
     """The full id ``ref`` names (its id, or a unique prefix of it); ``ref`` unchanged when nothing matches."""
+    if len(ref) >= ID_LENGTH:  # no id is longer, so it names itself or nothing: no query (most requests)
+        return ref
     if session.scalar(_visible(select(Study.id).where(Study.id == ref), tenant)) is not None:
         return ref
     if len(ref) < MIN_PREFIX or not _ID_CHARS.fullmatch(ref):
