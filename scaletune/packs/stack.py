@@ -54,8 +54,9 @@ def _multiplier_names(model: nn.Module) -> list[str]:
 class PackedModel:
     """The members' parameters live in ``flat`` (one row per member); ``keep`` drops members.
 
-    Each parameter is a (K, *shape) leaf viewing its columns of ``flat``, so an optimizer updates every
-    parameter of every member with a handful of ops on ``flat`` and the leaves see the result.
+    ``flat`` is the one leaf: each call splits it into the parameters inside vmap, so the backward gathers every
+    gradient into ``flat.grad`` with one concatenation and an optimizer updates every parameter of every member
+    with a handful of ops on ``flat``.
     """
 
     def __init__(self, models: list[nn.Module]) -> None:
@@ -66,24 +67,17 @@ class PackedModel:
         self.sizes = [math.prod(params[n].shape[1:]) for n in self.names]
         self.shapes = [tuple(params[n].shape[1:]) for n in self.names]
         self.flat = torch.cat([params[n].detach().reshape(len(models), -1) for n in self.names], dim=1)
+        self.flat.requires_grad_()
         self.repeats = torch.tensor(self.sizes, device=self.flat.device)  # ``expand``'s, made once
-        self.leaves = self._views()
         self.buffers = buffers
         names = _multiplier_names(models[0])
-        self.multipliers = {n: torch.tensor([float(_get(m, n)) for m in models], device=self.flat.device)
-                            for n in names}
+        self.multipliers = torch.tensor([[float(_get(m, n)) for n in names] for m in models],
+                                        device=self.flat.device).reshape(len(models), len(names))  # (K, M)
         self.template = copy.deepcopy(models[0]).to("meta")  # the members' own models stay usable on their own
         for n in names:  # the call swaps tensors only: the template holds a tensor where members hold a float
             _set(self.template, n, torch.zeros((), device="meta"))
         self.slots = _slots(models[0], self.template, [*self.names, *buffers, *names])
         self.own = tuple(held[key] for (held, key), *_ in self.slots)  # the template's meta tensors, put back after a call
-
-    def _views(self) -> dict[str, torch.Tensor]:
-        out, offset = {}, 0
-        for name, shape, size in zip(self.names, self.shapes, self.sizes):
-            out[name] = self.flat[:, offset : offset + size].view(self.size, *shape).requires_grad_()
-            offset += size
-        return out
 
     @property
     def size(self) -> int:
@@ -112,11 +106,10 @@ class PackedModel:
                 model.get_buffer(name).copy_(buffer[pos])
 
     def take_grad(self) -> torch.Tensor:
-        """The gradient of every member as one (K, N) tensor; the leaves' gradients are cleared."""
-        grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in self.leaves.values()]
-        for leaf in self.leaves.values():
-            leaf.grad = None
-        return torch.cat([g.reshape(self.size, -1) for g in grads], dim=1)
+        """The gradient of every member as one (K, N) tensor; ``flat``'s gradient is cleared."""
+        grad = torch.zeros_like(self.flat) if self.flat.grad is None else self.flat.grad
+        self.flat.grad = None
+        return grad
 
     def train(self, mode: bool = True) -> None:
         self.template.train(mode)
@@ -126,26 +119,28 @@ class PackedModel:
 
         Inside the vmapped call each member's tensors are put straight into the template's slots (what
         functional_call does, without its per-call name lookups and pytree work, which cost more than the forward
-        of a small proxy) and the template's own tensors are put back afterwards.
+        of a small proxy) and the template's own tensors are put back afterwards. Parameters and multipliers
+        enter vmap as one tensor each and are split inside, for the same reason.
         """
         data_dim = 0 if per_member_data else None
-        tensors = (*self.leaves.values(), *self.buffers.values(), *self.multipliers.values())
 
-        def member(values: tuple[torch.Tensor, ...], xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-            _fill(self.slots, values)
+        def member(flat: torch.Tensor, buffers: tuple[torch.Tensor, ...], multipliers: torch.Tensor,
+                   xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+            params = [part.view(shape) for part, shape in zip(flat.split(self.sizes), self.shapes)]
+            _fill(self.slots, (*params, *buffers, *multipliers.unbind()))
             try:
                 return fn(self.template(xs), ys)
             finally:
                 _fill(self.slots, self.own)
 
-        return vmap(member, in_dims=(0, data_dim, data_dim))(tensors, x, y)
+        return vmap(member, in_dims=(0, 0, 0, data_dim, data_dim))(
+            self.flat, tuple(self.buffers.values()), self.multipliers, x, y)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only the members at ``index`` (positions in the current stack), in that order."""
-        self.flat = self.flat[index]
-        self.leaves = self._views()
+        self.flat = self.flat.detach()[index].requires_grad_()
         self.buffers = {n: b[index] for n, b in self.buffers.items()}
-        self.multipliers = {n: m[index] for n, m in self.multipliers.items()}
+        self.multipliers = self.multipliers[index]
 
 
 def _fill(slots: list[list[Slot]], values: tuple[torch.Tensor, ...]) -> None:
