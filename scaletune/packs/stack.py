@@ -28,12 +28,10 @@ def _slots(model: nn.Module, template: nn.Module, names: list[str]) -> list[list
     for name, tensor in (*model.named_parameters(remove_duplicate=False),
                          *model.named_buffers(remove_duplicate=False)):
         owners.setdefault(id(tensor), []).append(name)
-    places = {name: (owners[id(_get(model, name))] if isinstance(_get(model, name), torch.Tensor) else [name])
-              for name in names}
     out = []
     for name in names:
-        slots = []
-        for place in places[name]:
+        value, slots = _get(model, name), []
+        for place in owners[id(value)] if isinstance(value, torch.Tensor) else [name]:
             module_name, _, attr = place.rpartition(".")
             module = template.get_submodule(module_name)
             slots.append((next((d for d in (module._parameters, module._buffers) if attr in d), module.__dict__), attr))
@@ -77,7 +75,7 @@ class PackedModel:
         for n in names:  # the call swaps tensors only: the template holds a tensor where members hold a float
             _set(self.template, n, torch.zeros((), device="meta"))
         self.slots = _slots(models[0], self.template, [*self.names, *buffers, *names])
-        self.own = tuple(held[key] for (held, key), *_ in self.slots)  # the template's meta tensors, put back after a call
+        self.own = tuple(held[key] for (held, key), *_ in self.slots)  # the template's meta tensors, put back
 
     @property
     def size(self) -> int:
@@ -150,7 +148,7 @@ def _fill(slots: list[list[Slot]], values: tuple[torch.Tensor, ...]) -> None:
             held[key] = value
 
 
-def _get(model: nn.Module, name: str) -> float:
+def _get(model: nn.Module, name: str) -> float | torch.Tensor:
     module_name, _, attr = name.rpartition(".")
     return getattr(model.get_submodule(module_name), attr)
 
