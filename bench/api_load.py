@@ -3,9 +3,9 @@
     .venv/bin/python bench/api_load.py [--quick] [--concurrency 1,4] [--requests 1000] [--seconds 20] [--processes 1]
     .venv/bin/python bench/api_load.py --asktell [--quick] [--agents 256] [--trials 512] [--reports 4]
 
-Rows are bulk-inserted (no workers). The API runs as its own uvicorn server (``--processes`` worker processes;
-its memory, summed over them, is measured after the load); the load comes from another process: for each level in ``concurrency``, that many closed-loop clients per
-endpoint, each run bounded by a request count and a time limit. Writes p50/p99 and requests/s per endpoint to docs/benchmarks.md.
+Rows are bulk-inserted (no workers), then vacuumed. The API runs as its own uvicorn server (``--processes`` worker
+processes; its memory, summed over them, is measured after the load); the load comes from another process: for each
+level in ``concurrency``, that many closed-loop clients per endpoint, each run bounded by a request count and a time limit. Writes p50/p99 and requests/s per endpoint to docs/benchmarks.md.
 
 ``--asktell``: simulated agents (asyncio, no training) serve one external study: ask, ``reports`` reports of
 random values, tell (pruned when the pruner says so); on 429 they wait Retry-After. Then a check: exactly
@@ -92,7 +92,10 @@ def seed(url: str, n_studies: int, n_trials: int) -> str:
         connection.execute(insert(Study), studies)
         for chunk in range(0, len(trials), 2000):
             connection.execute(insert(TrialAttempt), trials[chunk:chunk + 2000])
-        connection.exec_driver_sql("ANALYZE")
+    # As autovacuum would within a minute of a bulk load (this server runs with it off): without the visibility
+    # map, every count and index-only scan would visit all 10k rows in the table.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.exec_driver_sql("VACUUM ANALYZE")
     engine.dispose()
     return big
 
@@ -202,7 +205,8 @@ def report(results: dict[tuple[str, int], dict[str, Any]], endpoints: dict[str, 
     return (f"`.venv/bin/python bench/api_load.py{' --quick' if args.quick else ''} --processes {args.processes}` on "
             f"{os.cpu_count()} CPU cores (shared), {datetime.now(UTC):%Y-%m-%d}. A fresh PostgreSQL database holds "
             f"{args.studies:,} studies, one of them with {args.trials:,} trials of {EVALS_PER_TRIAL} eval points each "
-            f"(bulk insert). The API is uvicorn with {args.processes} worker process(es) on loopback; its memory after "
+            f"(bulk insert, then VACUUM ANALYZE). The API is uvicorn with {args.processes} worker process(es) on "
+            "loopback; its memory after "
             f"the load, summed over its processes: PSS {args.memory[0]:.0f} MiB (RSS {args.memory[1]:.0f} MiB). The "
             "cursor page is the page after offset "
             f"{args.deep - 100:,} reached by the next_cursor that page hands out. The load comes from a separate process: "

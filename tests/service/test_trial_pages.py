@@ -59,7 +59,8 @@ EXPECTED = [{"id": row["id"], **NULL_ITEM, **item} for row, item in ATTEMPTS]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def client(request: pytest.FixtureRequest, tmp_path: Path, spec_dict: dict[str, Any]) -> Iterator[tuple[TestClient, str]]:
+def client(request: pytest.FixtureRequest, tmp_path: Path,
+           spec_dict: dict[str, Any]) -> Iterator[tuple[TestClient, str]]:
     """The API (auth off) on a database holding one study with the attempts above: (client, study id)."""
     url = f"sqlite:///{tmp_path / 'st.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     settings = Settings(HOME=tmp_path / "home", DATABASE_URL=url, DATA_ROOT=tmp_path / "data", AUTH_DISABLED=True)
