@@ -162,6 +162,17 @@ class ChangedTrialsStorage(_CachedStorage):
                     session.add(value_row(trial_id=trial_id, step=step, intermediate_value=stored,
                                           intermediate_value_type=kind))
 
+    def get_study_id_from_name(self, study_name: str) -> int:
+        known = self._ids_by_name.get(study_name)
+        if known is None:
+            known = self._ids_by_name[study_name] = super().get_study_id_from_name(study_name)
+        return known
+
+    def delete_study(self, study_id: int) -> None:
+        self._ids_by_name = {name: id_ for name, id_ in self._ids_by_name.items() if id_ != study_id}
+        self._read_up_to.pop(study_id, None)
+        super().delete_study(study_id)
+
     def _written_since_read(self, study: _StudyInfo) -> set[int]:
         trial = optuna_models.TrialModel
         counts = [select(func.count()).where(model.trial_id == trial.trial_id).correlate(trial).scalar_subquery()
