@@ -97,6 +97,26 @@ def test_two_processes_caches_see_each_others_writes_and_reread_only_written_tri
     assert theirs.get_study_id_from_name("s") == mine.get_study_id_from_name("s")
 
 
+def test_a_study_id_is_read_once_per_name_and_forgotten_with_its_study(tmp_path: Any) -> None:
+    """Every task loads its study by name: the name's id is read from the database once per process, and a
+    deleted study's name no longer answers with its old id."""
+    url = f"sqlite:///{tmp_path / 'ids.db'}"
+    study_id = optuna.create_study(storage=RDBStorage(url), study_name="s")._study_id
+    storage = ChangedTrialsStorage(RDBStorage(url))
+    queries: list[str] = []
+    event.listen(storage._backend.engine, "before_cursor_execute",
+                 lambda _conn, _cursor, statement, *_rest: queries.append(statement))
+
+    assert storage.get_study_id_from_name("s") == study_id
+    first = len(queries)
+    assert [storage.get_study_id_from_name("s") for _ in range(3)] == [study_id] * 3
+    assert first > 0 and len(queries) == first, "the id came from the cache, not the database"
+
+    storage.delete_study(study_id)
+    with pytest.raises(KeyError):
+        storage.get_study_id_from_name("s")
+
+
 def _study_with_history(url: str, spec: Any, finished: int) -> optuna.Study:
     """A study on its own database with ``finished`` completed trials and one running, the same in every call."""
     storage = ChangedTrialsStorage(RDBStorage(url))
