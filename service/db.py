@@ -65,6 +65,15 @@ def make_session_factory(engine: Engine) -> SessionFactory:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def make_read_session_factory(engine: Engine) -> SessionFactory:
+    """Sessions for requests that only read. On PostgreSQL they run without BEGIN and ROLLBACK, two of a trials
+    page's five round trips (~2 ms of its ~15); each statement still sees what was committed before it began, as it
+    does inside a READ COMMITTED transaction. SQLite keeps its transactions (we issue its BEGIN ourselves)."""
+    if is_sqlite(engine.url.render_as_string()):
+        return make_session_factory(engine)
+    return make_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
 @contextmanager
 def write_session(session_factory: SessionFactory) -> Iterator[Session]:
     """A transaction that intends to write: SQLite takes its writer lock at BEGIN, so checks stay true until commit."""

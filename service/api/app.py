@@ -17,7 +17,7 @@ from service.api.body_limit import BodySizeLimit
 from service.api.problems import install_problem_details
 from service.api.state import ServiceState
 from service.api.study_ref import resolve_study_ref
-from service.db import create_db_engine, database_is_current, make_session_factory
+from service.db import create_db_engine, database_is_current, make_read_session_factory, make_session_factory
 from service.logging import log_context
 from service.metrics import router as metrics_router
 from service.optuna_study import get_storage
@@ -71,6 +71,7 @@ def _open_state(settings: Settings) -> ServiceState:
     engine = create_db_engine(settings.DATABASE_URL)
     celery = make_celery(settings)
     return ServiceState(settings=settings, engine=engine, session_factory=make_session_factory(engine),
+                        read_sessions=make_read_session_factory(engine),
                         storage=get_storage(settings.DATABASE_URL), celery=celery, enqueue=trial_sender(celery))
 
 

@@ -31,7 +31,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def _loaded(state: ServiceState, principal: Principal, study_id: str) -> PlotInput:
     """The study, its spec and its attempts in trial-number order; 404/409 for another tenant's or kind's study."""
-    with state.session_factory() as session:
+    with state.read_sessions() as session:
         study, spec = study_of_kind(session, study_id, principal, transfer_check.KIND,
                                     "this needs a transfer_check study")
         attempts = list(session.scalars(select(TrialAttempt).where(TrialAttempt.study_id == study_id)

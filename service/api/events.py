@@ -48,7 +48,7 @@ def _poll(state: ServiceState, study_id: str, after: int) -> tuple[list[Event], 
     The status is read first: the finishing transaction also writes ``study_finished``, so when the
     status says finished, every event up to the end is already visible to the query that follows.
     """
-    with state.session_factory() as session:
+    with state.read_sessions() as session:
         study_status = session.scalar(select(Study.status).where(Study.id == study_id))
         events = session.scalars(select(Event).where(Event.study_id == study_id, Event.id > after)
                                  .order_by(Event.id).limit(BATCH)).all()
@@ -86,7 +86,7 @@ async def get_events(study_id: str, request: Request, state: State, principal: C
                      after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="same as Last-Event-ID")] = None,
                      ) -> StreamingResponse:
     def exists() -> None:
-        with state.session_factory() as session:
+        with state.read_sessions() as session:
             get_study(session, study_id, principal.tenant_scope)
 
     try:

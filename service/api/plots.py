@@ -43,7 +43,7 @@ def _load(state: ServiceState, principal: Principal, study_id: str, name: str) -
     """The plot of this study's kind and what it is computed from; 404 naming what exists otherwise."""
     if name not in OWNER:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"there is no plot kind {name!r}; available: {PLOTS}.")
-    with state.session_factory() as session:
+    with state.read_sessions() as session:
         try:
             study = get_study(session, study_id, principal.tenant_scope)
         except StudyNotFound:

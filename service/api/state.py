@@ -19,6 +19,7 @@ class ServiceState:
     settings: Settings
     engine: Engine
     session_factory: SessionFactory
+    read_sessions: SessionFactory  # for requests that write nothing (``make_read_session_factory``)
     storage: BaseStorage
     celery: Celery
     enqueue: Enqueue

@@ -94,7 +94,7 @@ def post_study(spec: StudySpec, state: State, principal: CurrentPrincipal, respo
 def get_studies(state: State, principal: CurrentPrincipal, status_: Annotated[StudyStatus | None, Query(alias="status")] = None,
                 limit: Annotated[int, Query(ge=1, le=500)] = 50,
                 offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> StudyPage:
-    with state.session_factory() as session:
+    with state.read_sessions() as session:
         rows, total = list_studies(session, STUDY_SUMMARY_COLUMNS, principal.tenant_scope, status=status_,
                                    limit=limit, offset=offset)
         short = short_ids(session, [s.id for s in rows], principal.tenant_scope)
@@ -105,7 +105,7 @@ def get_studies(state: State, principal: CurrentPrincipal, status_: Annotated[St
 @router.get("/{study_id}", response_model=StudyDetail, responses=NOT_FOUND,
             summary="A study: spec, status, trial counts by state, best value and params")
 def get_one_study(study_id: str, state: State, principal: CurrentPrincipal) -> StudyDetail:
-    with state.session_factory() as session:
+    with state.read_sessions() as session:
         try:
             study = get_study(session, study_id, principal.tenant_scope)
         except StudyNotFound:
@@ -126,7 +126,7 @@ def get_trials(study_id: str, state: State, principal: CurrentPrincipal, state_:
     if cursor is not None and offset:
         raise InvalidField(("query", "cursor"), "give offset or cursor, not both (a cursor already says where "
                                                 "the page starts)")
-    with state.session_factory() as session:
+    with state.read_sessions() as session:
         if not study_visible(session, study_id, principal.tenant_scope):
             raise _not_found(study_id)
         try:
@@ -143,7 +143,7 @@ def get_trials(study_id: str, state: State, principal: CurrentPrincipal, state_:
             summary="One trial by its Optuna trial number")
 def get_one_trial(study_id: str, number: Annotated[int, Path(ge=0, le=2**31 - 1)], state: State,
                   principal: CurrentPrincipal) -> TrialOut:
-    with state.session_factory() as session:
+    with state.read_sessions() as session:
         try:
             get_study(session, study_id, principal.tenant_scope)
         except StudyNotFound:

@@ -21,5 +21,5 @@ def resolve_study_ref(request: Request, state: Annotated[ServiceState, Depends(s
     ref = request.path_params.get("study_id")
     if ref is None:
         return
-    with state.session_factory() as session:
+    with state.read_sessions() as session:
         request.path_params["study_id"] = resolve_study_id(session, ref, principal.tenant_scope)
