@@ -68,6 +68,8 @@ TARGET_P50_MS = 100.0
 POLL_S = 0.5
 STUDY_TIMEOUT_S = 240.0
 REPLAY_REPEATS = 7
+DISPATCH_PHASES = ("queued -> claimed (commit, Redis, Celery, claim row)",  # the dispatch latency's two parts
+                   "claimed -> train() entered (Optuna load + ask, rows, dataset, model build)")
 
 
 def tune_spec(name: str, steps: int, n_trials: int, pack: int = 1) -> dict[str, Any]:
@@ -228,9 +230,8 @@ def service_run(service: Service, study_id: str, posted: float) -> tuple[Run, li
         "POST -> first attempt queued (API)": [queued[0] - posted],
         "trial end -> next queued (finish row, Optuna tell, top-up)": [queued[i] - ended[i - 1]
                                                                        for i in range(1, len(rows))],
-        "queued -> claimed (commit, Redis, Celery, claim row)": [c - q for q, c in zip(queued, claimed)],
-        "claimed -> train() entered (Optuna load + ask, rows, dataset, model build)": [
-            s - c for c, s in zip(claimed, start)],
+        DISPATCH_PHASES[0]: [c - q for q, c in zip(queued, claimed)],
+        DISPATCH_PHASES[1]: [s - c for c, s in zip(claimed, start)],
         "last trial end -> study completed": [study.finished_at.timestamp() - ended[-1]],
     }
     reported: dict[str, list[float]] = {}
@@ -370,6 +371,9 @@ def packs_rounds(service: Service, args: argparse.Namespace) -> list[dict[str, A
 def packs_report(rounds: list[dict[str, Any]], args: argparse.Namespace, load: tuple[float, ...]) -> str:
     ratios = [r["ratio"] for r in rounds]
     latency = [x for r in rounds for x in r["latency"]]
+    phase_medians = ", ".join(
+        f"{name.split(' (')[0]} {ms(statistics.median([x for r in rounds for x in r['service'].phases[name]]))} ms"
+        for name in DISPATCH_PHASES)
     rows = [[i, r["first"], f"{r['bare'].wall:.1f}", f"{r['bare'].trials_per_hour():.0f}", f"{r['service'].wall:.1f}",
              f"{r['service'].trials_per_hour():.0f}", f"{r['ratio']:.2f}", ms(statistics.median(r["latency"]))]
             for i, r in enumerate(rounds)]
@@ -388,7 +392,8 @@ def packs_report(rounds: list[dict[str, Any]], args: argparse.Namespace, load: t
         f"**Median ratio {statistics.median(ratios):.2f}** (spread {min(ratios):.2f}-{max(ratios):.2f} over "
         f"{len(ratios)} rounds; goal >= 0.95). Dispatch latency (attempt queued -> its pack's training started) "
         f"p50 {ms(statistics.median(latency))} ms, p95 {ms(p95(latency))} ms over {len(latency)} trials (goal p50 < "
-        "100 ms). The figures swing with the machine's load: other sessions' tests ran beside this one.",
+        f"100 ms); its two phases' medians: {phase_medians}. The figures swing with the machine's load: other "
+        "sessions' tests ran beside this one.",
     ])
 
 
