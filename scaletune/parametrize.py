@@ -14,6 +14,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from fnmatch import fnmatchcase
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -915,6 +916,8 @@ def build_model(factory: Factory, base: Shape, target: Shape, parametrization: s
     classification = classification or classify(factory, base, target, branch_outputs=branch_outputs,
                                                  attention=attention, example_input=example_input)
     plan = make_plan(classification, parametrization, hp, optimizer, options)
-    with torch.device(device):
+    device = torch.device(device)
+    # A device context makes every torch call of the build go through a dispatch hook (+50% for a small MLP).
+    with nullcontext() if device == torch.get_default_device() else device:
         model = factory(target.width, target.depth)
     return BuiltModel(model, apply_plan(model, plan), plan, classification)
