@@ -7,11 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from scaletune.data.registry import dataset_spec
 from scaletune.hparams import HParams
 from scaletune.models.registry import get_family
-from scaletune.runner import ModelTooLarge, TrialConfig, run_trial
+from scaletune.parametrize import build_model
+from scaletune.runner import ModelTooLarge, TrialConfig, prepare_trial, run_trial
 from scaletune.shapes import Shape
 from scaletune.train import Budget, Checkpointing, EvalPoint
 
@@ -38,6 +40,20 @@ def test_run_trial_is_reproducible_and_seed_dependent() -> None:
     a, b, c = run_trial(mlp_trial()), run_trial(mlp_trial()), run_trial(mlp_trial(seed=1))
     assert [p.eval_loss for p in a.curve] == [p.eval_loss for p in b.curve]
     assert [p.eval_loss for p in a.curve] != [p.eval_loss for p in c.curve]
+
+
+def test_a_seed_initialises_the_weights_torch_manual_seed_would_whatever_ran_before() -> None:
+    """Builds seed only the generators they draw from, and reuse one classification: the weights of a seed are
+    those of ``torch.manual_seed(seed)`` and a build from scratch, whatever drew random numbers in between."""
+    cfg = mlp_trial()
+    prepared = prepare_trial(cfg)
+    torch.manual_seed(cfg.seed)
+    expected = build_model(prepared.factory, cfg.base, cfg.shape, cfg.parametrization, cfg.hparams, cfg.optimizer)
+    torch.rand(7)
+    for _ in range(2):  # the second build reuses the first's classification
+        built = prepare_trial(cfg).build(cfg.hparams, cfg.seed)
+        assert all(torch.equal(a, b) for a, b in zip(built.model.state_dict().values(),
+                                                     expected.model.state_dict().values(), strict=True))
 
 
 def test_run_trial_passes_eval_points_to_the_callback() -> None:
