@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from scaletune.trial import LEASE_EXPIRED
 from service.db import SessionFactory, write_session
 from service.models import EventType, Study, StudyStatus, TrialAttempt, TrialState, utcnow
-from service.studies import add_event
+from service.studies import add_event, add_events
 
 WORKER_LOST = "worker_lost"
 RETRYABLE_REASONS = (WORKER_LOST, LEASE_EXPIRED, "error")
@@ -60,24 +60,24 @@ def claim_pack(session_factory: SessionFactory, attempt_id: str, worker: str, ta
     running = {"state": TrialState.running, "worker": worker, "task_id": task_id, "started_at": now,
                "heartbeat_at": now}
     with write_session(session_factory) as session:
-        claimed = session.execute(
+        first = session.scalars(
             update(TrialAttempt).where(TrialAttempt.id == attempt_id, TrialAttempt.state == TrialState.queued)
-            .values(**running))
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            .values(**running).returning(TrialAttempt)).one_or_none()
+        if first is None:
             return []
-        first = session.get_one(TrialAttempt, attempt_id)
-        others = [] if size <= 1 else list(session.scalars(
-            select(TrialAttempt.id).where(TrialAttempt.study_id == first.study_id,
-                                          TrialAttempt.state == TrialState.queued)
-            .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(size - 1).with_for_update(skip_locked=True)))
-        if others:
-            session.execute(update(TrialAttempt).where(TrialAttempt.id.in_(others)).values(**running))
-        attempts = [first, *(session.get_one(TrialAttempt, other) for other in others)]
+        others = [] if size <= 1 else sorted(session.scalars(
+            update(TrialAttempt).where(TrialAttempt.id.in_(
+                select(TrialAttempt.id).where(TrialAttempt.study_id == first.study_id,
+                                              TrialAttempt.state == TrialState.queued)
+                .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(size - 1)
+                .with_for_update(skip_locked=True).scalar_subquery()))
+            .values(**running).returning(TrialAttempt)), key=lambda attempt: (attempt.queued_at, attempt.id))
+        attempts = [first, *others]
         session.execute(update(Study).where(Study.id == first.study_id, Study.status == StudyStatus.queued)
                         .values(status=StudyStatus.running, updated_at=now))
-        for attempt in attempts:
-            add_event(session, attempt.study_id, EventType.trial_started,
-                      {"attempt": attempt.attempt, "worker": worker, "pack": len(attempts)}, trial_id=attempt.id)
+        add_events(session, first.study_id, EventType.trial_started,
+                   [(attempt.id, {"attempt": attempt.attempt, "worker": worker, "pack": len(attempts)})
+                    for attempt in attempts])
     return attempts
 
 
