@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -25,11 +25,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WorkerContext:
-    """What a task needs from its process: settings, database sessions and a way to send follow-up tasks."""
+    """What a task needs from its process: settings, database sessions, a way to send follow-up tasks, and the
+    attempts this process claimed as members of a pack whose own tasks have not come yet (``pack_members``)."""
 
     settings: Settings
     session_factory: SessionFactory
     enqueue: Enqueue
+    pack_members: set[str] = field(default_factory=set, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, enqueue: Enqueue) -> WorkerContext:

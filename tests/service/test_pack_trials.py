@@ -10,7 +10,7 @@ import optuna
 import pytest
 from fastapi.testclient import TestClient
 from optuna.trial import TrialState as OptunaState
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from scaletune.runner import run_trial
 from service.db import SessionFactory, create_db_engine, make_session_factory, upgrade_database
@@ -115,7 +115,11 @@ def test_a_pack_runs_each_member_as_its_own_trial(ctx: WorkerContext, storage: A
     ids = dispatch(ctx.session_factory, study.id, ctx.enqueue)
 
     assert run_attempt(ctx, ids[0], task_id="task-1") == "complete"
+    queries: list[str] = []
+    event.listen(ctx.session_factory.kw["bind"], "before_cursor_execute",
+                 lambda _conn, _cursor, statement, *_rest: queries.append(statement))
     assert [run_attempt(ctx, other) for other in ids[1:]] == [None] * 3, "the members' own tasks find them taken"
+    assert queries == [], "this worker knows it took them: their tasks cost no query"
 
     attempts = _attempts(ctx.session_factory, study.id)
     with ctx.session_factory() as session:
