@@ -218,3 +218,31 @@ def test_telling_together_writes_every_state_in_one_transaction_as_telling_one_b
     assert [(t.state, t.value) for t in told] == [(TrialState.COMPLETE, 0.25), (TrialState.PRUNED, 0.7),
                                                   (TrialState.FAIL, None)]
     assert all(t.datetime_complete is not None for t in told)
+
+
+def test_a_packs_own_writes_are_kept_in_the_cache_and_only_others_writes_are_read_back(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next pack's load reads back none of the trials a pack asked, reported and told itself, only the one
+    another process finished first; and the cache then holds what the database holds."""
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    mine, theirs = (ChangedTrialsStorage(RDBStorage(url)) for _ in range(2))
+    study = optuna.create_study(storage=mine, study_name="s")
+    done, pruned, failed, elsewhere = ask_together(study, {"x": optuna.distributions.FloatDistribution(0, 1)}, 4)
+    read_back: list[int] = []
+    backend_read = RDBStorage._get_trials
+    monkeypatch.setattr(RDBStorage, "_get_trials", lambda *args, **kwargs: [
+        read_back.append(t._trial_id) or t for t in backend_read(*args, **kwargs)])
+    with mine.reports_deferred():
+        for trial in (done, pruned, failed, elsewhere):
+            trial.report(0.5, 10)
+    optuna.load_study(study_name="s", storage=theirs).tell(elsewhere.number, state=TrialState.FAIL)
+    with mine.told_together([t._trial_id for t in (done, pruned, failed, elsewhere)]):
+        for trial, state, value in ((done, "complete", 0.25), (pruned, "pruned", None), (failed, "failed", None),
+                                    (elsewhere, "complete", 0.1)):
+            tell_outcome(study, trial, "minimize", state, value)
+
+    cached = study.get_trials()
+    assert read_back == [elsewhere._trial_id], "only the trial another process wrote"
+    assert cached == optuna.load_study(study_name="s", storage=RDBStorage(url)).get_trials()
+    assert [(t.state, t.value) for t in cached] == [(TrialState.COMPLETE, 0.25), (TrialState.PRUNED, 0.5),
+                                                    (TrialState.FAIL, None), (TrialState.FAIL, None)]
