@@ -57,7 +57,8 @@ class ChangedTrialsStorage(_CachedStorage):
     def create_new_trials(self, study_id: int, templates: list[FrozenTrial]) -> list[int]:
         """Running trials with the templates' params and attributes, written in one transaction of a few
         statements (Optuna's ``create_new_trial`` spends ~10 round trips on each); the ``optuna.Trial`` built next
-        for each takes it from here instead of reading it back."""
+        for each takes it from here instead of reading it back. The templates become the cached trials (numbered,
+        with their ids): the caller hands them over."""
         trial = optuna_models.TrialModel
         with _create_scoped_session(self._backend.scoped_session) as session:
             optuna_models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)  # numbers are counts
@@ -70,20 +71,17 @@ class ChangedTrialsStorage(_CachedStorage):
                 if values:
                     session.execute(insert(model), values)
             created = [(row.trial_id, row.number) for row in rows]
-        trials = []
         for (trial_id, number), template in zip(created, templates):
-            frozen = copy.deepcopy(template)
-            frozen.number, frozen._trial_id = number, trial_id
-            trials.append(frozen)
+            template.number, template._trial_id = number, trial_id
         with self._lock:
             study = self._studies.setdefault(study_id, _StudyInfo())
             if created and first == len(study.trials):  # every earlier trial cached: none up to these left to read
                 study.unfinished_trial_ids.update(  # those cached unread are checked by signature from now on
                     t._trial_id for t in study.trials.values() if not t.state.is_finished())
                 self._read_up_to[study_id] = created[-1][0]
-            self._add_trials_to_cache(study_id, trials)
+            self._add_trials_to_cache(study_id, templates)
             study.unfinished_trial_ids.update(trial_id for trial_id, _ in created)
-        self._fresh.update({frozen._trial_id: copy.deepcopy(frozen) for frozen in trials})
+        self._fresh.update({frozen._trial_id: copy.deepcopy(frozen) for frozen in templates})
         return [trial_id for trial_id, _ in created]
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
@@ -311,7 +309,7 @@ def ask_together(study: optuna.Study, distributions: dict[str, BaseDistribution]
     for key, value in study_attrs.items():  # a sampler's own state (QMC counts its points here)
         scratch._storage.set_study_system_attr(scratch._study_id, key, value)
     scratch.add_trials(trials)
-    templates = [scratch._storage.get_trial(scratch.ask(distributions)._trial_id) for _ in range(n)]
+    templates = [scratch._storage.get_trial(scratch.ask(distributions)._trial_id) for _ in range(n)]  # handed over
     for key, value in scratch._storage.get_study_system_attrs(scratch._study_id).items():
         if study_attrs.get(key) != value:
             storage.set_study_system_attr(study._study_id, key, value)
