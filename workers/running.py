@@ -3,8 +3,10 @@ outcomes."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,24 @@ from service.trials import Outcome, heartbeat
 log = logging.getLogger(__name__)
 
 
+class RecentIds:
+    """The last ``limit`` ids added, oldest forgotten first: a pack member's own task may go to another worker and
+    never come here, so an unbounded set would grow for the worker's whole life."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._ids: dict[str, None] = {}
+        self._limit = limit
+
+    def add(self, ids: Iterable[str]) -> None:
+        self._ids.update(dict.fromkeys(ids))
+        for oldest in list(itertools.islice(self._ids, max(0, len(self._ids) - self._limit))):
+            del self._ids[oldest]
+
+    def take(self, id_: str) -> bool:
+        """Whether ``id_`` was here (it is forgotten now)."""
+        return self._ids.pop(id_, False) is None
+
+
 @dataclass(frozen=True)
 class WorkerContext:
     """What a task needs from its process: settings, database sessions, a way to send follow-up tasks, and the
@@ -31,7 +51,7 @@ class WorkerContext:
     settings: Settings
     session_factory: SessionFactory
     enqueue: Enqueue
-    pack_members: set[str] = field(default_factory=set, compare=False)
+    pack_members: RecentIds = field(default_factory=RecentIds, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, enqueue: Enqueue) -> WorkerContext:

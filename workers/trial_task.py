@@ -69,8 +69,7 @@ def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None)
 
 
 def _run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> TrialState | None:
-    if attempt_id in ctx.pack_members:  # its own task, delivered after the pack that took it here
-        ctx.pack_members.discard(attempt_id)
+    if ctx.pack_members.take(attempt_id):  # its own task, delivered after the pack that took it here
         log.info("attempt %s was trained in a pack by this worker; skipping its own task", attempt_id)
         return None
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -83,7 +82,7 @@ def _run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> Tr
     if not claimed:
         log.info("attempt %s is not queued any more (duplicate delivery or cancelled); skipping", attempt_id)
         return None
-    ctx.pack_members.update(attempt.id for attempt in claimed[1:])
+    ctx.pack_members.add(attempt.id for attempt in claimed[1:])
     with log_context(study_id=study_row.id):
         if len(claimed) > 1:
             return run_pack_attempts(ctx, claimed, study_row)[0]

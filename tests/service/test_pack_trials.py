@@ -23,6 +23,7 @@ from service.reconcile import reconcile_once
 from service.settings import Settings
 from service.studies import create_study
 from service.trials import claim_pack, record_asked
+from workers.running import RecentIds
 from workers.trial_task import WorkerContext, run_attempt
 
 if TYPE_CHECKING:
@@ -197,3 +198,13 @@ def test_a_lost_pack_is_retried_member_by_member_with_each_ones_params(
         assert attempts[attempt.id].state == "failed" and retry.state == "complete" and retry.attempt == 2
         assert retry.params == attempts[attempt.id].params
     assert sorted(a.params["lr"] for a in attempts.values() if a.state == "complete") == [0.0042, 0.0071]
+
+
+def test_a_worker_forgets_the_oldest_pack_members_whose_tasks_went_elsewhere() -> None:
+    """Members' own tasks may reach other workers; what a worker remembers of its packs stays bounded."""
+    remembered = RecentIds(limit=3)
+    remembered.add(["a", "b"])
+    remembered.add(["c", "d", "e"])
+
+    assert [remembered.take(i) for i in "abcde"] == [False, False, True, True, True]
+    assert not remembered.take("c"), "a member's task is skipped once; a later delivery is looked up"
