@@ -250,8 +250,8 @@ def report(results: dict[tuple[str, int], list[dict[str, float]]], all_cases: li
                       f"{pack_size_for(c.cfg)}" for c in all_cases)
     return f"""Command: `.venv/bin/python bench/packs.py{' --quick' if quick else ''}{'' if device == 'cpu' else ' --device ' + device}` ({wall / 60:.1f} min wall, {time.strftime('%Y-%m-%d')}).
 Device: {device}, one torch thread per measurement process at normal priority, one at a time, on a machine with
-2 CPU cores **busy with other engineers' jobs** throughout (load average 1/5/15 min at the end: {load[0]:.2f},
-{load[1]:.2f}, {load[2]:.2f}), so absolute rates are pessimistic and carry that noise; {rounds_text}.
+2 CPU cores that other jobs may share (load average 1/5/15 min at the end: {load[0]:.2f}, {load[1]:.2f},
+{load[2]:.2f}; the bench itself keeps about one core busy), so absolute rates carry the machine's load; {rounds_text}.
 
 Protocol (fixed before the run): per case {n} trials with learning rates spread over two octaves and seeds
 0..{n - 1} (each member its own data order), run unpacked (`run_trial` one after another) and in packs of

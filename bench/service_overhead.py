@@ -392,8 +392,8 @@ def packs_report(rounds: list[dict[str, Any]], args: argparse.Namespace, load: t
         f"**Median ratio {statistics.median(ratios):.2f}** (spread {min(ratios):.2f}-{max(ratios):.2f} over "
         f"{len(ratios)} rounds; goal >= 0.95). Dispatch latency (attempt queued -> its pack's training started) "
         f"p50 {ms(statistics.median(latency))} ms, p95 {ms(p95(latency))} ms over {len(latency)} trials (goal p50 < "
-        f"100 ms); its two phases' medians: {phase_medians}. The figures swing with the machine's load: other "
-        "sessions' tests ran beside this one.",
+        f"100 ms); its two phases' medians: {phase_medians}. The figures swing with the machine's load (its "
+        "load average at the end is above).",
     ])
 
 
