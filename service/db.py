@@ -69,7 +69,7 @@ def make_read_session_factory(engine: Engine) -> SessionFactory:
     """Sessions for requests that only read. On PostgreSQL they run without BEGIN and ROLLBACK, two of a trials
     page's five round trips (~2 ms of its ~15); each statement still sees what was committed before it began, as it
     does inside a READ COMMITTED transaction. SQLite keeps its transactions (we issue its BEGIN ourselves)."""
-    if is_sqlite(engine.url.render_as_string()):
+    if engine.dialect.name == "sqlite":
         return make_session_factory(engine)
     return make_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
 
