@@ -40,7 +40,10 @@ class RecentIds:
 
     def take(self, id_: str) -> bool:
         """Whether ``id_`` was here (it is forgotten now)."""
-        return self._ids.pop(id_, False) is None
+        if id_ not in self._ids:
+            return False
+        del self._ids[id_]
+        return True
 
 
 @dataclass(frozen=True)
