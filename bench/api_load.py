@@ -21,7 +21,6 @@ import random
 import os
 import re
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from sqlalchemy import insert
 
 from service.db import create_db_engine, upgrade_database
 from service.models import Study, TrialAttempt
+from tests.ports import free_port
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 N_STUDIES = 1000
@@ -111,12 +111,6 @@ def fresh_database() -> Iterator[tuple[str, str]]:
     finally:
         with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_api(url: str, port: int, home: str, processes: int = 1, **settings: str) -> subprocess.Popen[bytes]:

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from api_load import free_port, fresh_database, start_api  # also puts the checkout on sys.path
+from api_load import fresh_database, start_api  # also puts the checkout on sys.path
 from common import IMG, PARAM_OPTIONS, PROCESSES, ROOT, markdown_table, single_thread, write_section
 from own_model_trial import DATA_ARGS, HEADS, WARMUP_FRAC, gpt2
 
@@ -44,6 +44,7 @@ from scaletune.shapes import Shape
 from scaletune.train import Budget
 from scaletune.transfer_check import TransferCheckResult, TrialRecord, analyse, draw
 from service.db import upgrade_database
+from tests.ports import free_port
 
 SECTION = "Own model: Hugging Face GPT-2 through the preset"
 TRIAL_SCRIPT = Path(__file__).resolve().with_name("own_model_trial.py")

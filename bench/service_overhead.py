@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ from service.optuna_study import get_storage
 from service.spec import TuneSpec
 from service.studies import study_is_cancelled
 from service.trials import record_asked, record_point
+from tests.ports import free_port
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SCALETUNE = [sys.executable, "-m", "service.cli"]
@@ -185,12 +185,6 @@ def wait_for_worker_ready(log: Path, supervisor: Supervisor, started: float, tim
             raise RuntimeError(f"a service process ended: {supervisor.exited()}; see {log.parent}")
         time.sleep(0.1)
     raise RuntimeError(f"the worker was not ready within {timeout_s:.0f} s; see {log}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def submit_and_wait(service: Service, spec: dict[str, Any]) -> tuple[str, float]:

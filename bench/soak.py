@@ -41,9 +41,9 @@ from common import DOCS, markdown_table, write_section  # also puts the checkout
 from service.embedded import RestartPolicy, Supervisor
 from service.optuna_study import get_storage
 from service.trials import is_retryable
-from tests.integration.conftest import (FAST_RECOVERY, Deployment, deployment, free_port, migrated_env,
-                                        scratch_database)
+from tests.integration.conftest import FAST_RECOVERY, Deployment, deployment, migrated_env, scratch_database
 from tests.integration.test_faults import SPEC
+from tests.ports import free_port
 
 RELIABILITY_MD = DOCS / "reliability.md"
 WORKERS = 3

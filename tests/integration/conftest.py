@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from service.db import create_db_engine, make_session_factory, upgrade_database
 from service.embedded import ChildSpec, Supervisor, celery_worker, wait_until_healthy
 from service.settings import Settings
 from service.tokens import create_token
+from tests.ports import free_port
 
 SCALETUNE = [sys.executable, "-c", "from service.cli import main; main()"]
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -50,12 +50,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
             report.sections.append((f"log of {log.stem} ({log})", "\n".join(tail)))
     return report
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def child_env(**overrides: str) -> dict[str, str]:
@@ -106,9 +100,18 @@ def redis_url() -> Iterator[str]:
 
 
 def wait_for_api(supervisor: Supervisor, base_url: str) -> str:
+    """The message of a failed start carries the logs' last lines: CI's summary shows the message, not the report."""
     if not wait_until_healthy(f"{base_url}/healthz", supervisor, threading.Event(), timeout=120.0):
-        pytest.fail(f"the API at {base_url} did not become healthy; exited: {supervisor.exited()}")
+        pytest.fail(f"the API at {base_url} did not become healthy; exited: {supervisor.exited()}\n"
+                    f"{last_log_lines(supervisor)}")
     return base_url
+
+
+def last_log_lines(supervisor: Supervisor, lines: int = 20) -> str:
+    if supervisor.log_dir is None:
+        return ""
+    return "\n".join(f"{log.stem}: {line}" for log in sorted(supervisor.log_dir.glob("*.log"))
+                     for line in log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def settings_of(env: dict[str, str]) -> Settings:
@@ -201,7 +204,8 @@ class Deployment:
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
-        pytest.fail(f"the API {name} did not become healthy (exit code {api.poll()})")
+        pytest.fail(f"the API {name} did not become healthy (exit code {api.poll()})\n"
+                    f"{last_log_lines(self.processes)}")
 
     def start_worker(self, name: str) -> None:
         spec = celery_worker(name, "cpu")

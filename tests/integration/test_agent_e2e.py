@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from service.embedded import ChildSpec, Supervisor, answers
-from tests.integration.conftest import FAST_RECOVERY, SCALETUNE, free_port, issue_token, wait_for_api
+from tests.integration.conftest import FAST_RECOVERY, SCALETUNE, issue_token, wait_for_api
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 TRAINER = [sys.executable, str(Path(__file__).resolve().parent / "asktell_trainer.py")]

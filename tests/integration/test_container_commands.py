@@ -23,7 +23,8 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from service.embedded import ChildSpec, Supervisor
-from tests.integration.conftest import child_env, free_port, wait_for_api
+from tests.integration.conftest import child_env, wait_for_api
+from tests.ports import free_port
 from tests.integration.test_faults import SPEC
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from service.embedded import ChildSpec, Supervisor
-from tests.integration.conftest import FAST_RECOVERY, SCALETUNE, child_env, free_port, wait_for_api
+from tests.integration.conftest import FAST_RECOVERY, SCALETUNE, child_env, wait_for_api
+from tests.ports import free_port
 from tests.integration.test_faults import SPEC, running_with_progress
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

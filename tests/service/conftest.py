@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from service.optuna_study import get_storage
 from service.settings import Settings
 from service.tokens import create_token
 from tests.integration.conftest import scratch_database
+from tests.ports import free_port
 
 # The spec, exactly as shipped for users in examples/.
 EXAMPLE_SPEC: dict[str, Any] = yaml.safe_load(
@@ -89,12 +89,6 @@ def storage(migrated: Settings) -> Any:
 @pytest.fixture
 def sent() -> SentTasks:
     return SentTasks()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from service.models import EventType, Study, StudyStatus
 from service.settings import Settings
 from service.studies import add_event
 from service.tokens import create_token
-from tests.service.conftest import free_port
+from tests.ports import free_port
 from tests.service.test_asktell import EXTERNAL
 
 runner = CliRunner()
