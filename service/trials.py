@@ -10,8 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Row, and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from scaletune.trial import LEASE_EXPIRED
 from service.db import SessionFactory, write_session
@@ -79,6 +79,22 @@ def claim_pack(session_factory: SessionFactory, attempt_id: str, worker: str, ta
                    [(attempt.id, {"attempt": attempt.attempt, "worker": worker, "pack": len(attempts)})
                     for attempt in attempts])
     return attempts
+
+
+def next_in_turn(session_factory: SessionFactory, study_id: str) -> str | None:
+    """The study's oldest queued attempt, unless another study's queued attempt is older.
+
+    A worker that goes on with its study's next attempts, instead of waiting for their tasks, takes them only in
+    the order their tasks would have come: it never jumps the queue ahead of another study.
+    """
+    other = aliased(TrialAttempt)
+    older_elsewhere = exists().where(other.state == TrialState.queued, other.study_id != study_id,
+                                     other.queued_at < TrialAttempt.queued_at)
+    with session_factory() as session:
+        return session.scalars(
+            select(TrialAttempt.id).where(TrialAttempt.study_id == study_id, TrialAttempt.state == TrialState.queued)
+            .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(1)
+            .where(~older_elsewhere)).first()
 
 
 def first_attempt_id(session_factory: SessionFactory, attempt: TrialAttempt) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,19 +46,27 @@ class RecentIds:
         return True
 
 
+def never() -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class WorkerContext:
-    """What a task needs from its process: settings, database sessions, a way to send follow-up tasks, and the
-    attempts this process claimed as members of a pack whose own tasks have not come yet (``pack_members``)."""
+    """What a task needs from its process: settings, database sessions, a way to send follow-up tasks, the
+    attempts this process claimed whose own tasks have not come yet (``pack_members``), and whether a task should
+    go on with its study's next queued attempts when its own are done (``carry_on``; off where nothing can stop it,
+    as when a test calls a task's function)."""
 
     settings: Settings
     session_factory: SessionFactory
     enqueue: Enqueue
     pack_members: RecentIds = field(default_factory=RecentIds, compare=False)
+    carry_on: Callable[[], bool] = field(default=never, compare=False)
 
     @classmethod
-    def from_settings(cls, settings: Settings, enqueue: Enqueue) -> WorkerContext:
-        return cls(settings, make_session_factory(create_db_engine(settings.DATABASE_URL)), enqueue)
+    def from_settings(cls, settings: Settings, enqueue: Enqueue, carry_on: Callable[[], bool] = never) -> WorkerContext:
+        return cls(settings, make_session_factory(create_db_engine(settings.DATABASE_URL)), enqueue,
+                   carry_on=carry_on)
 
 
 class Heartbeat:

@@ -20,7 +20,7 @@ from service.logging import log_context
 from service.models import Study, TrialAttempt, TrialState
 from service.optuna_study import get_storage
 from service.studies import study_is_cancelled
-from service.trials import claim_pack, finish_attempt, record_asked, record_point, trial_checkpoint
+from service.trials import claim_pack, finish_attempt, next_in_turn, record_asked, record_point, trial_checkpoint
 from workers.pack_task import run_pack_attempts
 from workers.running import Heartbeat, WorkerContext, ask_attempts, failure, outcome_of, tell
 
@@ -63,30 +63,48 @@ def checkpointing(ctx: WorkerContext, attempt: TrialAttempt, config: TrialConfig
 
 
 def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None) -> TrialState | None:
-    """Run one attempt; returns its final state, or None if it was not ours to run (duplicate or cancelled)."""
+    """Run one attempt (with the pack it heads); returns its final state, or None if it was not ours to run
+    (duplicate or cancelled). Then, while ``ctx.carry_on()``, the study's next queued attempts in turn."""
     with log_context(trial_id=attempt_id):
-        return _run_attempt(ctx, attempt_id, task_id)
-
-
-def _run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> TrialState | None:
-    if ctx.pack_members.take(attempt_id):  # its own task, delivered after the pack that took it here
-        log.info("attempt %s was trained in a pack by this worker; skipping its own task", attempt_id)
+        if ctx.pack_members.take(attempt_id):  # its own task, delivered after this worker ran it
+            log.info("attempt %s was trained by this worker already; skipping its own task", attempt_id)
+            return None
+        ran = _claim_and_run(ctx, attempt_id, task_id, own_task=True)
+    if ran is None:
         return None
+    state, study_id = ran
+    _carry_on(ctx, study_id, task_id)
+    return state
+
+
+def _carry_on(ctx: WorkerContext, study_id: str, task_id: str | None) -> None:
+    """Claim and run the study's next queued attempts here, as long as they are the oldest queued and the worker is
+    not stopping. Their tasks would reach this worker only after the tasks of the members it just trained, each a
+    broker round trip to skip; the tasks still come, and are skipped without a query (``pack_members``)."""
+    while ctx.carry_on() and (attempt_id := next_in_turn(ctx.session_factory, study_id)) is not None:
+        with log_context(trial_id=attempt_id):
+            if _claim_and_run(ctx, attempt_id, task_id, own_task=False) is None:
+                return
+
+
+def _claim_and_run(ctx: WorkerContext, attempt_id: str, task_id: str | None,
+                   own_task: bool) -> tuple[TrialState | None, str] | None:
+    """Claim the attempt (and its pack) and run it: its state and its study's id; None if it was not queued."""
     worker = f"{socket.gethostname()}:{os.getpid()}"
     with ctx.session_factory() as session:
         found = session.execute(select(Study, TrialAttempt).join(TrialAttempt, TrialAttempt.study_id == Study.id)
                                 .where(TrialAttempt.id == attempt_id)).one_or_none()
-    study_row = None if found is None else found[0]
     queued = found is not None and found[1].state == TrialState.queued  # else: a pack took it, or a duplicate
     claimed = claim_pack(ctx.session_factory, attempt_id, worker, task_id, _pack_size(ctx, *found)) if queued else []
     if not claimed:
         log.info("attempt %s is not queued any more (duplicate delivery or cancelled); skipping", attempt_id)
         return None
-    ctx.pack_members.add(attempt.id for attempt in claimed[1:])
+    study_row = found[0]
+    ctx.pack_members.add(attempt.id for attempt in (claimed[1:] if own_task else claimed))
     with log_context(study_id=study_row.id):
         if len(claimed) > 1:
-            return run_pack_attempts(ctx, claimed, study_row)[0]
-        return _train_and_record(ctx, attempt_id, claimed[0], study_row)
+            return run_pack_attempts(ctx, claimed, study_row)[0], study_row.id
+        return _train_and_record(ctx, attempt_id, claimed[0], study_row), study_row.id
 
 
 def _pack_size(ctx: WorkerContext, study_row: Study, attempt: TrialAttempt) -> int:

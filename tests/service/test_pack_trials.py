@@ -208,3 +208,38 @@ def test_a_worker_forgets_the_oldest_pack_members_whose_tasks_went_elsewhere() -
 
     assert [remembered.take(i) for i in "abcde"] == [False, False, True, True, True]
     assert not remembered.take("c"), "a member's task is skipped once; a later delivery is looked up"
+
+
+def test_a_worker_goes_on_with_its_studys_next_pack_until_told_to_stop(
+        migrated: Settings, session_factory: SessionFactory, sent: SentTasks, storage: Any,
+        pack_spec: dict[str, Any]) -> None:
+    """The next pack starts without waiting behind the tasks of the pack just trained; a stopping worker stops."""
+    carry_on = iter([True, False])
+    ctx = WorkerContext(migrated, session_factory, sent, carry_on=lambda: next(carry_on))
+    study = create_study(session_factory, storage, STUDY_SPEC.validate_python({**pack_spec, "n_trials": 12}))
+    first = dispatch(session_factory, study.id, ctx.enqueue)[0]
+
+    assert run_attempt(ctx, first) == "complete"
+
+    states = [a.state for a in _attempts(session_factory, study.id)]
+    assert states == ["complete"] * 8 + ["queued"] * 4, "two packs of four, then the worker stopped going on"
+    queries: list[str] = []
+    event.listen(session_factory.kw["bind"], "before_cursor_execute",
+                 lambda _conn, _cursor, statement, *_rest: queries.append(statement))
+    assert [run_attempt(ctx, attempt_id) for attempt_id in sent.ids()[1:8]] == [None] * 7
+    assert queries == [], "the tasks of the members it trained are skipped without a query"
+
+
+def test_a_worker_does_not_go_on_ahead_of_an_older_studys_queued_trials(
+        migrated: Settings, session_factory: SessionFactory, sent: SentTasks, storage: Any,
+        pack_spec: dict[str, Any]) -> None:
+    ctx = WorkerContext(migrated, session_factory, sent, carry_on=lambda: True)
+    waiting = create_study(session_factory, storage, STUDY_SPEC.validate_python({**pack_spec, "name": "waiting"}))
+    dispatch(session_factory, waiting.id, ctx.enqueue)
+    study = create_study(session_factory, storage, STUDY_SPEC.validate_python({**pack_spec, "n_trials": 8}))
+    first = dispatch(session_factory, study.id, ctx.enqueue)[0]
+
+    assert run_attempt(ctx, first) == "complete"
+
+    assert [a.state for a in _attempts(session_factory, study.id)] == ["complete"] * 4 + ["queued"] * 4
+    assert {a.state for a in _attempts(session_factory, waiting.id)} == {"queued"}, "its tasks come first"
