@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from celery.worker import state as celery_worker_state
 from optuna.storages import BaseStorage
 
 from scaletune.train import TrainResult
@@ -48,6 +49,13 @@ class RecentIds:
 
 def never() -> bool:
     return False
+
+
+def celery_worker_is_running() -> bool:
+    """False once a warm or cold shutdown began: Celery's signal handlers set these to the exit code, which may be
+    0 (so ``in (None, False)`` would not do: 0 == False)."""
+    return all(flag is None or flag is False
+               for flag in (celery_worker_state.should_stop, celery_worker_state.should_terminate))
 
 
 @dataclass(frozen=True)

@@ -5,23 +5,18 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Task
-from celery.worker import state as worker_state
 
 from service.queue import RUN_TRIAL_TASK, trial_sender
 from service.settings import get_settings
 from workers.celery_app import app
+from workers.running import celery_worker_is_running
 from workers.trial_task import WorkerContext, run_attempt
 
 
 @lru_cache(maxsize=1)
 def worker_context() -> WorkerContext:
     """Built on first use in the worker process (after fork), so no database connection crosses a fork."""
-    return WorkerContext.from_settings(get_settings(), trial_sender(app), carry_on=worker_is_running)
-
-
-def worker_is_running() -> bool:
-    """False once a warm or cold shutdown began (Celery's signal handlers set these to the exit code, 0 included)."""
-    return worker_state.should_stop in (None, False) and worker_state.should_terminate in (None, False)
+    return WorkerContext.from_settings(get_settings(), trial_sender(app), carry_on=celery_worker_is_running)
 
 
 @app.task(name=RUN_TRIAL_TASK, bind=True)

@@ -23,7 +23,7 @@ from service.reconcile import reconcile_once
 from service.settings import Settings
 from service.studies import create_study
 from service.trials import claim_pack, record_asked
-from workers.running import RecentIds
+from workers.running import RecentIds, celery_worker_is_running, celery_worker_state
 from workers.trial_task import WorkerContext, run_attempt
 
 if TYPE_CHECKING:
@@ -243,3 +243,10 @@ def test_a_worker_does_not_go_on_ahead_of_an_older_studys_queued_trials(
 
     assert [a.state for a in _attempts(session_factory, study.id)] == ["complete"] * 4 + ["queued"] * 4
     assert {a.state for a in _attempts(session_factory, waiting.id)} == {"queued"}, "its tasks come first"
+
+
+@pytest.mark.parametrize("flag", ["should_stop", "should_terminate"])
+def test_a_celery_worker_stops_going_on_once_its_shutdown_begins(monkeypatch: pytest.MonkeyPatch, flag: str) -> None:
+    assert celery_worker_is_running()
+    monkeypatch.setattr(celery_worker_state, flag, 0)  # EX_OK, what a warm shutdown on SIGTERM sets
+    assert not celery_worker_is_running()
