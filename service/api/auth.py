@@ -34,7 +34,7 @@ def require_principal(state: Annotated[ServiceState, Depends(service_state)],
     if state.settings.AUTH_DISABLED:
         return NO_AUTH_PRINCIPAL
     token = bearer.credentials if bearer is not None else cookie or query
-    principal = authenticate(state.session_factory, token) if token else None
+    principal = authenticate(state.read_sessions, token) if token else None  # one SELECT: no BEGIN, no ROLLBACK
     if principal is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED,
                             "missing or invalid API token" if token is None else "invalid, expired or revoked API token",
