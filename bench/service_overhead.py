@@ -365,6 +365,8 @@ def packs_rounds(service: Service, args: argparse.Namespace) -> list[dict[str, A
 def packs_report(rounds: list[dict[str, Any]], args: argparse.Namespace, load: tuple[float, ...]) -> str:
     ratios = [r["ratio"] for r in rounds]
     latency = [x for r in rounds for x in r["latency"]]
+    first_pack = [x for r in rounds for x in r["latency"][:args.pack]]  # the latencies are in queued order
+    later_packs = [x for r in rounds for x in r["latency"][args.pack:]]
     phase_medians = ", ".join(
         f"{name.split(' (')[0]} {ms(statistics.median([x for r in rounds for x in r['service'].phases[name]]))} ms"
         for name in DISPATCH_PHASES)
@@ -386,7 +388,8 @@ def packs_report(rounds: list[dict[str, Any]], args: argparse.Namespace, load: t
         f"**Median ratio {statistics.median(ratios):.2f}** (spread {min(ratios):.2f}-{max(ratios):.2f} over "
         f"{len(ratios)} rounds; goal >= 0.95). Dispatch latency (attempt queued -> its pack's training started) "
         f"p50 {ms(statistics.median(latency))} ms, p95 {ms(p95(latency))} ms over {len(latency)} trials (goal p50 < "
-        f"100 ms); its two phases' medians: {phase_medians}. The figures swing with the machine's load (its "
+        f"100 ms); its two phases' medians: {phase_medians}. By pack: a study's first pack p50 "
+        f"{ms(statistics.median(first_pack))} ms, its later packs p50 {ms(statistics.median(later_packs))} ms. The figures swing with the machine's load (its "
         "load average at the end is above).",
     ])
 
