@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -362,8 +363,9 @@ def main() -> None:
              f"stopped at the first eval where the mean of the last {SMOOTH} eval losses is <= E* (FLOPs-to-E* and "
              f"wall seconds there; 'not reached' by the cap). Saving = 1 - FLOPs(arm)/FLOPs(best static arm), proxy "
              f"FLOPs charged on their own line. Duplicate growth adds noise {GROWTH_NOISE} x init std. Each case "
-             f"ran on 2 CPU processes of a loaded 2-core machine shared with other engineers' jobs (wall seconds are "
-             f"pessimistic and noisy).\n")
+             f"ran on 2 CPU processes of a 2-core machine, load average (1/5/15 min) "
+             f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} at the end (above about 2, other work shared the "
+             f"cores: wall seconds are then pessimistic and noisy).\n")
     write_section(HEADER, intro + "\n" + body + ("\n" + kept if kept else ""))
     print(body)
 

@@ -324,7 +324,7 @@ def main() -> None:
         f"{MAX_EXTENSIONS} times while the minimum is at an edge, then +-0.5 octave around the minimum; optimum = "
         "parabola through the minimum and its neighbours (scaletune.transfer_check). "
         f"{PROCESSES} sweeps at a time (so {PROCESSES} agents, each running one trial process with 1 torch thread), "
-        f"on 2 cores shared with other jobs (load average {loads[0]:.1f} at the start, {loads[-1]:.1f} at the end, "
+        f"on 2 cores (load average {loads[0]:.1f} at the start, {loads[-1]:.1f} at the end, "
         f"{min(loads):.1f}-{max(loads):.1f} sampled every {LOAD_EVERY_S:g} s).",
         "",
         markdown_table(["axis", "parametrization", "optimum log2 LR", "drift (octaves)", "best loss per size",

@@ -210,8 +210,8 @@ as a stack of one (vmap); arm "plain loop": it leaves the stack with its paramet
 finishes on the core training loop (`FINISH_ALONE`, the code's default). Both arms of a case run in one fresh
 spawned process per round with one torch thread, after a warm-up, in alternating order; {opts.rounds} rounds; medians
 (min-max) of each arm's CPU seconds (all its packs, build and evals included). Load average (1/5/15 min) at the
-end: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} on 2 cores shared with other jobs (CPU seconds are less affected
-than wall time, not immune).
+end: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} on 2 cores (above about 1, other work shared them: CPU seconds are
+less affected than wall time, not immune).
 
 {table}
 """

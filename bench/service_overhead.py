@@ -312,9 +312,9 @@ def report(results: list[dict[str, Any]], replay: dict[str, float], setup: dict[
               for r in results}
     return (
         f"`.venv/bin/python bench/service_overhead.py{' --quick' if args.quick else ''}`, "
-        f"{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} CPU cores **shared with other engineers' jobs while it "
-        f"ran** (load average 1/5/15 min at the end: {', '.join(f'{x:.2f}' for x in load)}), so every figure "
-        "carries their noise.\n\n"
+        f"{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} CPU cores (load average 1/5/15 min at the end: "
+        f"{', '.join(f'{x:.2f}' for x in load)}; above about 1 other work shared the cores, and every figure "
+        "carries its noise).\n\n"
         f"The same study both ways: {args.trials} trials of a muP MLP (width 64, depth 2) on digits, AdamW, "
         f"batch 64, {EVALS_PER_TRIAL} evals per trial, TPE seed 0 over lr and output_mult, no pruner, parallelism 1, "
         "torch on 1 thread. **Bare**: `optuna.create_study` in memory, `ask` -> `run_trial` with a callback that "
@@ -375,7 +375,7 @@ def packs_report(rounds: list[dict[str, Any]], args: argparse.Namespace, load: t
             for i, r in enumerate(rounds)]
     return "\n\n".join([
         f"`.venv/bin/python bench/service_overhead.py --packs --rounds {args.rounds} --pack {args.pack}` on 2 CPU "
-        f"cores shared with other work (load average at the end: {', '.join(f'{x:.1f}' for x in load)}), "
+        f"cores (load average at the end: {', '.join(f'{x:.1f}' for x in load)}), "
         f"{datetime.now(UTC):%Y-%m-%d}. Protocol (fixed before the run): the study of the section above "
         f"({args.trials} trials of a muP MLP 64x2 on digits, 100 steps, batch 64, {EVALS_PER_TRIAL} evals, TPE "
         f"seed 0, no pruner, torch on 1 thread), {args.rounds} rounds; each round runs the bare loop (unpacked, "

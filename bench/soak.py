@@ -239,8 +239,8 @@ def report(args: argparse.Namespace, chaos: Chaos, wall_s: float, states: Counte
             ["checks", "all passed" if not problems else "FAILED: " + "; ".join(problems)]]
     return markdown_table(["", ""], rows) + (
         f"\n\nOne command: `python bench/soak.py` (seed {args.seed}), run {datetime.now(UTC):%Y-%m-%d %H:%M} "
-        f"UTC on a loaded 2-core machine shared with other work (load average at the end: {load}); the wall time "
-        "is mostly that load. Recovery settings as in the fault tests (`HEARTBEAT_INTERVAL=0.5`, `STALE_AFTER=4`, "
+        f"UTC on a 2-core machine (load average at the end: {load}; well above 2, the wall time is mostly other "
+        "work). Recovery settings as in the fault tests (`HEARTBEAT_INTERVAL=0.5`, `STALE_AFTER=4`, "
         "`RECONCILE_INTERVAL=1`, `REQUEUE_AFTER=8`, `CHECKPOINT_EVERY_EVALS=1`); `MAX_RETRIES` 2 (the default); "
         "one trial per worker task (`pack: 1`, as in the fault tests). "
         "Checks, per study: completed with exactly `n_trials` finished trials; no Optuna trial number recorded by "

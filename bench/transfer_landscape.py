@@ -355,8 +355,8 @@ def report(all_ladders: list[Ladder], sweep: AdaptiveSweep, img_dir: Path, runs:
         for ld in all_ladders)
     pictures = "\n".join(f"![{p.stem}](img/{p.name})" for p in images)
     return f"""Command: `.venv/bin/python bench/transfer_landscape.py{' --quick' if quick else ''}`
-({runs} training runs, {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min, 2 processes on a machine shared with other
-engineers' jobs, so wall time is pessimistic).
+({runs} training runs, {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min, 2 processes on 2 CPU cores, load average
+(1/5/15 min) {", ".join(f"{v:.2f}" for v in os.getloadavg())} at the end: above about 2, wall time is inflated by other work).
 
 {setup}
 
@@ -565,8 +565,8 @@ def main() -> None:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     timing = (f"Command: `.venv/bin/python bench/transfer_landscape.py --study {opts.study}"
               f"{' --quick' if opts.quick else ''}` ({runs} training runs, {wall / 60:.1f} min wall, "
-              f"{cpu / 60:.1f} CPU-min, 2 processes at nice {os.nice(0)} on 2 CPU cores shared with other jobs, load "
-              f"average (1/5/15 min) {load} at the end: wall time is inflated by load)")
+              f"{cpu / 60:.1f} CPU-min, 2 processes at nice {os.nice(0)} on 2 CPU cores, load "
+              f"average (1/5/15 min) {load} at the end: above about 2, wall time is inflated by other work)")
     levels = {HPARAM_READOUT_SECTION: 3}
     if long or readout:
         sections = {HPARAM_READOUT_SECTION if readout else HPARAM_LONG_SECTION:

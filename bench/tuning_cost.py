@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,8 +43,8 @@ proxy, whose winner and the target's winner scored within the seed spread at the
 32x2 (depth >= 2, so the depth transfer starts from a proxy that has residual depth to scale), the target
 256x8, and each proxy trial's objective is the mean loss over seeds {list(DEEP_PROXY_SEEDS)}; the target search keeps one seed
 per trial (two would double its cost, over this case's 20-minute budget). N, TPE settings, search space,
-steps, batch and evaluation seeds are those of the first experiment. Budget: <= 20 min wall on 2 cores shared
-with one or two other engineers' jobs."""
+steps, batch and evaluation seeds are those of the first experiment. Budget: <= 20 min wall on 2 cores (when the
+protocol was fixed, shared with one or two other engineers' jobs)."""
 SAMPLER_SEED = 0
 TRIAL_SEED = 0
 EVAL_SEEDS = (1, 2, 3)  # fresh seeds for the final comparison, so neither winner is judged on the seed it was picked on
@@ -248,7 +249,8 @@ def report(case: Case, rows: list[dict[str, Any]], image: Path, wall: float, qui
         f"{row['setup'].budget.batch_size}" for row in rows)
     motivation = f"{case.motivation}\n\n" if case.motivation else ""
     return f"""{motivation}Command: `.venv/bin/python bench/tuning_cost.py --case {case.name}{' --quick' if quick else ''}` ({wall / 60:.1f} min wall,
-2 processes on a machine shared with other engineers' jobs, so wall and CPU seconds are pessimistic).
+2 processes on 2 CPU cores, load average (1/5/15 min) {", ".join(f"{v:.2f}" for v in os.getloadavg())} at the end:
+above about 2, other work shared the cores and wall and CPU seconds are pessimistic).
 
 Each search: N trials of Optuna TPE (seed {SAMPLER_SEED}, {rows[0]['setup'].startup_trials} random start-up trials)
 over log2 LR in {list(LOG2_LR_RANGE)} and log2 output multiplier in {list(LOG2_OUTPUT_MULT_RANGE)}, in base units
