@@ -197,7 +197,7 @@ def report(results: dict[tuple[str, int], dict[str, Any]], endpoints: dict[str, 
     table = markdown_table(["endpoint", "request", "clients", "requests", "errors", "p50 ms", "p99 ms", "req/s",
                             f"p99 < {TARGET_P99_MS:.0f} ms"], rows)
     return (f"`.venv/bin/python bench/api_load.py{' --quick' if args.quick else ''} --processes {args.processes}` on "
-            f"{os.cpu_count()} CPU cores (shared), {datetime.now(UTC):%Y-%m-%d}. A fresh PostgreSQL database holds "
+            f"{os.cpu_count()} CPU cores, {datetime.now(UTC):%Y-%m-%d}. A fresh PostgreSQL database holds "
             f"{args.studies:,} studies, one of them with {args.trials:,} trials of {EVALS_PER_TRIAL} eval points each "
             f"(bulk insert, then VACUUM ANALYZE). The API is uvicorn with {args.processes} worker process(es) on "
             "loopback; its memory after "
@@ -206,8 +206,8 @@ def report(results: dict[tuple[str, int], dict[str, Any]], endpoints: dict[str, 
             f"{args.deep - 100:,} reached by the next_cursor that page hands out. The load comes from a separate process: "
             f"{args.concurrency.replace(',', ' and ')} closed-loop clients per endpoint, at most {args.requests:,} requests or "
             f"{args.seconds:.0f} s per endpoint, after a short warm-up. Auth disabled (a token check adds one "
-            "primary-key lookup per request). Other work shares the 2 cores, so the p99 column carries their "
-            f"noise; the load average during the run is in the last line.\n\n{table}\n\nload average (1, 5, 15 "
+            "primary-key lookup per request). The API, PostgreSQL and the load process share the cores, with whatever "
+            f"else runs: the load average at the end is in the last line.\n\n{table}\n\nload average (1, 5, 15 "
             f"min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
