@@ -4,8 +4,9 @@
     .venv/bin/python bench/api_load.py --asktell [--quick] [--agents 256] [--trials 512] [--reports 4]
 
 Rows are bulk-inserted (no workers), then vacuumed. The API runs as its own uvicorn server (``--processes`` worker
-processes; its memory, summed over them, is measured after the load); the load comes from another process: for each
-level in ``concurrency``, that many closed-loop clients per endpoint, each run bounded by a request count and a time limit. Writes p50/p99 and requests/s per endpoint to docs/benchmarks.md.
+processes; its memory, summed over them, is measured after the load); the load comes from other processes: for each
+level in ``concurrency``, that many closed-loop clients per endpoint, each in its own process, each run bounded by a
+request count and a time limit. Writes p50/p99 and requests/s per endpoint to docs/benchmarks.md.
 
 ``--asktell``: simulated agents (asyncio, no training) serve one external study: ask, ``reports`` reports of
 random values, tell (pruned when the pruner says so); on 429 they wait Retry-After. Then a check: exactly
@@ -24,7 +25,6 @@ import secrets
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -145,37 +145,40 @@ def memory_mib(pid: int) -> tuple[float, float]:
     return pss / 1024, rss / 1024
 
 
+def _client(base: str, path: str, deadline: float, remaining: Any, out: Any) -> None:
+    """One closed-loop client: its next request when the last answered; puts (latencies, errors) on ``out``."""
+    latencies, errors = [], 0
+    with httpx.Client(base_url=base, timeout=10) as http:
+        while time.monotonic() < deadline:
+            with remaining.get_lock():
+                if remaining.value <= 0:
+                    break
+                remaining.value -= 1
+            started = time.perf_counter()
+            errors += http.get(path).status_code != 200
+            latencies.append(time.perf_counter() - started)
+    out.put((latencies, errors))
+
+
 def _hammer(base: str, path: str, n_requests: int, seconds: float, concurrency: int) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` clients, each sends its next request when the last answered."""
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-    remaining = [n_requests]
-
-    def client() -> None:
-        with httpx.Client(base_url=base, timeout=10) as http:
-            while time.monotonic() < deadline:
-                with lock:
-                    if remaining[0] <= 0:
-                        return
-                    remaining[0] -= 1
-                started = time.perf_counter()
-                ok = http.get(path).status_code == 200
-                elapsed = time.perf_counter() - started
-                with lock:
-                    latencies.append(elapsed)
-                    errors[0] += not ok
-
+    """``concurrency`` clients, each in its own process: threads of one process would wait for each other's GIL
+    between a response's arrival and its reading, and that wait would count as the server's latency."""
+    context = multiprocessing.get_context("fork")
+    remaining, out = context.Value("i", n_requests), context.Queue()
+    deadline = time.monotonic() + seconds  # CLOCK_MONOTONIC: one clock for every process of the machine
     started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    clients = [context.Process(target=_client, args=(base, path, deadline, remaining, out))
+               for _ in range(concurrency)]
+    for client in clients:
+        client.start()
+    gathered = [out.get() for _ in clients]
+    for client in clients:
+        client.join()
     wall = time.perf_counter() - started
+    latencies = [x for client_latencies, _ in gathered for x in client_latencies]
+    errors = sum(client_errors for _, client_errors in gathered)
     ordered = sorted(latencies)
-    return {"requests": len(ordered), "errors": errors[0], "rps": len(ordered) / wall,
+    return {"requests": len(ordered), "errors": errors, "rps": len(ordered) / wall,
             "p50_ms": 1000 * statistics.median(ordered),
             "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
@@ -203,8 +206,9 @@ def report(results: dict[tuple[str, int], dict[str, Any]], endpoints: dict[str, 
             "loopback; its memory after "
             f"the load, summed over its processes: PSS {args.memory[0]:.0f} MiB (RSS {args.memory[1]:.0f} MiB). The "
             "cursor page is the page after offset "
-            f"{args.deep - 100:,} reached by the next_cursor that page hands out. The load comes from a separate process: "
-            f"{args.concurrency.replace(',', ' and ')} closed-loop clients per endpoint, at most {args.requests:,} requests or "
+            f"{args.deep - 100:,} reached by the next_cursor that page hands out. The load comes from separate processes: "
+            f"{args.concurrency.replace(',', ' and ')} closed-loop clients per endpoint, each in its own process (until "
+            "2026-12-03 16:20 UTC: threads of one process, whose waits for each other's GIL counted as latency), at most {args.requests:,} requests or "
             f"{args.seconds:.0f} s per endpoint, after a short warm-up. Auth disabled (a token check adds one "
             "primary-key lookup per request). The API, PostgreSQL and the load process share the cores, with whatever "
             f"else runs: the load average at the end is in the last line.\n\n{table}\n\nload average (1, 5, 15 "
