@@ -92,9 +92,9 @@ def next_in_turn(session_factory: SessionFactory, study_id: str) -> str | None:
                                      other.queued_at < TrialAttempt.queued_at)
     with session_factory() as session:
         return session.scalars(
-            select(TrialAttempt.id).where(TrialAttempt.study_id == study_id, TrialAttempt.state == TrialState.queued)
-            .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(1)
-            .where(~older_elsewhere)).first()
+            select(TrialAttempt.id).where(TrialAttempt.study_id == study_id, TrialAttempt.state == TrialState.queued,
+                                          ~older_elsewhere)
+            .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(1)).first()
 
 
 def first_attempt_id(session_factory: SessionFactory, attempt: TrialAttempt) -> str:
