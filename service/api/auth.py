@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.state import ServiceState, service_state
@@ -26,15 +27,16 @@ _cookie = APIKeyCookie(name=AUTH_COOKIE, auto_error=False, description="the same
 _query = APIKeyQuery(name=TOKEN_QUERY, auto_error=False, description="the same token, for EventSource")
 
 
-def require_principal(state: Annotated[ServiceState, Depends(service_state)],
-                      bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-                      cookie: Annotated[str | None, Depends(_cookie)],
-                      query: Annotated[str | None, Depends(_query)]) -> Principal:
+async def require_principal(state: Annotated[ServiceState, Depends(service_state)],
+                            bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                            cookie: Annotated[str | None, Depends(_cookie)],
+                            query: Annotated[str | None, Depends(_query)]) -> Principal:
     """FastAPI dependency: the caller's principal, or 401. With AUTH_DISABLED, the admin of tenant 'default'."""
     if state.settings.AUTH_DISABLED:
         return NO_AUTH_PRINCIPAL
     token = bearer.credentials if bearer is not None else cookie or query
-    principal = authenticate(state.read_sessions, token) if token else None  # one SELECT: no BEGIN, no ROLLBACK
+    # one SELECT (no BEGIN, no ROLLBACK), in the thread pool; without a token the request never leaves the event loop
+    principal = await run_in_threadpool(authenticate, state.read_sessions, token) if token else None
     if principal is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED,
                             "missing or invalid API token" if token is None else "invalid, expired or revoked API token",

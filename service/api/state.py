@@ -25,6 +25,7 @@ class ServiceState:
     enqueue: Enqueue
 
 
-def service_state(request: Request) -> ServiceState:
+async def service_state(request: Request) -> ServiceState:
+    """Async because it does no I/O: a sync dependency costs each request a hop to the thread pool."""
     state: ServiceState = request.app.state.service
     return state

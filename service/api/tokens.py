@@ -20,7 +20,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$"
 MAX_EXPIRY_DAYS = 3650
 
 
-def require_admin(principal: CurrentPrincipal) -> Principal:
+async def require_admin(principal: CurrentPrincipal) -> Principal:
     if not principal.is_admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"token {principal.token_name!r} is not an admin token; "
                                                        "only an admin manages tokens")
