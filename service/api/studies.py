@@ -9,9 +9,10 @@ from sqlalchemy.exc import IntegrityError
 
 from service.api.auth import UNAUTHORIZED, CurrentPrincipal
 from service.api.problems import InvalidField
-from service.api.schemas import (STUDY_SUMMARY_COLUMNS, TRIAL_OUT_COLUMNS, Problem, StudyCreated, StudyDetail,
+from service.api.schemas import (STUDY_SUMMARY_COLUMNS, Problem, StudyCreated, StudyDetail,
                                  StudyPage, StudySummary, TrialOut, TrialPage, study_links)
 from service.api.state import ServiceState, service_state
+from service.api.trial_pages import trials_page_json
 from service.dispatch import dispatch
 from service.models import Study, StudyStatus, TrialState
 from service.quotas import ConcurrencyQuotaExceeded, concurrent_studies_limit, spec_limits_for
@@ -22,7 +23,7 @@ from service.spec import SpecError, SpecProblem
 from service.studies import StudyAlreadyFinished, StudyNotFound, cancel_study, create_study, \
     find_by_idempotency_key, get_study, list_studies, spec_fingerprint, spec_warnings, study_visible, trial_counts
 from service.study_ids import short_ids
-from service.trials import BadCursor, get_trial, list_trials
+from service.trials import BadCursor, get_trial
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=UNAUTHORIZED)
 State = Annotated[ServiceState, Depends(service_state)]
@@ -122,20 +123,18 @@ def get_trials(study_id: str, state: State, principal: CurrentPrincipal, state_:
                offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
                cursor: Annotated[str | None, Query(min_length=1, max_length=200, description=(
                    "the previous page's next_cursor: the page after it, found by key (as fast deep as at the "
-                   "start); give offset or cursor, not both"))] = None) -> TrialPage:
+                   "start); give offset or cursor, not both"))] = None) -> Response:
     if cursor is not None and offset:
         raise InvalidField(("query", "cursor"), "give offset or cursor, not both (a cursor already says where "
                                                 "the page starts)")
     with state.read_sessions() as session:
         if not study_visible(session, study_id, principal.tenant_scope):
             raise _not_found(study_id)
-        try:
-            rows, total, next_cursor = list_trials(session, study_id, limit=limit, offset=offset, state=state_,
-                                                   cursor=cursor, columns=TRIAL_OUT_COLUMNS)
+        try:  # TrialPage's JSON, its trials rendered once per version of their rows (trial_pages)
+            page = trials_page_json(session, study_id, limit=limit, offset=offset, state=state_, cursor=cursor)
         except BadCursor as error:
             raise InvalidField(("query", "cursor"), str(error)) from None
-        return TrialPage(items=[TrialOut.of(t) for t in rows], total=total, limit=limit, offset=offset,
-                         next_cursor=next_cursor)
+    return Response(page, media_type="application/json")
 
 
 @router.get("/{study_id}/trials/{number}", response_model=TrialOut,
