@@ -6,7 +6,8 @@
 Rows are bulk-inserted (no workers), then vacuumed. The API runs as its own uvicorn server (``--processes`` worker
 processes; its memory, summed over them, is measured after the load); the load comes from other processes: for each
 level in ``concurrency``, that many closed-loop clients per endpoint, each in its own process, each run bounded by a
-request count and a time limit. Writes p50/p99 and requests/s per endpoint to docs/benchmarks.md.
+request count and a time limit. Writes p50/p99, requests/s and the API's CPU per request per endpoint to
+docs/benchmarks.md.
 
 ``--asktell``: simulated agents (asyncio, no training) serve one external study: ask, ``reports`` reports of
 random values, tell (pruned when the pruner says so); on 429 they wait Retry-After. Then a check: exactly
@@ -191,10 +192,8 @@ def _hammer(base: str, path: str, n_requests: int, seconds: float, concurrency: 
     wall = time.perf_counter() - started
     latencies = [x for client_latencies, _ in gathered for x in client_latencies]
     errors = sum(client_errors for _, client_errors in gathered)
-    ordered = sorted(latencies)
-    return {"requests": len(ordered), "errors": errors, "rps": len(ordered) / wall,
-            "p50_ms": 1000 * statistics.median(ordered),
-            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+    p50, p99 = percentiles(latencies)
+    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / wall, "p50_ms": p50, "p99_ms": p99}
 
 
 def drive(base: str, endpoints: dict[str, str], n_requests: int, seconds: float, levels: list[int],

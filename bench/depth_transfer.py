@@ -136,7 +136,7 @@ def main() -> None:
     (img_dir / f"depth_transfer_losses_{tag}.json").write_text(json.dumps(raw, indent=1))
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     timing = (f"Command: `{command(opts.quick, opts.steps, depths, optimizers)}` ({runs} training runs, "
-              f"{wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min, 2 processes at nice {os.nice(0)} on 2 CPU cores "
+              f"{wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min, 2 processes at nice {os.nice(0)} on 2 CPU cores, "
               f"load average (1/5/15 min) {load} at the end: above about 2, wall time is inflated by other work)")
     body = report(all_ladders, sweep, img_dir, timing, tag)
     if opts.quick:
