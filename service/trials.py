@@ -56,45 +56,51 @@ def claim_pack(session_factory: SessionFactory, attempt_id: str, worker: str, ta
     PostgreSQL, so concurrent workers take disjoint packs (SQLite serialises writers at BEGIN IMMEDIATE);
     their own tasks, delivered later, find them running and skip them like any duplicate delivery.
     """
+    with write_session(session_factory) as session:
+        return claim_in(session, attempt_id, worker, task_id, size)
+
+
+def claim_in(session: Session, attempt_id: str, worker: str, task_id: str | None, size: int) -> list[TrialAttempt]:
+    """``claim_pack`` inside the caller's transaction."""
     now = utcnow()
     running = {"state": TrialState.running, "worker": worker, "task_id": task_id, "started_at": now,
                "heartbeat_at": now}
-    with write_session(session_factory) as session:
-        first = session.scalars(
-            update(TrialAttempt).where(TrialAttempt.id == attempt_id, TrialAttempt.state == TrialState.queued)
-            .values(**running).returning(TrialAttempt)).one_or_none()
-        if first is None:
-            return []
-        others = [] if size <= 1 else sorted(session.scalars(
-            update(TrialAttempt).where(TrialAttempt.id.in_(
-                select(TrialAttempt.id).where(TrialAttempt.study_id == first.study_id,
-                                              TrialAttempt.state == TrialState.queued)
-                .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(size - 1)
-                .with_for_update(skip_locked=True).scalar_subquery()))
-            .values(**running).returning(TrialAttempt)), key=lambda attempt: (attempt.queued_at, attempt.id))
-        attempts = [first, *others]
-        session.execute(update(Study).where(Study.id == first.study_id, Study.status == StudyStatus.queued)
-                        .values(status=StudyStatus.running, updated_at=now))
-        add_events(session, first.study_id, EventType.trial_started,
-                   [(attempt.id, {"attempt": attempt.attempt, "worker": worker, "pack": len(attempts)})
-                    for attempt in attempts])
+    first = session.scalars(
+        update(TrialAttempt).where(TrialAttempt.id == attempt_id, TrialAttempt.state == TrialState.queued)
+        .values(**running).returning(TrialAttempt)).one_or_none()
+    if first is None:
+        return []
+    others = [] if size <= 1 else sorted(session.scalars(
+        update(TrialAttempt).where(TrialAttempt.id.in_(
+            select(TrialAttempt.id).where(TrialAttempt.study_id == first.study_id,
+                                          TrialAttempt.state == TrialState.queued)
+            .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(size - 1)
+            .with_for_update(skip_locked=True).scalar_subquery()))
+        .values(**running).returning(TrialAttempt)), key=lambda attempt: (attempt.queued_at, attempt.id))
+    attempts = [first, *others]
+    session.execute(update(Study).where(Study.id == first.study_id, Study.status == StudyStatus.queued)
+                    .values(status=StudyStatus.running, updated_at=now))
+    add_events(session, first.study_id, EventType.trial_started,
+               [(attempt.id, {"attempt": attempt.attempt, "worker": worker, "pack": len(attempts)})
+                for attempt in attempts])
     return attempts
 
 
-def next_in_turn(session_factory: SessionFactory, study_id: str) -> str | None:
+_OTHER = aliased(TrialAttempt)  # built once: an alias proxies every column (~0.8 ms a call)
+
+
+def next_in_turn(session: Session, study_id: str) -> str | None:
     """The study's oldest queued attempt, unless another study's queued attempt is older.
 
     A worker that goes on with its study's next attempts, instead of waiting for their tasks, takes them only in
     the order their tasks would have come: it never jumps the queue ahead of another study.
     """
-    other = aliased(TrialAttempt)
-    older_elsewhere = exists().where(other.state == TrialState.queued, other.study_id != study_id,
-                                     other.queued_at < TrialAttempt.queued_at)
-    with session_factory() as session:
-        return session.scalars(
-            select(TrialAttempt.id).where(TrialAttempt.study_id == study_id, TrialAttempt.state == TrialState.queued,
-                                          ~older_elsewhere)
-            .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(1)).first()
+    older_elsewhere = exists().where(_OTHER.state == TrialState.queued, _OTHER.study_id != study_id,
+                                     _OTHER.queued_at < TrialAttempt.queued_at)
+    return session.scalars(
+        select(TrialAttempt.id).where(TrialAttempt.study_id == study_id, TrialAttempt.state == TrialState.queued,
+                                      ~older_elsewhere)
+        .order_by(TrialAttempt.queued_at, TrialAttempt.id).limit(1)).first()
 
 
 def first_attempt_id(session_factory: SessionFactory, attempt: TrialAttempt) -> str:

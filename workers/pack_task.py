@@ -24,7 +24,7 @@ import optuna
 from scaletune.packs import pack_key, run_pack
 from scaletune.runner import TrialConfig
 from scaletune.train import Callback, EvalPoint
-from service.dispatch import dispatch, send_all
+from service.dispatch import send_all
 from service.kinds.registry import kind_of, spec_of
 from service.models import Study, TrialAttempt, TrialState
 from service.optuna_study import ChangedTrialsStorage, get_storage
@@ -125,7 +125,6 @@ def run_pack_attempts(ctx: WorkerContext, attempts: list[TrialAttempt], study_ro
              spec.objective.direction)
     retries = [done.retry.id for done in finished if done is not None and done.retry is not None]
     send_all(ctx.enqueue, retries, spec.queue)
-    dispatch(ctx.session_factory, study_row.id, ctx.enqueue)
     states = [None if done is None else outcome.state for outcome, done in zip(outcomes, finished)]
     log.info("pack of %d attempts ended: %s", len(attempts), states)
     return states

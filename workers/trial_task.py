@@ -7,6 +7,7 @@ import math
 import os
 import socket
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import optuna
@@ -14,13 +15,13 @@ from sqlalchemy import select
 
 from scaletune.runner import TrialConfig, run_trial
 from scaletune.train import Checkpointing, EvalPoint
-from service.dispatch import dispatch, send_all
+from service.dispatch import Claimant, dispatch, dispatch_and_claim, send_all
 from service.kinds.registry import kind_of, spec_of
 from service.logging import log_context
 from service.models import Study, TrialAttempt, TrialState
 from service.optuna_study import get_storage
 from service.studies import study_is_cancelled
-from service.trials import claim_pack, finish_attempt, next_in_turn, record_asked, record_point, trial_checkpoint
+from service.trials import claim_pack, finish_attempt, record_asked, record_point, trial_checkpoint
 from workers.pack_task import run_pack_attempts
 from workers.running import Heartbeat, WorkerContext, ask_attempts, failure, outcome_of, tell
 
@@ -69,42 +70,55 @@ def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None)
         if ctx.pack_members.take(attempt_id):  # its own task, delivered after this worker ran it
             log.info("attempt %s was trained by this worker already; skipping its own task", attempt_id)
             return None
-        ran = _claim_and_run(ctx, attempt_id, task_id, own_task=True)
-    if ran is None:
-        return None
-    state, study_id = ran
-    _carry_on(ctx, study_id, task_id)
+        first_pack = _claim(ctx, attempt_id, task_id)
+        if first_pack is None:
+            log.info("attempt %s is not queued any more (duplicate delivery or cancelled); skipping", attempt_id)
+            return None
+    study_row, claimed = first_pack
+    ctx.pack_members.add(attempt.id for attempt in claimed[1:])
+    state = _run(ctx, claimed, study_row)
+    while (next_pack := _top_up(ctx, study_row.id, task_id)) is not None:
+        study_row, claimed = next_pack
+        ctx.pack_members.add(attempt.id for attempt in claimed)  # one queued before the top-up has a task coming
+        _run(ctx, claimed, study_row)
     return state
 
 
-def _carry_on(ctx: WorkerContext, study_id: str, task_id: str | None) -> None:
-    """Claim and run the study's next queued attempts here, as long as they are the oldest queued and the worker is
-    not stopping. Their tasks would reach this worker only after the tasks of the members it just trained, each a
-    broker round trip to skip; the tasks still come, and are skipped without a query (``pack_members``)."""
-    while ctx.carry_on() and (attempt_id := next_in_turn(ctx.session_factory, study_id)) is not None:
-        with log_context(trial_id=attempt_id):
-            if _claim_and_run(ctx, attempt_id, task_id, own_task=False) is None:
-                return
-
-
-def _claim_and_run(ctx: WorkerContext, attempt_id: str, task_id: str | None,
-                   own_task: bool) -> tuple[TrialState | None, str] | None:
-    """Claim the attempt (and its pack) and run it: its state and its study's id; None if it was not queued."""
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+def _claim(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> tuple[Study, list[TrialAttempt]] | None:
+    """The attempt's study, and the attempt with the rest of its pack, claimed; None if it was not queued (a pack
+    took it, or a duplicate delivery)."""
     with ctx.session_factory() as session:
         found = session.execute(select(Study, TrialAttempt).join(TrialAttempt, TrialAttempt.study_id == Study.id)
                                 .where(TrialAttempt.id == attempt_id)).one_or_none()
-    queued = found is not None and found[1].state == TrialState.queued  # else: a pack took it, or a duplicate
-    claimed = claim_pack(ctx.session_factory, attempt_id, worker, task_id, _pack_size(ctx, *found)) if queued else []
-    if not claimed:
-        log.info("attempt %s is not queued any more (duplicate delivery or cancelled); skipping", attempt_id)
+    if found is None or found[1].state != TrialState.queued:
         return None
-    study_row = found[0]
-    ctx.pack_members.add(attempt.id for attempt in (claimed[1:] if own_task else claimed))
-    with log_context(study_id=study_row.id):
+    claimed = claim_pack(ctx.session_factory, attempt_id, _worker(), task_id, _pack_size(ctx, *found))
+    return (found[0], claimed) if claimed else None
+
+
+def _top_up(ctx: WorkerContext, study_id: str, task_id: str | None) -> tuple[Study, list[TrialAttempt]] | None:
+    """Top the study up after a run; while ``ctx.carry_on()``, also take its next pack in turn (in the same
+    transaction, no task sent for it), which is returned. Otherwise the next attempts' tasks bring them: a task
+    for an attempt of the pack just trained would reach this worker only after every one of them, each a broker
+    round trip to skip."""
+    if not ctx.carry_on():
+        dispatch(ctx.session_factory, study_id, ctx.enqueue)
+        return None
+    study_row, claimed = dispatch_and_claim(ctx.session_factory, study_id, ctx.enqueue,
+                                            Claimant(_worker(), task_id, partial(_pack_size, ctx)))
+    return (study_row, claimed) if study_row is not None and claimed else None
+
+
+def _run(ctx: WorkerContext, claimed: list[TrialAttempt], study_row: Study) -> TrialState | None:
+    """Train claimed attempts (a pack, or one on its own): the first one's final state."""
+    with log_context(trial_id=claimed[0].id, study_id=study_row.id):
         if len(claimed) > 1:
-            return run_pack_attempts(ctx, claimed, study_row)[0], study_row.id
-        return _train_and_record(ctx, attempt_id, claimed[0], study_row), study_row.id
+            return run_pack_attempts(ctx, claimed, study_row)[0]
+        return _train_and_record(ctx, claimed[0], study_row)
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _pack_size(ctx: WorkerContext, study_row: Study, attempt: TrialAttempt) -> int:
@@ -118,8 +132,8 @@ def _pack_size(ctx: WorkerContext, study_row: Study, attempt: TrialAttempt) -> i
         return 1
 
 
-def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt,
-                      study_row: Study) -> TrialState | None:
+def _train_and_record(ctx: WorkerContext, attempt: TrialAttempt, study_row: Study) -> TrialState | None:
+    attempt_id = attempt.id
     log.info("attempt %s started (attempt number %d)", attempt_id, attempt.attempt)
     kind = kind_of(study_row)
     spec = spec_of(study_row)
@@ -151,6 +165,5 @@ def _train_and_record(ctx: WorkerContext, attempt_id: str, attempt: TrialAttempt
             send_all(ctx.enqueue, [finished.retry.id], spec.queue)
         elif saves is not None:  # the trial is over: nothing will resume it
             saves.path.unlink(missing_ok=True)
-    dispatch(ctx.session_factory, attempt.study_id, ctx.enqueue)
     log.info("attempt %s ended %s", attempt_id, outcome.state if finished is not None else "elsewhere (lost its lease)")
     return outcome.state if finished is not None else None

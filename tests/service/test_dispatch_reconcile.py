@@ -15,7 +15,7 @@ from optuna.trial import TrialState as OptunaState
 from sqlalchemy import select, update
 
 from service.db import SessionFactory, create_db_engine, make_session_factory, upgrade_database
-from service.dispatch import dispatch
+from service.dispatch import Claimant, dispatch, dispatch_and_claim
 from service.models import Event, Study, TrialAttempt, TrialState, new_id, utcnow
 from service.optuna_study import create_optuna_study, get_storage, optuna_study_name
 from service.reconcile import reconcile_forever, reconcile_once
@@ -262,3 +262,44 @@ def test_reconciler_tells_optuna_how_trials_ended_that_it_still_counts_as_runnin
     assert optuna_states()[unrecorded] == OptunaState.FAIL
     assert not checkpoint.exists()
     assert [a.kind for a in reconcile_once(session_factory, sent, settings, now=later) if a.kind == "told_optuna"] == []
+
+
+def test_a_worker_that_tops_up_takes_its_studys_next_pack_and_sends_tasks_only_for_the_rest(
+        database: tuple[Settings, SessionFactory], spec_dict: dict[str, Any], sent: SentTasks) -> None:
+    """One transaction queues the new attempts and claims the oldest for the worker; only the rest get tasks."""
+    settings, session_factory = database
+    study = _study(session_factory, get_storage(settings.DATABASE_URL), spec_dict, n_trials=5, parallelism=3)
+    sizes: list[str] = []
+
+    def pack_size(study_row: Study, attempt: TrialAttempt) -> int:
+        sizes.append(f"{study_row.id}:{attempt.state}")
+        return 2
+
+    study_row, claimed = dispatch_and_claim(session_factory, study.id, sent, Claimant("w1", "task-9", pack_size))
+
+    attempts = _attempts(session_factory, study.id)
+    assert study_row is not None and study_row.id == study.id and sizes == [f"{study.id}:queued"]
+    assert [a.id for a in claimed] == [a.id for a in attempts[:2]]
+    assert [(a.state, a.worker, a.task_id) for a in claimed] == [("running", "w1", "task-9")] * 2
+    assert [(a.state, a.worker) for a in attempts] == [("running", "w1")] * 2 + [("queued", None)]
+    assert sent.ids() == [attempts[2].id], "the attempts the worker took get no task; the one left queued does"
+    with session_factory() as session:
+        started = session.scalars(select(Event.trial_id).where(Event.study_id == study.id,
+                                                               Event.type == "trial_started")).all()
+        assert session.get_one(Study, study.id).status == "running"
+    assert sorted(started) == sorted(a.id for a in claimed)
+
+
+def test_a_worker_that_tops_up_a_finished_study_completes_it_and_takes_nothing(
+        database: tuple[Settings, SessionFactory], spec_dict: dict[str, Any], sent: SentTasks) -> None:
+    settings, session_factory = database
+    storage = get_storage(settings.DATABASE_URL)
+    study = _study(session_factory, storage, spec_dict, n_trials=1, parallelism=1)
+    [attempt_id] = dispatch(session_factory, study.id, sent)
+    _start(session_factory, storage, study, attempt_id)
+    finish_attempt(session_factory, attempt_id, Outcome(TrialState.complete, value=0.5), max_retries=0)
+
+    study_row, claimed = dispatch_and_claim(session_factory, study.id, sent, Claimant("w1", None, lambda *_: 4))
+
+    assert claimed == [] and study_row is not None and study_row.status == "completed"
+    assert sent.ids() == [attempt_id]

@@ -221,12 +221,16 @@ def test_a_worker_goes_on_with_its_studys_next_pack_until_told_to_stop(
 
     assert run_attempt(ctx, first) == "complete"
 
-    states = [a.state for a in _attempts(session_factory, study.id)]
-    assert states == ["complete"] * 8 + ["queued"] * 4, "two packs of four, then the worker stopped going on"
+    attempts = _attempts(session_factory, study.id)
+    assert [a.state for a in attempts] == ["complete"] * 8 + ["queued"] * 4, \
+        "two packs of four, then the worker stopped going on"
+    assert {a.worker for a in attempts[:8]} == {attempts[0].worker}
+    assert sent.ids() == [a.id for a in attempts[:4] + attempts[8:]], \
+        "no task is sent for the pack the worker took itself; the pack left queued has its tasks"
     queries: list[str] = []
     event.listen(session_factory.kw["bind"], "before_cursor_execute",
                  lambda _conn, _cursor, statement, *_rest: queries.append(statement))
-    assert [run_attempt(ctx, attempt_id) for attempt_id in sent.ids()[1:8]] == [None] * 7
+    assert [run_attempt(ctx, attempt.id) for attempt in attempts[1:4]] == [None] * 3
     assert queries == [], "the tasks of the members it trained are skipped without a query"
 
 
