@@ -77,8 +77,8 @@ def dispatch(session_factory: SessionFactory, study_id: str, enqueue: Enqueue) -
     """
     with write_session(session_factory) as session:
         study, new_ids = _top_up(session, study_id)
-    if new_ids:
-        send_all(enqueue, new_ids, study.spec["queue"])  # type: ignore[union-attr]
+    if study is not None and new_ids:
+        send_all(enqueue, new_ids, study.spec["queue"])
     return new_ids
 
 
@@ -99,8 +99,8 @@ def dispatch_and_claim(session_factory: SessionFactory, study_id: str, enqueue: 
             first = session.get_one(TrialAttempt, first_id)
             claimed = claim_in(session, first_id, claimant.worker, claimant.task_id, claimant.pack_size(study, first))
     taken = {attempt.id for attempt in claimed}
-    if untaken := [attempt_id for attempt_id in new_ids if attempt_id not in taken]:
-        send_all(enqueue, untaken, study.spec["queue"])  # type: ignore[union-attr]
+    if study is not None and (untaken := [attempt_id for attempt_id in new_ids if attempt_id not in taken]):
+        send_all(enqueue, untaken, study.spec["queue"])
     return study, claimed
 
 

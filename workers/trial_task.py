@@ -77,7 +77,7 @@ def run_attempt(ctx: WorkerContext, attempt_id: str, task_id: str | None = None)
     study_row, claimed = first_pack
     ctx.pack_members.add(attempt.id for attempt in claimed[1:])
     state = _run(ctx, claimed, study_row)
-    while (next_pack := _top_up(ctx, study_row.id, task_id)) is not None:
+    while (next_pack := _top_up_and_take_next(ctx, study_row.id, task_id)) is not None:
         study_row, claimed = next_pack
         ctx.pack_members.add(attempt.id for attempt in claimed)  # one queued before the top-up has a task coming
         _run(ctx, claimed, study_row)
@@ -96,7 +96,8 @@ def _claim(ctx: WorkerContext, attempt_id: str, task_id: str | None) -> tuple[St
     return (found[0], claimed) if claimed else None
 
 
-def _top_up(ctx: WorkerContext, study_id: str, task_id: str | None) -> tuple[Study, list[TrialAttempt]] | None:
+def _top_up_and_take_next(ctx: WorkerContext, study_id: str,
+                          task_id: str | None) -> tuple[Study, list[TrialAttempt]] | None:
     """Top the study up after a run; while ``ctx.carry_on()``, also take its next pack in turn (in the same
     transaction, no task sent for it), which is returned. Otherwise the next attempts' tasks bring them: a task
     for an attempt of the pack just trained would reach this worker only after every one of them, each a broker
