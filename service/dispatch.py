@@ -95,9 +95,8 @@ def dispatch_and_claim(session_factory: SessionFactory, study_id: str, enqueue: 
     with write_session(session_factory) as session:
         study, new_ids = _top_up(session, study_id)
         if study is not None and study.status in (StudyStatus.queued, StudyStatus.running) and (
-                first_id := next_in_turn(session, study_id)) is not None:
-            first = session.get_one(TrialAttempt, first_id)
-            claimed = claim_in(session, first_id, claimant.worker, claimant.task_id, claimant.pack_size(study, first))
+                first := next_in_turn(session, study_id)) is not None:
+            claimed = claim_in(session, first.id, claimant.worker, claimant.task_id, claimant.pack_size(study, first))
     taken = {attempt.id for attempt in claimed}
     if study is not None and (untaken := [attempt_id for attempt_id in new_ids if attempt_id not in taken]):
         send_all(enqueue, untaken, study.spec["queue"])
